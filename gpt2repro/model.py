@@ -1,0 +1,410 @@
+"""The GPT-2 model: config and presets, the network, generation, Hugging Face import/export.
+
+Readable in one sitting, like nanoGPT's model.py. Parameter names follow GPT-2's
+(transformer.wte, transformer.h.N.attn.c_attn, ...) so that importing OpenAI's
+weights is a direct name map plus a transpose (HF stores them as Conv1D, (in, out)).
+This module does no distributed work and no I/O other than from/save_pretrained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    # Round the embedding/lm_head rows up to a multiple of this (64 gives 50304 for
+    # GPT-2's 50257), which makes the lm_head matmul faster on GPUs. The extra rows
+    # are never part of the loss and never sampled.
+    pad_vocab_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_head >= 1 and self.n_embd % self.n_head != 0:
+            problems.append(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "choose n_head among the divisors of n_embd"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if problems:
+            raise ValueError("Invalid GPTConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"Unknown model preset {name!r}; valid presets are: {', '.join(PRESETS)}.")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-124m": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-350m": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-774m": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-1558m": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Small ones for CPU demos and tests (GPT-2 vocabulary, short context).
+    "gpt-mini": GPTConfig(n_layer=6, n_head=6, n_embd=192, block_size=256),
+    "gpt-micro": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "gpt-nano": GPTConfig(n_layer=3, n_head=3, n_embd=48, block_size=64),
+}
+HF_NAMES = {"gpt2": "gpt2-124m", "gpt2-medium": "gpt2-350m", "gpt2-large": "gpt2-774m", "gpt2-xl": "gpt2-1558m"}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # Flash / memory-efficient kernels where available; scale is 1/sqrt(hs) as GPT-2.
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in transformers).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block, as GPT-2."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer)
+        # because each block adds two of them to the residual stream.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); non_embedding drops wpe and wte."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
+
+        Targets equal to -1 are ignored by the loss.
+        """
+        self._check_input(idx)
+        B, T = idx.shape
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        # Padded vocabulary rows exist for matmul speed only: drop their logits so that
+        # they never enter the softmax of the loss nor sampling.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _check_input(self, idx: torch.Tensor) -> None:
+        if idx.dim() != 2:
+            raise ValueError(f"Expected token ids of shape (batch, time), got shape {tuple(idx.shape)}.")
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(
+                f"Sequence length {idx.size(1)} exceeds the model's block_size {self.config.block_size}; "
+                "crop the input to the last block_size tokens."
+            )
+        # Checking ids on an accelerator would force a host sync every step; there the
+        # data loader validates token ids once, up front.
+        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"Token ids must lie in [0, {self.config.vocab_size}), got range "
+                f"[{int(idx.min())}, {int(idx.max())}]; check the tokenizer against the model's vocab_size."
+            )
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay matmul weights and embeddings, not biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self, train_config) -> torch.optim.AdamW:
+        """minGPT's hook: AdamW from a config with weight_decay, learning_rate, betas."""
+        return torch.optim.AdamW(
+            self.optim_groups(train_config.weight_decay), lr=train_config.learning_rate, betas=train_config.betas
+        )
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·T·C.
+
+        N counts the matmul parameters, lm_head (tied with wte) included, wpe excluded.
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n_matmul = self.num_params() - self.transformer.wpe.weight.numel()
+        return 6 * n_matmul + 12 * cfg.n_layer * T * cfg.n_embd
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        do_sample: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens, feeding back each prediction.
+
+        The context is cropped to the last block_size tokens. do_sample=False is greedy.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}; use do_sample=False for greedy.")
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size :]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature  # (B, V)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if do_sample:
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            else:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    # ----- Hugging Face interop -------------------------------------------------------
+    # transformers' GPT-2 stores these Linear weights as Conv1D, i.e. transposed.
+    _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike, **overrides) -> GPT:
+        """Load GPT-2 weights from a local save_pretrained directory or a hub name ("gpt2", ...)."""
+        path = Path(name_or_dir)
+        if not path.is_dir():
+            if str(name_or_dir) not in HF_NAMES:
+                raise ValueError(
+                    f"{str(name_or_dir)!r} is neither a directory nor a GPT-2 hub name; "
+                    f"pass a save_pretrained directory or one of: {', '.join(HF_NAMES)}."
+                )
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(name_or_dir), allow_patterns=["config.json", "*.safetensors*"]))
+        hf_config = _read_hf_config(path)
+        config = GPTConfig(
+            vocab_size=hf_config["vocab_size"],
+            block_size=hf_config["n_positions"],
+            n_layer=hf_config["n_layer"],
+            n_head=hf_config["n_head"],
+            n_embd=hf_config["n_embd"],
+            bias=True,
+            **overrides,
+        )
+        model = cls(config)
+        hf_state = _read_hf_weights(path)
+        model._load_hf_state(hf_state, source=path)
+        return model
+
+    def _load_hf_state(self, hf_state: dict[str, torch.Tensor], source: Path) -> None:
+        hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+        own = self.state_dict()
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if name == "lm_head.weight":
+                    continue  # tied to wte
+                key = name.removeprefix("transformer.")
+                if key not in hf_state:
+                    raise ValueError(f"{source} holds no tensor {key!r}; it is not a complete GPT-2 checkpoint.")
+                value = hf_state[key]
+                if name.endswith(self._CONV1D_SUFFIXES):
+                    value = value.t()
+                if name == "transformer.wte.weight":
+                    tensor[: value.size(0)].copy_(value)
+                    tensor[value.size(0) :].zero_()  # padded rows: never used by loss or sampling
+                    continue
+                if value.shape != tensor.shape:
+                    raise ValueError(
+                        f"Tensor {key!r} in {source} has shape {tuple(value.shape)}, expected "
+                        f"{tuple(tensor.shape)} from its config.json; the directory is inconsistent."
+                    )
+                tensor.copy_(value)
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
+        from safetensors.torch import save_file
+
+        cfg = self.config
+        if not cfg.bias:
+            raise ValueError("Hugging Face GPT-2 has biases; a model with bias=False cannot be exported to it.")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied: transformers re-ties lm_head to wte
+            if name == "transformer.wte.weight":
+                tensor = tensor[: cfg.vocab_size]
+            if name.endswith(self._CONV1D_SUFFIXES):
+                tensor = tensor.t()
+            tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size,
+            "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "layer_norm_epsilon": 1e-5,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            # <|endoftext|> only exists in GPT-2's own vocabulary.
+            "bos_token_id": EOT_TOKEN_ID if cfg.vocab_size > EOT_TOKEN_ID else None,
+            "eos_token_id": EOT_TOKEN_ID if cfg.vocab_size > EOT_TOKEN_ID else None,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+        }
+        _write_atomic(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        _write_atomic(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_hf_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} holds no config.json; pass a directory written by save_pretrained.")
+    cfg = json.loads(config_file.read_text())
+    if cfg.get("model_type") != "gpt2":
+        raise ValueError(f"{config_file} describes a {cfg.get('model_type')!r} model, not GPT-2 ('gpt2').")
+    unsupported = {
+        "activation_function": ("gelu_new", cfg.get("activation_function", "gelu_new")),
+        "layer_norm_epsilon": (1e-5, cfg.get("layer_norm_epsilon", 1e-5)),
+        "scale_attn_weights": (True, cfg.get("scale_attn_weights", True)),
+        "scale_attn_by_inverse_layer_idx": (False, cfg.get("scale_attn_by_inverse_layer_idx", False)),
+        "n_inner": (None, cfg.get("n_inner")),
+    }
+    bad = [f"{k}={got!r} (need {want!r})" for k, (want, got) in unsupported.items() if got != want]
+    if cfg.get("n_inner") == 4 * cfg.get("n_embd", -1):
+        bad = [b for b in bad if not b.startswith("n_inner")]
+    if bad:
+        raise ValueError(f"{config_file} uses GPT-2 variants this model does not implement: {', '.join(bad)}.")
+    return cfg
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        state = {}
+        for f in files:
+            state.update(load_file(f))
+        return state
+    bin_file = path / "pytorch_model.bin"
+    if bin_file.is_file():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise ValueError(
+        f"{path} holds no GPT-2 weights (model.safetensors or pytorch_model.bin); "
+        "pass a directory written by save_pretrained."
+    )
