@@ -1,0 +1,197 @@
+"""Where documents come from: a Hugging Face dataset (streamed) or local json/parquet/txt files.
+
+Both read through the datasets library and stream, so a corpus never has to fit in
+memory. Every problem with the input is raised as PrepareError with one sentence
+that names the file or field and what to do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+OWT_DATASET = "Skylion007/openwebtext"
+# OpenWebText ships as a loading script, which current datasets releases refuse
+# ("Dataset scripts are no longer supported"); the hub's parquet export of the same
+# data loads everywhere.
+OWT_PARQUET_REVISION = "refs/convert/parquet"
+BATCH_DOCS = 256
+# datasets imports torch when it is installed (seconds of start-up, and data_prep stays
+# torch-free by design); this keeps it out.
+os.environ.setdefault("USE_TORCH", "0")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+class PrepareError(ValueError):
+    """Bad input for data preparation; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class HubSource:
+    dataset: str
+    name: str | None
+    split: str
+    revision: str | None
+    text_field: str
+
+    def describe(self) -> dict:
+        return {"kind": "hub", "dataset": self.dataset, "name": self.name, "split": self.split,
+                "revision": self.revision, "text_field": self.text_field}  # fmt: skip
+
+    def _load(self):
+        from datasets import load_dataset
+
+        _quiet_datasets()
+        try:
+            return load_dataset(self.dataset, self.name, split=self.split, revision=self.revision, streaming=True)
+        except Exception as e:
+            raise PrepareError(
+                f"Could not open dataset {self.dataset!r} (name={self.name}, split={self.split}, "
+                f"revision={self.revision}): {_first_line(e)}. Check the name and your network, or use --files."
+            ) from None
+
+    def count_documents(self) -> int:
+        ds = self._load()
+        info = ds.info.splits.get(self.split) if ds.info and ds.info.splits else None
+        if info is not None and info.num_examples:
+            return int(info.num_examples)
+        return sum(len(batch) for batch in self.iter_texts())
+
+    def iter_texts(self) -> Iterator[list[str]]:
+        ds = self._load()
+        _check_field(ds.column_names, self.text_field, self.dataset)
+        yield from _iter_field(ds, self.text_field, self.dataset)
+
+
+@dataclass(frozen=True)
+class FilesSource:
+    files: tuple[str, ...]
+    text_field: str
+
+    def __post_init__(self) -> None:
+        for f in self.files:
+            if not Path(f).is_file():
+                raise PrepareError(f"Input file {f} does not exist; check the --files paths.")
+            if Path(f).suffix.lower() not in FILE_BUILDERS:
+                raise PrepareError(
+                    f"Input file {f} has an unsupported extension; use {', '.join(FILE_BUILDERS)} files."
+                )
+
+    def describe(self) -> dict:
+        files = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in self.files]
+        return {"kind": "files", "files": files, "text_field": self.text_field}
+
+    def _groups(self):
+        """Consecutive files of one kind load together, in the order given."""
+        kind = lambda f: FILE_BUILDERS[Path(f).suffix.lower()]  # noqa: E731
+        for builder, group in itertools.groupby(self.files, key=kind):
+            yield builder, list(group)
+
+    def _load(self, builder: str, files: list[str]):
+        from datasets import load_dataset
+
+        _quiet_datasets()
+        kwargs = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+        try:
+            return load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        except Exception as e:
+            raise PrepareError(f"Could not read {_names(files)}: {_first_line(e)}.") from None
+
+    def count_documents(self) -> int:
+        total = 0
+        for builder, files in self._groups():
+            if builder == "parquet":
+                total += sum(_parquet_rows(f, self.text_field) for f in files)
+            elif builder == "text":
+                total += len(files)
+            elif all(f.lower().endswith(".jsonl") for f in files):
+                total += sum(_jsonl_rows(f) for f in files)
+            else:
+                total += sum(len(batch) for batch in self._iter_group(builder, files, self.text_field))
+        return total
+
+    def _iter_group(self, builder: str, files: list[str], field: str) -> Iterator[list[str]]:
+        ds = self._load(builder, files)
+        if builder != "text":
+            _check_field(ds.column_names, field, _names(files))
+            ds = ds.select_columns([field])
+        yield from _iter_field(ds, field, _names(files))
+
+    def iter_texts(self) -> Iterator[list[str]]:
+        for builder, files in self._groups():
+            field = "text" if builder == "text" else self.text_field
+            yield from self._iter_group(builder, files, field)
+
+
+def _quiet_datasets() -> None:
+    """Our errors say what went wrong in one line; datasets' own logs and bars would repeat it."""
+    import datasets
+
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+
+
+def _iter_field(ds, field: str, where: str) -> Iterator[list[str]]:
+    batches = ds.iter(batch_size=BATCH_DOCS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except PrepareError:
+            raise
+        except Exception as e:
+            raise PrepareError(f"Could not read {where}: {_first_line(e)}. Is the file complete and valid?") from None
+        if field not in batch:
+            _check_field(list(batch), field, where)
+        texts = batch[field]
+        for text in texts:
+            if not isinstance(text, str):
+                raise PrepareError(
+                    f"Field {field!r} in {where} holds a {type(text).__name__}, not text; pick a text column "
+                    "with --text-field."
+                )
+        yield texts
+
+
+def _check_field(columns, field: str, where: str) -> None:
+    if columns is not None and field not in columns:
+        raise PrepareError(
+            f"{where} has no field {field!r} (fields: {', '.join(columns)}); pass the right one with --text-field."
+        )
+
+
+def _parquet_rows(path: str, field: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:
+        raise PrepareError(f"Could not read {path}: {_first_line(e)}. Is it a complete parquet file?") from None
+    _check_field(parquet.schema_arrow.names, field, path)
+    return parquet.metadata.num_rows
+
+
+def _jsonl_rows(path: str, chunk_bytes: int = 1 << 24) -> int:
+    """Non-empty lines of a JSON Lines file, counted on raw bytes (no parsing)."""
+    import numpy as np
+
+    rows, prev_newline = 0, True  # a line starts wherever a non-newline byte follows a newline
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            newline = np.frombuffer(chunk, dtype=np.uint8) == ord("\n")
+            rows += int(prev_newline and not newline[0]) + int(np.count_nonzero(newline[:-1] & ~newline[1:]))
+            prev_newline = bool(newline[-1])
+    return rows
+
+
+def _names(files: list[str]) -> str:
+    return files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0].rstrip(".") if text else type(e).__name__

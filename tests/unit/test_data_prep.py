@@ -1,0 +1,199 @@
+"""data_prep/prepare.py end to end, against tiktoken itself as the oracle."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+from gpt2repro import shards
+
+REPO = Path(__file__).resolve().parents[2]
+PREPARE = REPO / "data_prep" / "prepare.py"
+EOT = 50256
+ENC = tiktoken.get_encoding("gpt2")
+
+
+def run_prepare(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(PREPARE), *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["the", "GPT", "naïve", "日本語", "emoji 🙂", "<|endoftext|>", "\n", "  ", "token", "ñ"]
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(1, 60)))) for _ in range(n)]
+    docs[3] = ""  # an empty document still gets its EOT
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def read_split(out: Path, split: str) -> np.ndarray:
+    return np.concatenate([shards.open_tokens(s) for s in shards.find_shards(out)[split]])
+
+
+def split_docs(tokens: np.ndarray) -> list[list[int]]:
+    starts = np.flatnonzero(tokens == EOT).tolist() + [len(tokens)]
+    assert starts[0] == 0, "a split must start with EOT"
+    return [tokens[a + 1 : b].tolist() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def test_round_trip_shards_and_val_split(tmp_path):
+    docs = make_docs(300)
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    out = tmp_path / "out"
+    run_prepare("--out", out, "--files", corpus, "--shard-tokens", 1000, "--val-docs", 20, "--num-proc", 2)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    val_idx = set(np.random.default_rng(1337).choice(300, size=20, replace=False).tolist())
+    expected = {s: [ENC.encode_ordinary(d) for i, d in enumerate(docs) if (i in val_idx) == (s == "val")]
+                for s in ("train", "val")}  # fmt: skip
+    for split in ("train", "val"):
+        assert split_docs(read_split(out, split)) == expected[split]  # exact, in order, nothing lost
+        info = manifest["splits"][split]
+        assert info["num_documents"] == len(expected[split])
+        assert info["num_tokens"] == sum(len(d) + 1 for d in expected[split])
+        sizes = [e["num_tokens"] for e in info["shards"]]
+        assert all(n == 1000 for n in sizes[:-1]) and 0 < sizes[-1] <= 1000  # fixed-size shards
+        assert sum(e["num_documents"] for e in info["shards"]) == info["num_documents"]
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    assert manifest["tokenizer"] == "gpt2" and manifest["eot_token"] == EOT and manifest["dtype"] == "uint16"
+    assert not list(out.glob(".*")), "no state or temp files are left behind"
+    assert run_prepare("--verify", out).returncode == 0
+
+
+def test_single_document_keeps_its_tail_as_val(tmp_path, shakespeare_path):
+    out = tmp_path / "shk"
+    run_prepare("--out", out, "--files", shakespeare_path)
+    text = shakespeare_path.read_text()
+    cut = int(0.9 * len(text))
+    assert read_split(out, "train").tolist() == [EOT] + ENC.encode_ordinary(text[:cut])
+    assert read_split(out, "val").tolist() == [EOT] + ENC.encode_ordinary(text[cut:])
+
+
+def test_parquet_and_txt_files_load_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = make_docs(40, seed=1)
+    pq.write_table(pa.table({"body": docs[:20]}), tmp_path / "a.parquet")
+    write_jsonl(tmp_path / "b.jsonl", docs[20:30], field="body")
+    for i, d in enumerate(docs[30:]):
+        (tmp_path / f"doc{i}.txt").write_text(d)
+    txts = [tmp_path / f"doc{i}.txt" for i in range(10)]
+    out = tmp_path / "out"
+    run_prepare("--out", out, "--files", tmp_path / "a.parquet", tmp_path / "b.jsonl", *txts,
+                "--text-field", "body", "--val-docs", 1)  # fmt: skip
+    got = split_docs(read_split(out, "train")) + split_docs(read_split(out, "val"))
+    assert sorted(got) == sorted(ENC.encode_ordinary(d) for d in docs)
+
+
+def test_resume_after_kill_is_byte_identical(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(6000, seed=2))
+    args = ["--files", corpus, "--shard-tokens", 20000, "--val-docs", 300, "--num-proc", 1]
+    reference = tmp_path / "reference"
+    run_prepare("--out", reference, *args)
+    n_train_shards = len(list(reference.glob("train_*.bin")))
+    assert n_train_shards >= 6
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(PREPARE), "--out", str(out), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 60
+    while not (out / "train_000002.bin").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "an interrupted run must not look complete"
+    written = len(list(out.glob("train_*.bin")))
+    assert 2 < written < n_train_shards, "the kill should land mid-run"
+    first = (out / "train_000000.bin").stat()
+
+    rerun = run_prepare("--out", out, *args)
+    assert "done:" in rerun.stdout
+    assert (out / "train_000000.bin").stat().st_ino == first.st_ino, "finished shards are not redone"
+    ref_files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ref_files
+    for name in ref_files:
+        if name.endswith(".bin"):
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_verify_catches_a_flipped_byte(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(100))
+    out = tmp_path / "out"
+    run_prepare("--out", out, "--files", corpus, "--shard-tokens", 500)
+    victim = out / "train_000001.bin"
+    data = bytearray(victim.read_bytes())
+    data[2000] ^= 0x01
+    victim.write_bytes(bytes(data))
+    proc = run_prepare("--verify", out, check=False)
+    assert proc.returncode != 0
+    assert "train_000001.bin" in proc.stderr and "sha256" in proc.stderr
+
+
+def test_data_prep_never_imports_torch(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(20))
+    code = (
+        "import sys; from data_prep.prepare import main; "
+        f"rc = main(['--out', {str(tmp_path / 'o')!r}, '--files', {str(corpus)!r}, '--num-proc', '1']); "
+        "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _bad_inputs(tmp_path: Path):
+    good = write_jsonl(tmp_path / "good.jsonl", make_docs(10))
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text('{"text": "fine"}\n{"text": broken\n')
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"PAR1 this is not parquet")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    other = tmp_path / "other_out"
+    run_prepare("--out", other, "--files", good, "--val-docs", 2)
+    return {
+        "missing file": (["--files", tmp_path / "nope.jsonl"], "does not exist"),
+        "corrupt json": (["--files", corrupt], "Could not read"),
+        "corrupt parquet": (["--files", bad_parquet], "Could not read"),
+        "missing text field": (["--files", good, "--text-field", "content"], "no field 'content'"),
+        "empty corpus": (["--files", empty], "no documents"),
+        "different dataset in out dir": (
+            ["--files", good, "--val-docs", 3, "--out-dir", other],
+            "already holds a different prepared dataset",
+        ),  # fmt: skip
+    }
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path):
+    for name, (args, message) in _bad_inputs(tmp_path).items():
+        args = list(args)
+        out = tmp_path / name.replace(" ", "_")
+        if "--out-dir" in args:
+            i = args.index("--out-dir")
+            out = args[i + 1]
+            del args[i : i + 2]
+        before = {p.name: p.stat().st_mtime_ns for p in Path(out).glob("*")} if Path(out).exists() else {}
+        proc = run_prepare("--out", out, *args, check=False)
+        assert proc.returncode != 0, name
+        assert message in proc.stderr, (name, proc.stderr)
+        assert "Traceback" not in proc.stderr, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()  # progress-bar lines may precede the error
+        assert [line for line in lines if "error" in line.lower()] == [lines[-1]], (name, proc.stderr)
+        assert lines[-1].startswith("error: "), (name, proc.stderr)
+        if not before:
+            assert not (Path(out) / "manifest.json").exists(), name
+        else:  # the other dataset is untouched
+            assert {p.name: p.stat().st_mtime_ns for p in Path(out).glob("*")} == before, name
