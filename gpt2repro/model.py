@@ -180,13 +180,17 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        # Padded vocabulary rows exist for matmul speed only: drop their logits so that
-        # they never enter the softmax of the loss nor sampling.
-        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, padded V)
+        V = self.config.vocab_size
+        if logits.size(-1) > V:
+            # Padded vocabulary rows exist for matmul speed only. -inf logits never enter the
+            # softmax (exp(-inf) = 0) nor sampling; filling those few columns in place is far
+            # cheaper than copying the whole (B, T, V) slice.
+            logits[..., V:] = float("-inf")
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1)
+        return logits[..., :V], loss  # a view: no copy
 
     def _check_input(self, idx: torch.Tensor) -> None:
         if idx.dim() != 2:

@@ -29,3 +29,17 @@ def shakespeare_path() -> Path:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is not present")
     return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def shakespeare_data(tmp_path_factory) -> Path:
+    """Tiny Shakespeare prepared by our own data_prep/prepare.py (train + val shards)."""
+    import subprocess
+    import sys
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is not present")
+    out = tmp_path_factory.mktemp("data") / "shakespeare"
+    cmd = [sys.executable, str(REPO_ROOT / "data_prep" / "prepare.py"), "--out", str(out), "--files", str(SHAKESPEARE)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out

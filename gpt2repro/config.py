@@ -1,0 +1,241 @@
+"""Training configuration: one flat, typed dataclass, named presets, CLI overrides, validation.
+
+Field names follow nanoGPT's where one exists. `--config` takes a preset name or a JSON
+file; `--field value` / `--field=value` override single fields. Validation reports every
+problem at once in one ValueError; an unknown field names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    bias: bool = True
+    # batch: batch_size is the per-rank micro-batch; total_batch_tokens (when > 0) derives
+    # grad_accum_steps = total_batch_tokens / (batch_size * block_size * world_size)
+    batch_size: int = 12
+    grad_accum_steps: int = 1
+    total_batch_tokens: int = 0
+    # optimisation
+    max_steps: int = 600_000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 2000
+    lr_schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
+    decay_steps: int = 0  # wsd: length of the final linear decay (0: 20% of max_steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
+    # system
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: str = "auto"  # auto (on for CUDA) | true | false
+    device: str = "auto"  # auto | cpu | cuda
+    strategy: str = "auto"  # auto | ddp | fsdp
+    activation_checkpointing: bool = False
+    peak_tflops: float = 0.0  # accelerator's dense peak for MFU; 0: look the GPU up in a table
+    seed: int = 1337
+    # evaluation, logging, checkpoints
+    eval_interval: int = 1000
+    eval_tokens: int = 10_485_760  # 10 x 1M tokens = 10240 windows of 1024
+    log_interval: int = 10
+    ckpt_interval: int = 1000
+    keep_ckpts: int = 3
+    resume: str = "auto"  # auto | never | PATH to a checkpoint
+    hellaswag_file: str = ""
+    wandb: str = "disabled"  # online | offline | disabled
+    wandb_project: str = "gpt2repro"
+    wandb_run_name: str = ""
+    dry_run: bool = False
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+# Fields that may change when a run resumes; every other one must match the run's config.json.
+RESUMABLE_CHANGES = {
+    "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",
+    "compile", "wandb", "wandb_project", "wandb_run_name", "dry_run", "hellaswag_file", "peak_tflops",
+    "max_nonfinite_steps", "device",
+}  # fmt: skip
+
+# GPT-2 on OpenWebText as nanoGPT's train_gpt2 config: ~0.5M tokens per step
+# (12 x 1024 x 40 accumulation across 8 GPUs), 600k steps, 2000 warmup.
+_GPT2_124M = TrainConfig(batch_size=12, total_batch_tokens=491_520)
+PRESETS: dict[str, TrainConfig] = {
+    "gpt2-124m": _GPT2_124M,
+    # GPT-3 paper, table 2.1: learning rates for the comparable sizes.
+    "gpt2-350m": _GPT2_124M.replace(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5, batch_size=8),
+    "gpt2-774m": _GPT2_124M.replace(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5, batch_size=4),
+    "gpt2-1558m": _GPT2_124M.replace(
+        n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5, batch_size=2, strategy="fsdp"
+    ),
+    # A few CPU minutes on tiny Shakespeare (GPT-2 BPE), then it samples recognisable words.
+    "shakespeare-cpu": TrainConfig(
+        n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, grad_accum_steps=1, max_steps=600,
+        lr=2e-3, min_lr=2e-4, warmup_steps=50, dropout=0.0, eval_interval=100, eval_tokens=32_768,
+        log_interval=20, ckpt_interval=200, compile="false",
+    ),  # fmt: skip
+}
+
+
+def _parse_value(name: str, raw: str):
+    kind = FIELD_TYPES[name]
+    if kind == "bool":
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--{name} takes true or false, got {raw!r}")
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+        try:  # 5e5 or 1_000 style
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not value.is_integer():
+            raise ValueError(f"--{name} takes an integer, got {raw!r}")
+        return int(value)
+    if kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"--{name} takes a number, got {raw!r}") from None
+    return raw
+
+
+def _unknown_field_message(name: str) -> str:
+    close = difflib.get_close_matches(name, FIELD_TYPES, n=1, cutoff=0.5)
+    hint = f"; did you mean --{close[0]}?" if close else "; run with --help to list the fields"
+    return f"unknown field --{name}{hint}"
+
+
+def load_base(name_or_file: str) -> TrainConfig:
+    if name_or_file in PRESETS:
+        return PRESETS[name_or_file]
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise ValueError(
+            f"--config {name_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file that exists."
+        )
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config file {path} is not valid JSON: {e}.") from None
+    unknown = [_unknown_field_message(k) for k in values if k not in FIELD_TYPES and k != "world_size"]
+    if unknown:
+        raise ValueError(f"Invalid config file {path}: " + "; ".join(unknown) + ".")
+    values.pop("world_size", None)
+    return TrainConfig(**values)
+
+
+def parse_overrides(base: TrainConfig, args: list[str]) -> TrainConfig:
+    """Apply `--field value` / `--field=value` pairs; collect every problem into one ValueError."""
+    changes, problems = {}, []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            problems.append(f"unexpected argument {arg!r} (fields are given as --field value)")
+            i += 1
+            continue
+        name, eq, raw = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(args):
+                problems.append(f"--{name} needs a value")
+                break
+            raw = args[i + 1]
+            i += 1
+        i += 1
+        if name not in FIELD_TYPES:
+            problems.append(_unknown_field_message(name))
+            continue
+        try:
+            changes[name] = _parse_value(name, raw)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("Invalid arguments: " + "; ".join(problems) + ".")
+    return base.replace(**changes)
+
+
+def resolve(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """Derive grad_accum_steps from total_batch_tokens and check everything; one ValueError lists all problems."""
+    problems = []
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "grad_accum_steps",
+                "max_steps", "eval_interval", "log_interval", "ckpt_interval", "keep_ckpts")  # fmt: skip
+    problems += [f"{name} must be at least 1, got {getattr(cfg, name)}" for name in positive if getattr(cfg, name) < 1]
+    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
+        problems.append(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    if cfg.vocab_size > 65536:
+        problems.append(f"vocab_size {cfg.vocab_size} does not fit the uint16 token shards (at most 65536)")
+    per_step = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_tokens > 0 and per_step > 0:
+        if cfg.total_batch_tokens % per_step:
+            problems.append(
+                f"total_batch_tokens {cfg.total_batch_tokens} is not divisible by batch_size x block_size x "
+                f"world_size = {cfg.batch_size} x {cfg.block_size} x {world_size} = {per_step}"
+            )
+        else:
+            cfg = cfg.replace(grad_accum_steps=cfg.total_batch_tokens // per_step)
+    choices = {
+        "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "compile": ("auto", "true", "false"),
+        "device": ("auto", "cpu", "cuda"),
+        "strategy": ("auto", "ddp", "fsdp"),
+        "lr_schedule": ("cosine", "constant", "wsd"),
+        "wandb": ("online", "offline", "disabled"),
+    }
+    for name, valid in choices.items():
+        if getattr(cfg, name) not in valid:
+            problems.append(f"{name} must be one of {', '.join(valid)}, got {getattr(cfg, name)!r}")
+    if not (0 <= cfg.min_lr <= cfg.lr) or not math.isfinite(cfg.lr):
+        problems.append(f"need 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+    if cfg.warmup_steps < 0 or cfg.decay_steps < 0:
+        problems.append("warmup_steps and decay_steps must be >= 0")
+    if not 0.0 <= cfg.dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.eval_tokens < cfg.block_size:
+        problems.append(f"eval_tokens ({cfg.eval_tokens}) must be at least block_size ({cfg.block_size})")
+    if problems:
+        raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+    return cfg
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): a pure function of the step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "wsd":
+        decay = cfg.decay_steps or max(1, cfg.max_steps // 5)
+        decay_start = cfg.max_steps - decay
+        if step < decay_start:
+            return cfg.lr
+        return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (step - decay_start) / decay)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

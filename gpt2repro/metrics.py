@@ -1,0 +1,110 @@
+"""Where training numbers go: metrics.jsonl (the contract), the console, W&B; MFU and throughput."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+from gpt2repro.shards import write_json_atomic
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), matched against the
+# device name; the more specific names come first.
+GPU_PEAK_TFLOPS = (
+    ("B200", 2250.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("4090", 165.0),
+    ("V100", 125.0),
+)
+
+
+def peak_flops(device: str, stated_tflops: float = 0.0) -> float | None:
+    """The accelerator's peak in FLOP/s: the stated one, else from the table; None if unknown."""
+    if stated_tflops > 0:
+        return stated_tflops * 1e12
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, tflops in GPU_PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
+    return None if peak is None else flops_per_token * tokens_per_s_per_device / peak
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl: one JSON object per logged step. Written by the main rank only."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int):
+        self.path = Path(path)
+        if self.path.exists():
+            self._truncate_after(resume_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the whole run)
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records past the step we resume from: they are about to be logged again."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("step", math.inf) <= step:
+                kept.append(line + "\n")
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    """W&B logging on the main rank; a resumed run continues the same W&B run id."""
+
+    def __init__(self, mode: str, run_dir: Path, project: str, name: str, config: dict):
+        import wandb
+
+        id_file = run_dir / "wandb_id.json"
+        run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else secrets.token_hex(4)
+        write_json_atomic(id_file, {"id": run_id})
+        self.run = wandb.init(
+            project=project, name=name or run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+            mode=mode, config=config,
+        )  # fmt: skip
+
+    def log(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def format_line(record: dict, max_steps: int, eta_s: float | None) -> str:
+    parts = [f"step {record['step']:>6}/{max_steps}", f"loss {record['loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}", f"{record['tokens_per_s']:,.0f} tok/s"]
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if eta_s is not None and math.isfinite(eta_s):
+        h, rem = divmod(int(eta_s), 3600)
+        parts.append(f"eta {h}:{rem // 60:02d}:{rem % 60:02d}")
+    return " | ".join(parts)

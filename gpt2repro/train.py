@@ -1,0 +1,324 @@
+"""The training loop: fit() runs a whole run, train_step() one optimizer step. No argv parsing.
+
+One code path for every precision: a GradScaler always sits between backward and the
+optimizer. Under float16 it scales the loss as usual; under bfloat16/float32 its scale
+stays a power of two (exact), and it serves to skip any step whose gradients are not
+finite without a host sync (fused AdamW reads its found-inf flag on the device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt2repro import checkpoint
+from gpt2repro import distributed as D
+from gpt2repro.config import RESUMABLE_CHANGES, TrainConfig, lr_at
+from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
+from gpt2repro.metrics import MetricsLog, WandbSink, format_line, mfu, peak_flops
+from gpt2repro.model import GPT, GPTConfig
+from gpt2repro.shards import write_json_atomic
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+def model_config(cfg: TrainConfig) -> GPTConfig:
+    # 64-row padding of the vocabulary: faster lm_head matmuls, never part of the loss.
+    return GPTConfig(**{f: getattr(cfg, f) for f in MODEL_FIELDS}, dropout=cfg.dropout, pad_vocab_multiple=64)
+
+
+def resolve_dtype(cfg: TrainConfig, device_type: str) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens consumed, all ranks
+    skipped_steps: int = 0  # updates skipped for non-finite gradients
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Fused AdamW: one kernel on CUDA; on this CPU build it is also the variant that is
+    # bitwise reproducible across processes (the foreach one is not), which exact resume needs.
+    return torch.optim.AdamW(
+        model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
+    )
+
+
+def make_scaler(dtype: str, device_type: str) -> torch.amp.GradScaler:
+    if dtype == "float16":
+        return torch.amp.GradScaler(device_type)
+    # Scale 1.0 that never grows: multiplying by it is exact, and it still skips non-finite steps.
+    return torch.amp.GradScaler(device_type, init_scale=1.0, growth_interval=2**30)
+
+
+def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast):
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) on device."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=loader.device)
+    for micro in range(cfg.grad_accum_steps):
+        x, y = loader.batch(step, micro)
+        is_last = micro == cfg.grad_accum_steps - 1
+        # Gradients are all-reduced once per optimizer step: on the last micro-batch.
+        sync = contextlib.nullcontext() if is_last or not isinstance(model, DDP) else model.no_sync()
+        with sync:
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / cfg.grad_accum_steps
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    scaler.step(optimizer)  # skipped when gradients hold inf/nan
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, windows: EvalWindows, batch_size: int, info: D.DistInfo, autocast) -> float:
+    """Mean loss over the fixed eval windows, across all ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of window losses, windows)
+    for x, y in windows.batches(batch_size, info.rank, info.world_size, info.device):
+        with autocast:
+            _, loss = model(x, y)
+        totals[0] += loss.double() * x.size(0)
+        totals[1] += x.size(0)
+    D.all_reduce_sum(totals, info)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = (kind, keys.tolist(), pos, has_gauss, cached)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig, world_size: int) -> None:
+    """RUN_DIR may only be resumed by the same run: same model, data order and optimisation."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    import json
+
+    old = json.loads(path.read_text())
+    new = {**cfg.to_dict(), "world_size": world_size}
+    free = RESUMABLE_CHANGES | {"world_size", "batch_size", "grad_accum_steps", "total_batch_tokens", "data"}
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in free and old.get(k) != v]
+    old_global = old.get("batch_size", 0) * old.get("grad_accum_steps", 0) * old.get("world_size", 0)
+    if old_global != cfg.batch_size * cfg.grad_accum_steps * world_size:
+        diffs.append(f"global batch {old_global} -> {cfg.batch_size * cfg.grad_accum_steps * world_size} sequences")
+    if diffs:
+        raise ValueError(
+            f"{run_dir} holds a different run ({'; '.join(diffs)}); use another --out, or the same settings."
+        )
+
+
+def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) -> TrainState:
+    """Train (or resume) a run in run_dir; every rank calls this. Returns the final state."""
+    run_dir = Path(run_dir)
+    if cfg.strategy == "fsdp" or cfg.activation_checkpointing:
+        raise ValueError("FSDP and activation checkpointing are not available yet; use --strategy ddp.")
+    if cfg.hellaswag_file:
+        raise ValueError("HellaSwag during training is not available yet; evaluate with launch/eval.py.")
+    check_run_dir(run_dir, cfg, info.world_size)
+    device_type = info.device_type
+    dtype = resolve_dtype(cfg, device_type)
+    autocast = torch.autocast(device_type, dtype=PTDTYPE[dtype], enabled=dtype != "float32")
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, info.world_size, info.rank)
+    loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
+    val_windows = EvalWindows(data_dir, "val", cfg.block_size, cfg.eval_tokens, cfg.vocab_size)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw_model = GPT(model_config(cfg)).to(info.device)
+    optimizer = make_optimizer(raw_model, cfg)
+    scaler = make_scaler(dtype, device_type)
+    state = TrainState()
+    resumed_from = load_resume_point(cfg, run_dir, raw_model, optimizer, scaler, state, info)
+    if resumed_from is None:
+        torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
+
+    compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+    model = torch.compile(raw_model) if compile_on else raw_model
+    eval_model = model
+    if info.is_distributed:
+        model = DDP(model, device_ids=[info.local_rank] if device_type == "cuda" else None)
+
+    tokens_per_step = spec.global_windows * cfg.block_size
+    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+    peak = peak_flops(info.device, cfg.peak_tflops)
+    log = sink = None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "world_size": info.world_size, "data": data_dir})
+        log = MetricsLog(run_dir / "metrics.jsonl", state.step)
+        if cfg.wandb != "disabled":
+            sink = WandbSink(cfg.wandb, run_dir, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
+        print(
+            f"model {raw_model.num_params():,} params | {info.world_size} rank(s) on {info.device} | {dtype} | "
+            f"global batch {tokens_per_step:,} tokens (accum {cfg.grad_accum_steps}) | "
+            f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
+        )
+
+    last_good = resumed_from
+    consecutive_bad = torch.zeros((), dtype=torch.long, device=info.device)
+    skipped = torch.full((), state.skipped_steps, dtype=torch.long, device=info.device)
+    t_last, step_last = time.time(), state.step
+    try:
+        while state.step < cfg.max_steps:
+            loss, grad_norm = train_step(state.step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
+            # Mean over ranks every step (queued on the device, no host sync), so that every
+            # rank sees the same loss and takes the same non-finite decisions.
+            loss = D.all_reduce_mean(loss, info)
+            finite_loss = torch.isfinite(loss)
+            consecutive_bad = torch.where(finite_loss, 0, consecutive_bad + 1)
+            skipped += (~torch.isfinite(grad_norm)).long()
+            state.step += 1
+            state.tokens += tokens_per_step
+            done = state.step == cfg.max_steps
+            record = None
+            if state.step % cfg.log_interval == 0 or done:
+                loss_mean = loss.item()  # host sync: only at log steps
+                now = time.time()
+                tok_s = tokens_per_step * (state.step - step_last) / max(now - t_last, 1e-9)
+                eta = (cfg.max_steps - state.step) * (now - t_last) / max(1, state.step - step_last)
+                t_last, step_last = now, state.step
+                state.skipped_steps = int(skipped)
+                record = {
+                    "step": state.step, "tokens": state.tokens, "loss": loss_mean, "lr": lr_at(state.step - 1, cfg),
+                    "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
+                    "mfu": mfu(flops_per_token, tok_s / info.world_size, peak),
+                    "elapsed_s": None, "skipped_steps": state.skipped_steps,
+                }  # fmt: skip
+                if int(consecutive_bad) >= cfg.max_nonfinite_steps:
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"{int(consecutive_bad)} consecutive steps had a non-finite loss (step {state.step}); "
+                        f"{where}. Lower --lr or check the data, then resume from it."
+                    )
+                record["eta_s"] = eta
+            if state.step % cfg.eval_interval == 0 or done:
+                val_loss = evaluate(eval_model, val_windows, cfg.batch_size, info, autocast)
+                record = record or {"step": state.step, "tokens": state.tokens}
+                record["val_loss"] = val_loss
+            if record is not None and info.is_main:
+                emit(record, log, sink, cfg, started=_started(run_dir))
+            if state.step % cfg.ckpt_interval == 0 or done:
+                last_good = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info)
+    finally:
+        if log is not None:
+            log.close()
+        if sink is not None:
+            sink.close()
+    return state
+
+
+def _started(run_dir: Path) -> float:
+    """Wall-clock start of the run, kept across resumes (for elapsed_s)."""
+    path = run_dir / "started_at"
+    if not path.exists():
+        path.write_text(f"{time.time()}\n")
+    return float(path.read_text())
+
+
+def emit(record: dict, log: MetricsLog, sink, cfg: TrainConfig, started: float) -> None:
+    record["elapsed_s"] = time.time() - started
+    eta = record.pop("eta_s", None)
+    log.write(record)
+    if sink is not None:
+        sink.log(record)
+    if "loss" in record:
+        print(format_line(record, cfg.max_steps, eta), flush=True)
+    else:
+        print(f"step {record['step']:>6}/{cfg.max_steps} | val {record['val_loss']:.4f}", flush=True)
+
+
+def save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state: TrainState, info: D.DistInfo) -> Path:
+    rng_states = D.gather_objects(rng_state(), info)  # collective: every rank takes part
+    path = checkpoint.checkpoint_dir(run_dir) / f"step_{state.step:08d}"
+    error = None
+    if info.is_main:
+        files = {
+            "model.pt": raw_model.state_dict(),
+            "optimizer.pt": optimizer.state_dict(),
+            "trainer.pt": {
+                "step": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
+                "scaler": scaler.state_dict(), "rng": rng_states,
+            },
+        }  # fmt: skip
+        meta = {"config": cfg.to_dict(), "world_size": info.world_size, "tokens": state.tokens}
+        try:
+            path = checkpoint.save(run_dir, state.step, files, meta)
+            checkpoint.prune(run_dir, cfg.keep_ckpts)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+    error = D.broadcast_object(error, info)
+    if error:
+        raise TrainingError(error)
+    return path
+
+
+def load_resume_point(cfg, run_dir: Path, raw_model, optimizer, scaler, state: TrainState, info) -> Path | None:
+    """Restore model, optimizer, scaler, step and RNG from the checkpoint cfg.resume asks for."""
+    if cfg.resume == "never":
+        if checkpoint.list_steps(run_dir):
+            raise ValueError(f"{run_dir} already has checkpoints but --resume never was given; use another --out.")
+        return None
+    report = print if info.is_main else None
+    path = checkpoint.latest_valid(run_dir, report=report) if cfg.resume == "auto" else Path(cfg.resume)
+    if path is None:
+        return None
+    ckpt = checkpoint.load(path)
+    saved = ckpt["meta"]["config"]
+    mismatched = [f"{f}={saved[f]} (checkpoint) vs {getattr(cfg, f)} (config)"
+                  for f in MODEL_FIELDS if saved.get(f) != getattr(cfg, f)]  # fmt: skip
+    if mismatched:
+        raise ValueError(f"Checkpoint {path} is for another model shape: {', '.join(mismatched)}.")
+    raw_model.load_state_dict(ckpt["model.pt"])
+    optimizer.load_state_dict(ckpt["optimizer.pt"])
+    trainer = ckpt["trainer.pt"]
+    scaler.load_state_dict(trainer["scaler"])
+    state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
+    rngs = trainer["rng"]
+    if len(rngs) == info.world_size:  # same world: every rank continues its own random stream
+        set_rng_state(rngs[info.rank])
+    return path

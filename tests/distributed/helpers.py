@@ -1,0 +1,51 @@
+"""Run launch/train.py for real: as one process, under torchrun, or as two torchrun agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = str(REPO / "launch" / "train.py")
+# A model small enough that a step takes tens of milliseconds on a 2-core CPU.
+TINY = ["--config", "shakespeare-cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--batch_size", "4", "--eval_tokens", "512", "--warmup_steps", "2", "--log_interval", "1",
+        "--eval_interval", "1000", "--ckpt_interval", "1000", "--device", "cpu"]  # fmt: skip
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(data: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
+    args = ["--data", str(data), "--out", str(out), *TINY, *map(str, extra)]
+    if nproc == 1:
+        return [sys.executable, TRAIN, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
+
+
+def run(cmd: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
