@@ -91,9 +91,22 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # A few CPU minutes on tiny Shakespeare (GPT-2 BPE), then it samples recognisable words.
     "shakespeare-cpu": TrainConfig(
-        n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, grad_accum_steps=1, max_steps=600,
-        lr=2e-3, min_lr=2e-4, warmup_steps=50, dropout=0.0, eval_interval=100, eval_tokens=32_768,
-        log_interval=20, ckpt_interval=200, compile="false",
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=128,
+        batch_size=16,
+        grad_accum_steps=1,
+        max_steps=600,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=50,
+        dropout=0.0,
+        eval_interval=100,
+        eval_tokens=32_768,
+        log_interval=20,
+        ckpt_interval=200,
+        compile="false",
     ),  # fmt: skip
 }
 

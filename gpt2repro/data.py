@@ -133,8 +133,8 @@ class EvalWindows:
         mine = self.starts[rank::world_size]
         pin = torch.device(device).type == "cuda"
         for i in range(0, len(mine), batch_size):
-            rows = np.stack(
-                [self.tokens[s][o : o + self.block_size + 1] for s, o in mine[i : i + batch_size]]
-            ).astype(np.int64)
+            rows = np.stack([self.tokens[s][o : o + self.block_size + 1] for s, o in mine[i : i + batch_size]]).astype(
+                np.int64
+            )
             check_token_ids(rows, self.vocab_size, "val")
             yield to_device(rows, device, pin)

@@ -57,9 +57,7 @@ class TrainState:
 def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     # Fused AdamW: one kernel on CUDA; on this CPU build it is also the variant that is
     # bitwise reproducible across processes (the foreach one is not), which exact resume needs.
-    return torch.optim.AdamW(
-        model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
-    )
+    return torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def make_scaler(dtype: str, device_type: str) -> torch.amp.GradScaler:

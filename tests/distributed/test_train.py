@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.distributed.helpers import env, free_port, losses, metrics, run, train_cmd, TRAIN, TINY
+from tests.distributed.helpers import TINY, TRAIN, env, free_port, losses, metrics, run, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def test_two_node_launch_equals_one_node(reference, shakespeare_data, tmp_path):
     args = ["--data", str(shakespeare_data), "--out", str(out), *TINY, "--max_steps", "4", "--grad_accum_steps", "1"]
     agents = []
     for _ in range(2):  # two torchrun agents = two "nodes" meeting at a c10d rendezvous
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonode", TRAIN, *args]  # fmt: skip
+        rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonode"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rdzv, TRAIN, *args]
         agents.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [a.communicate(timeout=300)[0] for a in agents]
     assert all(a.returncode == 0 for a in agents), outputs

@@ -1,0 +1,76 @@
+"""Bad input to launch/train.py: one clear line on stderr, non-zero exit, nothing overwritten."""
+
+import numpy as np
+import pytest
+
+from gpt2repro import shards
+from tests.distributed.helpers import losses, run, train_cmd
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(shakespeare_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--ckpt_interval", 2))
+    return out
+
+
+def test_data_dir_without_shards(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run(train_cmd(tmp_path / "empty", tmp_path / "out", "--max_steps", 2), check=False)
+    assert_one_line_error(proc, "holds no token shards", "prepare.py")
+
+
+def test_block_size_longer_than_every_shard(tmp_path):
+    data = tmp_path / "short"
+    data.mkdir()
+    shards.write_shard(data / "d_train_000000.bin", np.arange(20))
+    shards.write_shard(data / "d_val_000000.bin", np.arange(20))
+    proc = run(train_cmd(data, tmp_path / "out", "--max_steps", 2), check=False)
+    assert_one_line_error(proc, "block_size 32 is longer than every train shard")
+
+
+def test_checkpoint_of_another_model_shape(finished_run, shakespeare_data, tmp_path):
+    ckpt = finished_run / "checkpoints" / "step_00000002"
+    proc = run(train_cmd(shakespeare_data, tmp_path / "out", "--n_layer", 3, "--resume", ckpt), check=False)
+    assert_one_line_error(proc, "another model shape", "n_layer=2 (checkpoint) vs 3 (config)")
+
+
+def test_run_dir_of_another_run_is_not_overwritten(finished_run, shakespeare_data):
+    before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    proc = run(train_cmd(shakespeare_data, finished_run, "--max_steps", 2, "--n_embd", 64), check=False)
+    assert_one_line_error(proc, "holds a different run", "n_embd: 32 -> 64")
+    assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
+
+
+def test_non_finite_loss_stops_naming_the_last_good_checkpoint(shakespeare_data, tmp_path):
+    out = tmp_path / "nan"
+    args = ["--max_steps", 30, "--lr", "1e38", "--min_lr", 0, "--warmup_steps", 0, "--ckpt_interval", 1,
+            "--max_nonfinite_steps", 3]  # fmt: skip
+    proc = run(train_cmd(shakespeare_data, out, *args), check=False)
+    assert_one_line_error(proc, "consecutive steps had a non-finite loss", "last good checkpoint is")
+    assert "step_000000" in proc.stderr
+    records = losses(out)
+    assert max(records) < 30, "training stopped early"
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--n_layr", "3"], ["unknown field --n_layr", "did you mean --n_layer?"]),
+        (["--batch_size", "0", "--dtype", "fp8"], ["batch_size must be at least 1", "dtype must be one of"]),
+        (["--total_batch_tokens", "1000"], ["total_batch_tokens 1000 is not divisible"]),
+        (["--compile", "maybe", "--max_steps", "x"], ["--max_steps takes an integer"]),
+    ],
+)
+def test_bad_fields_are_all_reported_at_once(shakespeare_data, tmp_path, args, fragments):
+    proc = run(train_cmd(shakespeare_data, tmp_path / "out", *args), check=False)
+    assert_one_line_error(proc, *fragments)
+    assert not (tmp_path / "out").exists()
