@@ -131,3 +131,32 @@ def prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for stale in checkpoint_dir(run_dir).glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
+    """A checkpoint directory as given, or the newest intact one of a run directory."""
+    path = Path(run_dir_or_ckpt)
+    if (path / META_NAME).is_file():
+        return path
+    newest = latest_valid(path)
+    if newest is None:
+        raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with an intact checkpoint.")
+    return newest
+
+
+def load_model(run_dir_or_ckpt: str | os.PathLike):
+    """The trained GPT of a checkpoint (or of a run directory's newest), in eval mode on the CPU."""
+    from gpt2repro.model import GPT, GPTConfig
+
+    path = resolve_path(run_dir_or_ckpt)
+    ckpt = load(path)
+    saved = ckpt["meta"]["config"]
+    fields = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+    state = ckpt["model.pt"]
+    padded = state["transformer.wte.weight"].shape[0]
+    config = GPTConfig(
+        **{f: saved[f] for f in fields}, pad_vocab_multiple=padded if padded != saved["vocab_size"] else 1
+    )
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model.eval()

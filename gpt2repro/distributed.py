@@ -62,18 +62,26 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
 
 
-def teardown() -> None:
+def teardown(wait_for_all: bool = False) -> None:
+    """Leave the process group. wait_for_all: a barrier first, so that no rank (and no torchrun
+    agent hosting the rendezvous store) goes away while another still talks to it."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait_for_all:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @contextmanager
 def distributed_context(device: str = "auto"):
     """init() on entry, teardown() on every exit path."""
+    ok = False
     try:
         yield init(device)
+        ok = True
     finally:
-        teardown()
+        teardown(wait_for_all=ok)  # after an error, do not wait on ranks that may be gone
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
