@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,32 +52,37 @@ def _umask() -> int:
     return mask
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Give a finished temp file normal permissions (mkstemp makes 0600) and rename it into place."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """A file object whose content appears at `path` only once complete (temp file, fsync, rename).
 
-
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
-    """Write tokens as a headered shard atomically (temp file, fsync, rename); return its sha256."""
+    On any error the temp file is removed and `path` keeps its previous content.
+    """
     path = Path(path)
-    tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, tokens.size)
-    sha = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            for part in (header.tobytes(), memoryview(tokens).cast("B")):
-                sha.update(part)
-                f.write(part)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
+    """Write tokens as a headered shard atomically; return its sha256."""
+    tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    sha = hashlib.sha256()
+    with atomic_file(path) as f:
+        for part in (header.tobytes(), memoryview(tokens).cast("B")):
+            sha.update(part)
+            f.write(part)
     return sha.hexdigest()
 
 
@@ -124,19 +130,8 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict | None:
