@@ -150,6 +150,12 @@ def load_state(out_dir: Path, build: dict) -> dict | None:
     return state
 
 
+def remove_temp_files(out_dir: Path) -> None:
+    """Temp files of shards.atomic_file (".NAME.XXXX.tmp"): never part of a finished dataset."""
+    for stale in out_dir.glob(".*.tmp"):
+        stale.unlink()
+
+
 def _differences(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
@@ -251,6 +257,7 @@ def prepare(args: argparse.Namespace) -> int:
     state = load_state(out_dir, build)
     if state is None and any(out_dir.glob("*.bin")):
         raise PrepareError(f"{out_dir} holds shard files but no preparation state or manifest; choose an empty --out.")
+    remove_temp_files(out_dir)  # left by a run killed mid-write
 
     t0 = time.time()
     # Workers start (and import tiktoken) while the main process counts the documents.
@@ -278,6 +285,7 @@ def prepare(args: argparse.Namespace) -> int:
     (out_dir / STATE_NAME).unlink(missing_ok=True)
     for stale in out_dir.glob(".partial_*.bin"):
         stale.unlink()
+    remove_temp_files(out_dir)
     seconds = time.time() - t0
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     print(
