@@ -19,6 +19,7 @@ written last; a directory without one is never complete.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -133,8 +134,6 @@ def save_state(
 
 
 def load_state(out_dir: Path, build: dict) -> dict | None:
-    import json
-
     path = out_dir / STATE_NAME
     if not path.is_file():
         return None

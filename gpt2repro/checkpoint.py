@@ -146,16 +146,16 @@ def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
 
 def load_model(run_dir_or_ckpt: str | os.PathLike):
     """The trained GPT of a checkpoint (or of a run directory's newest), in eval mode on the CPU."""
+    from gpt2repro.config import MODEL_FIELDS
     from gpt2repro.model import GPT, GPTConfig
 
     path = resolve_path(run_dir_or_ckpt)
     ckpt = load(path)
     saved = ckpt["meta"]["config"]
-    fields = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
     state = ckpt["model.pt"]
     padded = state["transformer.wte.weight"].shape[0]
     config = GPTConfig(
-        **{f: saved[f] for f in fields}, pad_vocab_multiple=padded if padded != saved["vocab_size"] else 1
+        **{f: saved[f] for f in MODEL_FIELDS}, pad_vocab_multiple=padded if padded != saved["vocab_size"] else 1
     )
     model = GPT(config)
     model.load_state_dict(state)

@@ -71,6 +71,8 @@ class TrainConfig:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+# The fields that define the network (and must match a checkpoint to load it).
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 # Fields that may change when a run resumes; every other one must match the run's config.json.
 RESUMABLE_CHANGES = {
     "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",

@@ -9,6 +9,7 @@ finite without a host sync (fused AdamW reads its found-inf flag on the device).
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -20,13 +21,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2repro import checkpoint
 from gpt2repro import distributed as D
-from gpt2repro.config import RESUMABLE_CHANGES, TrainConfig, lr_at
+from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.metrics import MetricsLog, WandbSink, format_line, mfu, peak_flops
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.shards import write_json_atomic
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -132,8 +132,6 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, world_size: int) -> None:
     path = run_dir / "config.json"
     if not path.exists():
         return
-    import json
-
     old = json.loads(path.read_text())
     new = {**cfg.to_dict(), "world_size": world_size}
     free = RESUMABLE_CHANGES | {"world_size", "batch_size", "grad_accum_steps", "total_batch_tokens", "data"}

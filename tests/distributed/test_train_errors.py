@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gpt2repro import shards
-from tests.distributed.helpers import losses, run, train_cmd
+from tests.distributed.helpers import REPO, losses, run, train_cmd
 
 
 def assert_one_line_error(proc, *fragments):
@@ -74,3 +74,21 @@ def test_bad_fields_are_all_reported_at_once(shakespeare_data, tmp_path, args, f
     proc = run(train_cmd(shakespeare_data, tmp_path / "out", *args), check=False)
     assert_one_line_error(proc, *fragments)
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_from_a_run_is_reproducible(finished_run):
+    import sys
+
+    cmd = [sys.executable, str(REPO / "launch" / "sample.py"), "--ckpt", str(finished_run), "--prompt", "ROMEO:",
+           "--max-new-tokens", "12", "--seed", "7"]  # fmt: skip
+    first, second = run(cmd), run(cmd)
+    assert first.stdout == second.stdout and first.stdout.count("ROMEO:") == 1
+    other = run([*cmd[:-1], "8"])
+    assert other.stdout != first.stdout
+
+
+def test_sample_from_a_directory_without_checkpoints(tmp_path):
+    import sys
+
+    proc = run([sys.executable, str(REPO / "launch" / "sample.py"), "--ckpt", str(tmp_path)], check=False)
+    assert_one_line_error(proc, "neither a checkpoint nor a run directory")
