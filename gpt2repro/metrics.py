@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro.shards import write_json_atomic
+from gpt2repro.shards import atomic_file, write_json_atomic
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), matched against the
 # device name; the more specific names come first.
@@ -64,9 +64,8 @@ class MetricsLog:
                 continue  # a line cut short by a kill
             if record.get("step", math.inf) <= step:
                 kept.append(line + "\n")
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        with atomic_file(self.path, "w") as f:
+            f.write("".join(kept))
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -182,9 +182,10 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     tokens_per_step = spec.global_windows * cfg.block_size
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
     peak = peak_flops(info.device, cfg.peak_tflops)
-    log = sink = None
+    log = sink = started = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        started = _started(run_dir)
         write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "world_size": info.world_size, "data": data_dir})
         log = MetricsLog(run_dir / "metrics.jsonl", state.step)
         if cfg.wandb != "disabled":
@@ -237,7 +238,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                 record = record or {"step": state.step, "tokens": state.tokens}
                 record["val_loss"] = val_loss
             if record is not None and info.is_main:
-                emit(record, log, sink, cfg, started=_started(run_dir))
+                emit(record, log, sink, cfg, started)
             if state.step % cfg.ckpt_interval == 0 or done:
                 last_good = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info)
     finally:
