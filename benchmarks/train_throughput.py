@@ -95,4 +95,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from gpt2repro.runtime import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()  # as launch/train.py does
     main()

@@ -57,4 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gpt2repro.runtime import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()
     sys.exit(main())
