@@ -87,14 +87,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        """cache: this layer's [k, v] from earlier positions (generation only), extended in place."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        has_past = cache is not None and len(cache) == 2
+        if cache is not None:
+            if has_past:
+                k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+            cache[:] = [k, v]
         # Flash / memory-efficient kernels where available; scale is 1/sqrt(hs) as GPT-2.
+        # A single new token after cached positions attends to all of them: no mask needed.
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=not has_past)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return self.resid_dropout(self.c_proj(y))
 
@@ -122,8 +129,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -168,17 +175,22 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: list | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
-        Targets equal to -1 are ignored by the loss.
+        Targets equal to -1 are ignored by the loss. kv_cache (generation): a list with one
+        [k, v] entry per layer, [] when empty; idx then holds the positions after those
+        cached (all of them to fill an empty cache, one token afterwards).
         """
-        self._check_input(idx)
+        past = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] else 0
+        self._check_input(idx, past)
         B, T = idx.shape
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        if kv_cache is not None and not kv_cache:
+            kv_cache.extend([] for _ in self.transformer.h)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache[i] if kv_cache is not None else None)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded V)
         V = self.config.vocab_size
@@ -192,12 +204,14 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1)
         return logits[..., :V], loss  # a view: no copy
 
-    def _check_input(self, idx: torch.Tensor) -> None:
+    def _check_input(self, idx: torch.Tensor, past: int = 0) -> None:
         if idx.dim() != 2:
             raise ValueError(f"Expected token ids of shape (batch, time), got shape {tuple(idx.shape)}.")
-        if idx.size(1) > self.config.block_size:
+        if past and idx.size(1) != 1:
+            raise ValueError("With a filled kv_cache, pass one new token per step.")
+        if past + idx.size(1) > self.config.block_size:
             raise ValueError(
-                f"Sequence length {idx.size(1)} exceeds the model's block_size {self.config.block_size}; "
+                f"Sequence length {past + idx.size(1)} exceeds the model's block_size {self.config.block_size}; "
                 "crop the input to the last block_size tokens."
             )
         # Checking ids on an accelerator would force a host sync every step; there the
@@ -241,16 +255,27 @@ class GPT(nn.Module):
         top_k: int | None = None,
         do_sample: bool = True,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens, feeding back each prediction.
 
         The context is cropped to the last block_size tokens. do_sample=False is greedy.
+        With use_cache, keys and values of earlier positions are kept, so each new token
+        costs one position; once the context slides past block_size the positions shift,
+        and the cache is refilled from the cropped context each step (as without it).
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}; use do_sample=False for greedy.")
+        block = self.config.block_size
+        cache = None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
+            if not use_cache:
+                logits, _ = self(idx[:, -block:])
+            elif cache is None or idx.size(1) > block:
+                cache = []
+                logits, _ = self(idx[:, -block:], kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
             logits = logits[:, -1, :] / temperature  # (B, V)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

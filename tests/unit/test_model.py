@@ -129,3 +129,20 @@ def test_sample_top_k_1_equals_greedy():
     assert greedy.shape == (3, 25)
     assert torch.equal(greedy, top1)
     assert model.training  # sample() restores the mode it found
+
+
+def test_kv_cached_generation_equals_uncached():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()  # block_size 16: the 30 new tokens slide past it
+    x = torch.randint(0, 101, (3, 5))
+    cached = model.generate(x, 30, do_sample=False)
+    uncached = model.generate(x, 30, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # The cached logits of a step equal a full forward pass over the same context.
+    cache = []
+    model(x, kv_cache=cache)
+    step_logits, _ = model(cached[:, 5:6], kv_cache=cache)
+    full_logits, _ = model(cached[:, :6])
+    torch.testing.assert_close(step_logits[:, -1], full_logits[:, -1], rtol=1e-5, atol=1e-5)
+    sampled = [model.generate(x, 30, generator=torch.Generator().manual_seed(4), use_cache=c) for c in (True, False)]
+    assert torch.equal(*sampled)
