@@ -100,6 +100,8 @@ def format_line(record: dict, max_steps: int, eta_s: float | None) -> str:
     parts = [f"step {record['step']:>6}/{max_steps}", f"loss {record['loss']:.4f}"]
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f}")
+    if "hellaswag_acc_norm" in record:
+        parts.append(f"hellaswag {record['hellaswag_acc_norm']:.4f}")
     parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}", f"{record['tokens_per_s']:,.0f} tok/s"]
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")

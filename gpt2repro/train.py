@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2repro import checkpoint
+from gpt2repro import checkpoint, evaluate
 from gpt2repro import distributed as D
 from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
@@ -93,22 +93,6 @@ def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
     return loss_sum, grad_norm
 
 
-@torch.no_grad()
-def evaluate(model, windows: EvalWindows, batch_size: int, info: D.DistInfo, autocast) -> float:
-    """Mean loss over the fixed eval windows, across all ranks."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of window losses, windows)
-    for x, y in windows.batches(batch_size, info.rank, info.world_size, info.device):
-        with autocast:
-            _, loss = model(x, y)
-        totals[0] += loss.double() * x.size(0)
-        totals[1] += x.size(0)
-    D.all_reduce_sum(totals, info)
-    model.train(was_training)
-    return (totals[0] / totals[1]).item()
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -150,8 +134,6 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     run_dir = Path(run_dir)
     if cfg.strategy == "fsdp" or cfg.activation_checkpointing:
         raise ValueError("FSDP and activation checkpointing are not available yet; use --strategy ddp.")
-    if cfg.hellaswag_file:
-        raise ValueError("HellaSwag during training is not available yet; evaluate with launch/eval.py.")
     check_run_dir(run_dir, cfg, info.world_size)
     device_type = info.device_type
     dtype = resolve_dtype(cfg, device_type)
@@ -163,6 +145,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, info.world_size, info.rank)
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
     val_windows = EvalWindows(data_dir, "val", cfg.block_size, cfg.eval_tokens, cfg.vocab_size)
+    hellaswag_examples = evaluate.read_hellaswag(cfg.hellaswag_file) if cfg.hellaswag_file else None
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = GPT(model_config(cfg)).to(info.device)
@@ -234,9 +217,11 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                     )
                 record["eta_s"] = eta
             if state.step % cfg.eval_interval == 0 or done:
-                val_loss = evaluate(eval_model, val_windows, cfg.batch_size, info, autocast)
+                val_loss = evaluate.val_loss(eval_model, val_windows, cfg.batch_size, info, autocast)
                 record = record or {"step": state.step, "tokens": state.tokens}
                 record["val_loss"] = val_loss
+                if hellaswag_examples:  # uncompiled: its rows vary in length
+                    record["hellaswag_acc_norm"] = evaluate.hellaswag(raw_model, hellaswag_examples, info)["acc_norm"]
             if record is not None and info.is_main:
                 emit(record, log, sink, cfg, started)
             if state.step % cfg.ckpt_interval == 0 or done:

@@ -1,6 +1,10 @@
-"""Sample text from a trained checkpoint (or a run directory's newest checkpoint).
+"""Sample text from a trained checkpoint (or a run directory's newest) or a Hugging Face GPT-2.
 
-python launch/sample.py --ckpt runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
+    python launch/sample.py --ckpt runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
+    python launch/sample.py --hf gpt2 --prompt-file prompt.txt --num-samples 3 --top-k 50 --seed 7
+
+Generation keeps a KV cache, so each new token costs one position, not the whole context.
+The same seed gives the same text.
 """
 
 import argparse
@@ -14,26 +18,35 @@ import tiktoken  # noqa: E402
 import torch  # noqa: E402
 
 from gpt2repro.checkpoint import CheckpointError, load_model  # noqa: E402
+from gpt2repro.model import GPT  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its newest)")
-    p.add_argument("--prompt", default="\n")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint directory, or a run directory (its newest)")
+    source.add_argument("--hf", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a save_pretrained directory")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="\n")
+    prompt.add_argument("--prompt-file", type=Path)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        model = load_model(args.ckpt)
-    except CheckpointError as e:
+        text = args.prompt_file.read_text() if args.prompt_file else args.prompt
+        model = GPT.from_pretrained(args.hf) if args.hf else load_model(args.ckpt)
+    except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    model.eval().to(args.device)
     enc = tiktoken.get_encoding("gpt2")
-    idx = torch.tensor([enc.encode_ordinary(args.prompt)], dtype=torch.long)
-    generator = torch.Generator().manual_seed(args.seed)
+    ids = enc.encode_ordinary(text) or [enc.eot_token]
+    idx = torch.tensor([ids[-model.config.block_size :]], dtype=torch.long, device=args.device)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
     for i in range(args.num_samples):
         out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator)
         print(f"--- sample {i + 1} ---\n{enc.decode(out[0].tolist())}")

@@ -1,0 +1,115 @@
+"""Loss curves of runs against each other and against GPT-2: a table and a plot.
+
+Reads RUN_DIR/metrics.jsonl (works while a run is still writing it). Tokens seen is the
+x axis, so runs with different batch sizes line up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    name: str
+    steps: list[dict]  # records with a train loss
+    evals: list[dict]  # records with a val_loss
+
+
+def read_run(run_dir: str | os.PathLike) -> Run:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no metrics.jsonl; pass a run directory written by launch/train.py.")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line of a run that is writing right now
+    steps = [r for r in records if r.get("loss") is not None]
+    evals = [r for r in records if r.get("val_loss") is not None]
+    if not steps and not evals:
+        raise ValueError(f"{path} holds no logged steps yet.")
+    return Run(Path(run_dir).name, steps, evals)
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average, debiased as TensorBoard does."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def table(runs: list[Run], baselines: dict[str, dict], names: list[str]) -> list[dict]:
+    """Per run: final and best val loss, and per baseline the tokens at which it was first reached."""
+    rows = []
+    for run in runs:
+        vals = [r["val_loss"] for r in run.evals]
+        row = {"run": run.name, "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals, default=None),
+               "tokens": (run.evals or run.steps)[-1]["tokens"]}  # fmt: skip
+        for name in names:
+            target = baselines[name]["val_loss"]
+            hit = next((r["tokens"] for r in run.evals if r["val_loss"] <= target), None)
+            row[f"{name}_reached_at_tokens"] = hit
+            row[f"{name}_gap"] = None if not vals else vals[-1] - target
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], names: list[str]) -> str:
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = []
+    for row in rows:
+        parts = [f"{row['run']}: final val {num(row['final_val_loss'], '.4f')}",
+                 f"best {num(row['best_val_loss'], '.4f')}", f"at {row['tokens']:,} tokens"]  # fmt: skip
+        for name in names:
+            hit = row[f"{name}_reached_at_tokens"]
+            reached = f"reached at {hit:,} tokens" if hit is not None else "not reached"
+            parts.append(f"{name} {reached} (gap {num(row[f'{name}_gap'], '+.4f')})")
+        lines.append(" | ".join(parts))
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], baselines: dict[str, dict], names: list[str], out: str, log_x: bool, smoothing: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        if run.steps:
+            tokens = [r["tokens"] for r in run.steps]
+            ax.plot(tokens, smooth([r["loss"] for r in run.steps], smoothing), color=color, alpha=0.45,
+                    lw=1, label=f"{run.name} train (smoothed)")  # fmt: skip
+        if run.evals:
+            ax.plot([r["tokens"] for r in run.evals], [r["val_loss"] for r in run.evals], color=color, lw=2,
+                    marker="o", ms=3, label=f"{run.name} val")  # fmt: skip
+    for j, name in enumerate(names):
+        row = baselines[name]
+        ax.axhline(row["val_loss"], color="k", ls=["--", ":", "-.", (0, (5, 1))][j % 4], lw=1,
+                   label=f"{name} val {row['val_loss']:.3f} ({row.get('source', 'published')})")  # fmt: skip
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss")
+    if log_x:
+        ax.set_xscale("log")
+    finite = [r["val_loss"] for run in runs for r in run.evals] + [r["loss"] for run in runs for r in run.steps]
+    finite = [v for v in finite if math.isfinite(v)]
+    if finite:  # keep the interesting part: from the baselines up to where the curves have settled
+        low = min(finite + [baselines[n]["val_loss"] for n in names])
+        ax.set_ylim(low - 0.1, min(max(finite), low + 4.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("loss against tokens seen")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,134 @@
+"""Evaluation: loss over fixed val windows, HellaSwag, and the GPT-2 baselines to compare with.
+
+The val loss here is the trainer's val_loss (same windows, same reduction), so evaluating
+a checkpoint reproduces the val_loss logged at its step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from gpt2repro import distributed as D
+from gpt2repro.data import EvalWindows
+
+# Published GPT-2 numbers. Losses: OpenAI's checkpoints evaluated on OpenWebText, from
+# nanoGPT's README (github.com/karpathy/nanoGPT, "baselines"). HellaSwag acc_norm
+# (completion style, 10,042 validation examples) from llm.c's GPT-2 reproductions.
+PUBLISHED_BASELINES = {
+    "gpt2-124m": {"hf": "gpt2", "params": 124e6, "train_loss": 3.11, "val_loss": 3.12, "hellaswag": 0.2955},
+    "gpt2-350m": {"hf": "gpt2-medium", "params": 350e6, "train_loss": 2.85, "val_loss": 2.84, "hellaswag": None},
+    "gpt2-774m": {"hf": "gpt2-large", "params": 774e6, "train_loss": 2.66, "val_loss": 2.67, "hellaswag": None},
+    "gpt2-1558m": {"hf": "gpt2-xl", "params": 1558e6, "train_loss": 2.56, "val_loss": 2.54, "hellaswag": 0.4893},
+}
+BASELINES_SOURCE = "nanoGPT README (OpenWebText losses); llm.c (HellaSwag acc_norm)"
+HF_TO_BASELINE = {v["hf"]: k for k, v in PUBLISHED_BASELINES.items()}
+
+
+def load_baselines(path: str | os.PathLike | None) -> dict[str, dict]:
+    """Published baselines, overridden by live numbers a user measured (launch/eval.py --hf)."""
+    table = {name: dict(row, source="published") for name, row in PUBLISHED_BASELINES.items()}
+    if path and Path(path).is_file():
+        for name, row in json.loads(Path(path).read_text()).items():
+            table.setdefault(name, {}).update({k: v for k, v in row.items() if v is not None}, source="measured")
+    return table
+
+
+@torch.no_grad()
+def val_loss(model, windows: EvalWindows, batch_size: int, info: D.DistInfo, autocast) -> float:
+    """Mean loss over the fixed eval windows, across all ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of window losses, windows)
+    for x, y in windows.batches(batch_size, info.rank, info.world_size, info.device):
+        with autocast:
+            _, loss = model(x, y)
+        totals[0] += loss.double() * x.size(0)
+        totals[1] += x.size(0)
+    D.all_reduce_sum(totals, info)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+# ----- HellaSwag ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HellaSwagExample:
+    context: str
+    endings: tuple[str, ...]
+    label: int
+
+
+def read_hellaswag(path: str | os.PathLike) -> list[HellaSwagExample]:
+    """The official jsonl (ctx, endings, label); a malformed line is named in the error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"HellaSwag file {path} does not exist; download hellaswag_val.jsonl (see README).")
+    examples = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ex = HellaSwagExample(row["ctx"], tuple(row["endings"]), int(row["label"]))
+            if len(ex.endings) < 2 or not 0 <= ex.label < len(ex.endings):
+                raise ValueError("label must index one of at least two endings")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} line {n} is not a HellaSwag example (needs ctx, endings, label): {e}.") from None
+        examples.append(ex)
+    if not examples:
+        raise ValueError(f"{path} holds no HellaSwag examples.")
+    return examples
+
+
+@torch.no_grad()
+def hellaswag_losses(model, enc, example: HellaSwagExample, device: str) -> tuple[list[float], list[float]]:
+    """(summed, mean) loss of each ending's tokens given the context: completion-style scoring."""
+    block = model.config.block_size
+    ctx = enc.encode_ordinary(example.context)
+    rows, masks = [], []
+    for ending in example.endings:
+        end = enc.encode_ordinary(" " + ending)  # endings follow the context after a space
+        tokens = (ctx + end)[-(block + 1) :]
+        rows.append(tokens)
+        masks.append([0] * (len(tokens) - len(end)) + [1] * len(end))
+    width = max(map(len, rows))
+    tok = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for i, (r, m) in enumerate(zip(rows, masks, strict=True)):
+        tok[i, : len(r)], mask[i, : len(m)] = torch.tensor(r), torch.tensor(m, dtype=torch.float)
+    tok, mask = tok.to(device), mask.to(device)
+    logits, _ = model(tok[:, :-1])
+    losses = F.cross_entropy(logits.float().transpose(1, 2), tok[:, 1:], reduction="none")  # (E, T-1)
+    ending_mask = mask[:, 1:]
+    summed = (losses * ending_mask).sum(1)
+    mean = summed / ending_mask.sum(1)
+    return summed.tolist(), mean.tolist()
+
+
+def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo) -> dict:
+    """acc (lowest summed loss) and acc_norm (lowest per-token loss), examples split across ranks."""
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=info.device)  # (correct, correct_norm, n)
+    for ex in examples[info.rank :: info.world_size]:
+        summed, mean = hellaswag_losses(model, enc, ex, info.device)
+        counts[0] += int(min(range(len(summed)), key=summed.__getitem__) == ex.label)
+        counts[1] += int(min(range(len(mean)), key=mean.__getitem__) == ex.label)
+        counts[2] += 1
+    D.all_reduce_sum(counts, info)
+    model.train(was_training)
+    n = int(counts[2])
+    return {"acc": counts[0].item() / n, "acc_norm": counts[1].item() / n, "num_examples": n}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

@@ -1,0 +1,67 @@
+"""Compare loss curves of runs with each other and with GPT-2: a PNG and a table.
+
+    python launch/compare.py runs/124m runs/124m-lr2x --baseline gpt2-124m --out compare.png
+    python launch/compare.py runs/350m --baseline gpt2-124m gpt2-350m --log-x --csv table.csv --out c.png
+
+Baselines are the published GPT-2 numbers unless a baselines file measured by
+`launch/eval.py --hf` exists (--baselines, or DATA/baselines.json of the first run's data).
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt2repro import compare  # noqa: E402
+from gpt2repro.evaluate import PUBLISHED_BASELINES, load_baselines  # noqa: E402
+
+
+def default_baselines_file(run_dir: str) -> Path | None:
+    config = Path(run_dir) / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text()).get("data")
+        if data and (Path(data) / "baselines.json").is_file():
+            return Path(data) / "baselines.json"
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--baseline", nargs="*", default=["gpt2-124m"], help=f"of {', '.join(PUBLISHED_BASELINES)}")
+    p.add_argument("--baselines", help="measured baselines file (launch/eval.py --hf)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--log-x", action="store_true", help="log-scaled tokens axis")
+    p.add_argument("--smoothing", type=float, default=0.9, help="EMA weight for the train loss (0: none)")
+    args = p.parse_args(argv)
+    try:
+        unknown = [b for b in args.baseline if b not in PUBLISHED_BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(PUBLISHED_BASELINES)}.")
+        if not 0 <= args.smoothing < 1:
+            raise ValueError("--smoothing must be in [0, 1).")
+        runs = [compare.read_run(r) for r in args.runs]
+        baselines = load_baselines(args.baselines or default_baselines_file(args.runs[0]))
+        rows = compare.table(runs, baselines, args.baseline)
+        compare.plot(runs, baselines, args.baseline, args.out, args.log_x, args.smoothing)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(compare.format_table(rows, args.baseline))
+    print(f"wrote {args.out}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Evaluate a checkpoint or a Hugging Face GPT-2: val loss (and perplexity), HellaSwag.
+
+    python launch/eval.py --ckpt runs/124m --data data/owt                  # newest checkpoint of a run
+    python launch/eval.py --hf gpt2 --data data/owt                          # live GPT-2 baseline
+    python launch/eval.py --ckpt runs/124m --hellaswag hellaswag_val.jsonl
+    torchrun --standalone --nproc_per_node=8 launch/eval.py --hf gpt2-xl --data data/owt
+
+The loss uses the trainer's val windows (the first --max-tokens of the split, in
+non-overlapping block_size windows); for a checkpoint --max-tokens defaults to its run's
+eval_tokens, so the result reproduces the val_loss logged at that step. --hf results are
+also saved to DATA/baselines.json (or --baselines), which launch/compare.py prefers over
+the published numbers.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from gpt2repro import checkpoint, evaluate  # noqa: E402
+from gpt2repro import distributed as D  # noqa: E402
+from gpt2repro.data import DataError, EvalWindows  # noqa: E402
+from gpt2repro.model import GPT  # noqa: E402
+from gpt2repro.shards import ShardError, read_manifest, write_json_atomic  # noqa: E402
+
+DEFAULT_EVAL_TOKENS = 10_485_760
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    source.add_argument("--hf", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a save_pretrained directory")
+    p.add_argument("--data", help="prepared dataset directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--hellaswag", help="HellaSwag jsonl (ctx, endings, label)")
+    p.add_argument("--out", help="result JSON (default: next to the checkpoint, or printed only)")
+    p.add_argument("--baselines", help="baselines file for --hf results (default DATA/baselines.json)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = p.parse_args(argv)
+    if not args.data and not args.hellaswag:
+        p.error("pass --data DIR (loss) and/or --hellaswag FILE")
+    return args
+
+
+def load_model(args) -> tuple[GPT, str, int]:
+    """(model, label, default eval tokens)."""
+    if args.hf:
+        return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS
+    path = checkpoint.resolve_path(args.ckpt)
+    meta = json.loads((path / checkpoint.META_NAME).read_text())
+    return checkpoint.load_model(path), str(path), meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
+
+
+def check_vocab(model: GPT, data_dir: str) -> None:
+    manifest = read_manifest(data_dir)
+    if manifest and manifest["vocab_size"] > model.config.vocab_size:
+        raise ValueError(
+            f"The model's vocab_size {model.config.vocab_size} does not cover {data_dir}'s tokenizer "
+            f"({manifest['tokenizer']}, {manifest['vocab_size']} ids); evaluate it on data of its own tokenizer."
+        )
+
+
+def main(argv=None) -> int:
+    info = None
+    try:
+        args = parse(argv)
+        with D.distributed_context(args.device) as info:
+            model, label, default_tokens = load_model(args)
+            model.to(info.device)
+            dtype = torch.bfloat16 if info.device_type == "cuda" else torch.float32
+            autocast = torch.autocast(info.device_type, dtype=dtype, enabled=dtype != torch.float32)
+            result = {"model": label}
+            if args.data:
+                check_vocab(model, args.data)
+                max_tokens = args.max_tokens or default_tokens
+                block = model.config.block_size
+                windows = EvalWindows(args.data, args.split, block, max_tokens, model.config.vocab_size)
+                loss = evaluate.val_loss(model, windows, args.batch_size, info, autocast)
+                result.update(data=args.data, split=args.split, num_tokens=len(windows) * block, loss=loss,
+                              perplexity=evaluate.perplexity(loss))  # fmt: skip
+            if args.hellaswag:
+                result["hellaswag"] = evaluate.hellaswag(model, evaluate.read_hellaswag(args.hellaswag), info)
+            if info.is_main:
+                report(args, result)
+        return 0
+    except (ValueError, DataError, ShardError, checkpoint.CheckpointError) as e:
+        if info is None or info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def report(args, result: dict) -> None:
+    if "loss" in result:
+        print(f"{result['model']}: {args.split} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+              f"over {result['num_tokens']:,} tokens")  # fmt: skip
+    if "hellaswag" in result:
+        h = result["hellaswag"]
+        print(f"{result['model']}: HellaSwag acc {h['acc']:.4f}, acc_norm {h['acc_norm']:.4f} ({h['num_examples']})")
+    out = args.out or (str(checkpoint.resolve_path(args.ckpt) / f"eval_{args.split}.json") if args.ckpt else None)
+    if out:
+        write_json_atomic(out, result)
+    if args.hf and "loss" in result:
+        path = Path(args.baselines or Path(args.data) / "baselines.json")
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        name = evaluate.HF_TO_BASELINE.get(args.hf, Path(args.hf).name)
+        row = table.setdefault(name, {})
+        row[f"{args.split}_loss"] = result["loss"]
+        if "hellaswag" in result:
+            row["hellaswag"] = result["hellaswag"]["acc_norm"]
+        write_json_atomic(path, table)
+        print(f"saved {name} to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""launch/eval.py, launch/compare.py and HellaSwag, against transformers and logged values."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2repro import shards
+from tests.distributed.helpers import REPO, metrics, run, train_cmd
+
+transformers = pytest.importorskip("transformers")
+EVAL = str(REPO / "launch" / "eval.py")
+COMPARE = str(REPO / "launch" / "compare.py")
+
+
+def one_line_error(proc, fragment):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_eval_of_a_checkpoint_reproduces_its_logged_val_loss(shakespeare_data, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(shakespeare_data, out, "--max_steps", 3, "--eval_interval", 3, "--ckpt_interval", 3))
+    logged = [r["val_loss"] for r in metrics(out) if "val_loss" in r][-1]
+    proc = run([sys.executable, EVAL, "--ckpt", str(out), "--data", str(shakespeare_data), "--batch-size", "3"])
+    result = json.loads((out / "checkpoints" / "step_00000003" / "eval_val.json").read_text())
+    assert result["loss"] == pytest.approx(logged, rel=1e-6)
+    assert result["num_tokens"] == 512 and "perplexity" in proc.stdout
+
+
+def test_hf_loss_equals_transformers_on_the_same_windows(hf_dir, shakespeare_data, tmp_path):
+    path, hf = hf_dir
+    baselines = tmp_path / "baselines.json"
+    cmd = [sys.executable, EVAL, "--hf", str(path), "--data", str(shakespeare_data), "--max-tokens", "1024"]
+    run([*cmd, "--baselines", str(baselines), "--out", str(tmp_path / "r.json")])
+    got = json.loads((tmp_path / "r.json").read_text())["loss"]
+    # Oracle: transformers' own model on the first 1024 val tokens in 64-token windows.
+    val = shards.open_tokens(shards.find_shards(shakespeare_data)["val"][0])
+    rows = torch.from_numpy(np.stack([val[i * 64 : i * 64 + 65] for i in range(16)]).astype(np.int64))
+    with torch.no_grad():
+        logits = hf(rows[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+    assert json.loads(baselines.read_text())["tiny-gpt2"]["val_loss"] == pytest.approx(got)
+
+
+def test_hellaswag_scores_forced_endings(hf_dir, tmp_path):
+    import tiktoken
+
+    path, hf = hf_dir
+    enc = tiktoken.get_encoding("gpt2")
+    rng = np.random.default_rng(0)
+    words = ["the king", "a horse", "went home", "and then", "she said", "over the hill", "quickly", "ROMEO:"]
+    lines, expected_acc = [], []
+    for _ in range(12):
+        ctx = " ".join(rng.choice(words, 6))
+        endings = [" ".join(rng.choice(words, int(rng.integers(1, 5)))) for _ in range(4)]
+        summed, mean = [], []
+        for ending in endings:  # oracle: each ending alone through transformers, no batching or padding
+            ctx_ids, end_ids = enc.encode_ordinary(ctx), enc.encode_ordinary(" " + ending)
+            ids = torch.tensor([ctx_ids + end_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(ids).logits[0, :-1], -1)
+            token_logp = logp[torch.arange(ids.size(1) - 1), ids[0, 1:]][-len(end_ids) :]
+            summed.append(-token_logp.sum().item())
+            mean.append(-token_logp.mean().item())
+        label = int(np.argmin(mean))  # forced: the ending the model itself prefers per token
+        expected_acc.append(int(np.argmin(summed)) == label)
+        lines.append(json.dumps({"ctx": ctx, "endings": endings, "label": label}))
+    file = tmp_path / "hellaswag.jsonl"
+    file.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "h.json"
+    run([sys.executable, EVAL, "--hf", str(path), "--hellaswag", str(file), "--out", str(out)])
+    h = json.loads(out.read_text())["hellaswag"]
+    assert h["num_examples"] == 12 and h["acc_norm"] == 1.0
+    assert h["acc"] == pytest.approx(sum(expected_acc) / 12)
+
+    file.write_text(lines[0] + '\n{"ctx": "x", "endings": ["a"]}\n')
+    proc = run([sys.executable, EVAL, "--hf", str(path), "--hellaswag", str(file)], check=False)
+    one_line_error(proc, "line 2 is not a HellaSwag example")
+
+
+def write_run(path, evals, steps=()):
+    path.mkdir()
+    records = [{"step": s, "tokens": t, "loss": loss} for s, t, loss in steps]
+    records += [{"step": s, "tokens": t, "val_loss": v} for s, t, v in evals]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "tok')
+
+
+def test_compare_writes_a_plot_and_the_crossing_table(tmp_path):
+    write_run(tmp_path / "fast", [(1, 1000, 3.5), (2, 2000, 3.1), (3, 3000, 3.0)],
+              steps=[(1, 1000, 3.6), (2, 2000, 3.2), (3, 3000, 3.05)])  # fmt: skip
+    write_run(tmp_path / "slow", [(1, 1000, 4.0), (2, 2000, 3.6)])
+    png, table = tmp_path / "c.png", tmp_path / "t.csv"
+    proc = run([sys.executable, COMPARE, str(tmp_path / "fast"), str(tmp_path / "slow"), "--baseline", "gpt2-124m",
+                "gpt2-350m", "--out", str(png), "--csv", str(table), "--log-x"])  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "gpt2-124m reached at 2,000 tokens (gap -0.1200)" in proc.stdout  # 3.1 <= 3.12 first at 2000
+    assert "gpt2-350m not reached" in proc.stdout
+    import csv
+
+    rows = list(csv.DictReader(table.open()))
+    assert rows[0]["gpt2-124m_reached_at_tokens"] == "2000" and rows[1]["gpt2-124m_reached_at_tokens"] == ""
+    assert float(rows[1]["gpt2-124m_gap"]) == pytest.approx(3.6 - 3.12)
+
+
+def test_bad_inputs(hf_dir, shakespeare_data, tmp_path):
+    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=32,
+                                                                 n_layer=1, n_head=2))  # fmt: skip
+    small.save_pretrained(tmp_path / "small")
+    proc = run([sys.executable, EVAL, "--hf", str(tmp_path / "small"), "--data", str(shakespeare_data)], check=False)
+    one_line_error(proc, "does not cover")
+
+    data = tmp_path / "tiny_val"
+    data.mkdir()
+    shards.write_shard(data / "d_train_000000.bin", np.arange(500))
+    shards.write_shard(data / "d_val_000000.bin", np.arange(10))
+    proc = run([sys.executable, EVAL, "--hf", str(hf_dir[0]), "--data", str(data)], check=False)
+    one_line_error(proc, "fewer than block_size + 1")
+
+    (tmp_path / "no_metrics").mkdir()
+    proc = run([sys.executable, COMPARE, str(tmp_path / "no_metrics"), "--out", str(tmp_path / "x.png")], check=False)
+    one_line_error(proc, "has no metrics.jsonl")
+
+
+def test_periodic_hellaswag_during_training(shakespeare_data, tmp_path):
+    file = tmp_path / "hs.jsonl"
+    examples = [{"ctx": f"ROMEO: {w}", "endings": ["good night", "the king", "a horse", "my lord"], "label": i % 4}
+                for i, w in enumerate(["O", "Ay", "Nay", "Well"])]  # fmt: skip
+    file.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    out = tmp_path / "run"
+    run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--eval_interval", 2, "--hellaswag_file", file))
+    last = metrics(out)[-1]
+    assert last["step"] == 2 and "val_loss" in last and last["hellaswag_acc_norm"] in (0.0, 0.25, 0.5, 0.75, 1.0)
