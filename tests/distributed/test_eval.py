@@ -39,6 +39,11 @@ def test_eval_of_a_checkpoint_reproduces_its_logged_val_loss(shakespeare_data, t
     result = json.loads((out / "checkpoints" / "step_00000003" / "eval_val.json").read_text())
     assert result["loss"] == pytest.approx(logged, rel=1e-6)
     assert result["num_tokens"] == 512 and "perplexity" in proc.stdout
+    # Split across two ranks under torchrun: the same windows, the same mean.
+    two = tmp_path / "two_ranks.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", EVAL]
+    run([*torchrun, "--ckpt", str(out), "--data", str(shakespeare_data), "--batch-size", "3", "--out", str(two)])
+    assert json.loads(two.read_text())["loss"] == pytest.approx(logged, rel=1e-6)
 
 
 def test_hf_loss_equals_transformers_on_the_same_windows(hf_dir, shakespeare_data, tmp_path):
