@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     strategy: str = "auto"  # auto | ddp | fsdp
     activation_checkpointing: bool = False
+    collective_timeout_s: float = 600.0  # a rank silent this long inside a collective fails the job
     peak_tflops: float = 0.0  # accelerator's dense peak for MFU; 0: look the GPU up in a table
     seed: int = 1337
     # evaluation, logging, checkpoints
@@ -77,7 +78,7 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias
 RESUMABLE_CHANGES = {
     "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",
     "compile", "wandb", "wandb_project", "wandb_run_name", "dry_run", "hellaswag_file", "peak_tflops",
-    "max_nonfinite_steps", "device",
+    "max_nonfinite_steps", "device", "collective_timeout_s",
 }  # fmt: skip
 
 # GPT-2 on OpenWebText as nanoGPT's train_gpt2 config: ~0.5M tokens per step
@@ -229,6 +230,8 @@ def resolve(cfg: TrainConfig, world_size: int) -> TrainConfig:
             problems.append(f"{name} must be one of {', '.join(valid)}, got {getattr(cfg, name)!r}")
     if not (0 <= cfg.min_lr <= cfg.lr) or not math.isfinite(cfg.lr):
         problems.append(f"need 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+    if cfg.collective_timeout_s <= 0:
+        problems.append(f"collective_timeout_s must be positive, got {cfg.collective_timeout_s}")
     if cfg.warmup_steps < 0 or cfg.decay_steps < 0:
         problems.append("warmup_steps and decay_steps must be >= 0")
     if not 0.0 <= cfg.dropout < 1.0:

@@ -54,6 +54,9 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.startswith("cuda") else "gloo"
+        # A hung NCCL collective then raises after `timeout` and the process exits, so that
+        # torchrun or Slurm can restart the job instead of it burning the allocation.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -74,11 +77,11 @@ def teardown(wait_for_all: bool = False) -> None:
 
 
 @contextmanager
-def distributed_context(device: str = "auto"):
+def distributed_context(device: str = "auto", timeout_s: float = 600.0):
     """init() on entry, teardown() on every exit path."""
     ok = False
     try:
-        yield init(device)
+        yield init(device, timeout_s)
         ok = True
     finally:
         teardown(wait_for_all=ok)  # after an error, do not wait on ranks that may be gone
@@ -124,3 +127,16 @@ def broadcast_object(obj, info: DistInfo):
 def barrier(info: DistInfo) -> None:
     if info.is_distributed:
         dist.barrier()
+
+
+def hang_message(error: BaseException, timeout_s: float) -> str | None:
+    """One clear sentence when `error` is a collective that timed out (a rank hung or died), else None."""
+    text = str(error)
+    timed_out = isinstance(error, dist.DistError) or "Timed out" in text or "timed out" in text
+    if not isinstance(error, RuntimeError) or not timed_out:
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return (
+        f"a collective did not complete within collective_timeout_s={timeout_s:g} s, so a rank is hung or dead "
+        f"({first}); restart the job (torchrun --max-restarts or Slurm requeue) to resume from the last checkpoint."
+    )

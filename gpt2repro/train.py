@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,32 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed, all ranks
     skipped_steps: int = 0  # updates skipped for non-finite gradients
+    preempted: bool = False  # stopped early on SIGTERM / SIGUSR1, after a checkpoint
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a
+    clean exit at the next log step; a second signal exits at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            os._exit(128 + signum)
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -184,48 +213,61 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     skipped = torch.full((), state.skipped_steps, dtype=torch.long, device=info.device)
     t_last, step_last = time.time(), state.step
     try:
-        while state.step < cfg.max_steps:
-            loss, grad_norm = train_step(state.step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
-            # Mean over ranks every step (queued on the device, no host sync), so that every
-            # rank sees the same loss and takes the same non-finite decisions.
-            loss = D.all_reduce_mean(loss, info)
-            finite_loss = torch.isfinite(loss)
-            consecutive_bad = torch.where(finite_loss, 0, consecutive_bad + 1)
-            skipped += (~torch.isfinite(grad_norm)).long()
-            state.step += 1
-            state.tokens += tokens_per_step
-            done = state.step == cfg.max_steps
-            record = None
-            if state.step % cfg.log_interval == 0 or done:
-                loss_mean = loss.item()  # host sync: only at log steps
-                now = time.time()
-                tok_s = tokens_per_step * (state.step - step_last) / max(now - t_last, 1e-9)
-                eta = (cfg.max_steps - state.step) * (now - t_last) / max(1, state.step - step_last)
-                t_last, step_last = now, state.step
-                state.skipped_steps = int(skipped)
-                record = {
-                    "step": state.step, "tokens": state.tokens, "loss": loss_mean, "lr": lr_at(state.step - 1, cfg),
-                    "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
-                    "mfu": mfu(flops_per_token, tok_s / info.world_size, peak),
-                    "elapsed_s": None, "skipped_steps": state.skipped_steps,
-                }  # fmt: skip
-                if int(consecutive_bad) >= cfg.max_nonfinite_steps:
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingError(
-                        f"{int(consecutive_bad)} consecutive steps had a non-finite loss (step {state.step}); "
-                        f"{where}. Lower --lr or check the data, then resume from it."
-                    )
-                record["eta_s"] = eta
-            if state.step % cfg.eval_interval == 0 or done:
-                val_loss = evaluate.val_loss(eval_model, val_windows, cfg.batch_size, info, autocast)
-                record = record or {"step": state.step, "tokens": state.tokens}
-                record["val_loss"] = val_loss
-                if hellaswag_examples:  # uncompiled: its rows vary in length
-                    record["hellaswag_acc_norm"] = evaluate.hellaswag(raw_model, hellaswag_examples, info)["acc_norm"]
-            if record is not None and info.is_main:
-                emit(record, log, sink, cfg, started)
-            if state.step % cfg.ckpt_interval == 0 or done:
-                last_good = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info)
+        with StopSignals() as signals:
+            while state.step < cfg.max_steps:
+                loss, grad_norm = train_step(state.step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
+                # Mean over ranks every step (queued on the device, no host sync), so that every
+                # rank sees the same loss and takes the same non-finite decisions.
+                loss = D.all_reduce_mean(loss, info)
+                finite_loss = torch.isfinite(loss)
+                consecutive_bad = torch.where(finite_loss, 0, consecutive_bad + 1)
+                skipped += (~torch.isfinite(grad_norm)).long()
+                state.step += 1
+                state.tokens += tokens_per_step
+                done = state.step == cfg.max_steps
+                record, stop = None, 0
+                if state.step % cfg.log_interval == 0 or done:
+                    loss_mean = loss.item()  # host sync: only at log steps
+                    # A signal may reach some ranks only: all of them stop at the same step.
+                    stop = int(D.all_reduce_max(torch.tensor(signals.received, device=info.device), info))
+                    now = time.time()
+                    tok_s = tokens_per_step * (state.step - step_last) / max(now - t_last, 1e-9)
+                    eta = (cfg.max_steps - state.step) * (now - t_last) / max(1, state.step - step_last)
+                    t_last, step_last = now, state.step
+                    state.skipped_steps = int(skipped)
+                    record = {
+                        "step": state.step, "tokens": state.tokens, "loss": loss_mean, "lr": lr_at(state.step - 1, cfg),
+                        "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
+                        "mfu": mfu(flops_per_token, tok_s / info.world_size, peak),
+                        "elapsed_s": None, "skipped_steps": state.skipped_steps,
+                    }  # fmt: skip
+                    if int(consecutive_bad) >= cfg.max_nonfinite_steps:
+                        where = (
+                            f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                        )
+                        raise TrainingError(
+                            f"{int(consecutive_bad)} consecutive steps had a non-finite loss (step {state.step}); "
+                            f"{where}. Lower --lr or check the data, then resume from it."
+                        )
+                    record["eta_s"] = eta
+                if state.step % cfg.eval_interval == 0 or done:
+                    val_loss = evaluate.val_loss(eval_model, val_windows, cfg.batch_size, info, autocast)
+                    record = record or {"step": state.step, "tokens": state.tokens}
+                    record["val_loss"] = val_loss
+                    if hellaswag_examples:  # uncompiled: its rows vary in length
+                        record["hellaswag_acc_norm"] = evaluate.hellaswag(raw_model, hellaswag_examples, info)[
+                            "acc_norm"
+                        ]
+                if record is not None and info.is_main:
+                    emit(record, log, sink, cfg, started)
+                if state.step % cfg.ckpt_interval == 0 or done or stop:
+                    last_good = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info)
+                if stop and not done:
+                    if info.is_main:
+                        print(f"stopping on {signal.Signals(stop).name} at step {state.step}: checkpoint {last_good} "
+                              "is written; rerun the same command to resume", flush=True)  # fmt: skip
+                    state.preempted = True
+                    break
     finally:
         if log is not None:
             log.close()

@@ -35,10 +35,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    info = None
+    info = cfg = None
     try:
         args, cfg = parse(sys.argv[1:] if argv is None else argv)
-        with D.distributed_context(cfg.device) as info:
+        with D.distributed_context(cfg.device, cfg.collective_timeout_s) as info:
             cfg = C.resolve(cfg, info.world_size)
             if cfg.dry_run:
                 if info.is_main:
@@ -48,11 +48,17 @@ def main(argv: list[str] | None = None) -> int:
                     tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * info.world_size
                     print(f"dry run: {n:,} parameters, {tokens:,} tokens per step, config {cfg.to_dict()}")
                 return 0
-            fit(cfg, args.data, args.out, info)
+            fit(cfg, args.data, args.out, info)  # also returns early, after a checkpoint, on SIGTERM/SIGUSR1
         return 0
     except (ValueError, TrainingError, CheckpointError, ShardError) as e:
         if info is None or info.is_main:
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        message = D.hang_message(e, cfg.collective_timeout_s) if cfg else None
+        if message is None:
+            raise
+        print(f"error: rank {info.rank if info else '?'}: {message}", file=sys.stderr)
         return 1
 
 
