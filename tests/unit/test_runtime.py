@@ -20,3 +20,28 @@ def test_reexec_sets_malloc_tunables_and_keeps_the_pid(tmp_path):
     assert [line[0] for line in lines] == ["start", "start", "after"]  # ran once more, then went on
     assert lines[0][1] == lines[1][1] == lines[2][1]  # same process
     assert lines[0][2] == "None" and lines[1][2] == lines[2][2] == str(1 << 34)
+
+
+def test_slurm_nodelist_expansion():
+    from gpt2repro.slurm import expand_nodelist
+
+    assert expand_nodelist("gpu[01-03,07],login1,n[8-10]") == [
+        "gpu01", "gpu02", "gpu03", "gpu07", "login1", "n8", "n9", "n10",
+    ]  # fmt: skip
+
+
+def test_sbatch_dry_run_prints_one_torchrun_per_node():
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242",
+           "GPUS_PER_NODE": "8"}  # fmt: skip
+    out = subprocess.run(["bash", str(repo / "launch/slurm/train.sbatch"), "--config", "gpt2-124m", "--data", "d",
+                          "--out", "r"], env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for rank, (line, node) in enumerate(zip(lines, ("gpu07", "gpu08"), strict=True)):
+        assert line.startswith(f"{node}: torchrun --nnodes=2 --nproc_per_node=8 --node-rank={rank} ")
+        assert "--rdzv-backend=c10d --rdzv-endpoint=gpu07:29500 --rdzv-id=4242" in line
+        assert line.endswith("launch/train.py --config gpt2-124m --data d --out r")
