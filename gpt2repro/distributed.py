@@ -65,6 +65,24 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
 
 
+def check_restart_store() -> str | None:
+    """A warning when torchrun may restart workers while sharing its rendezvous store with them.
+
+    Restarted workers can then read the previous round's addresses from that store and
+    fail to connect (pytorch/pytorch#135712); TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, set
+    where torchrun runs, gives every round a fresh store. Seen here with gloo on 2026's torch.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if restarts > 0 and shared:
+        return (
+            "warning: torchrun may restart workers (--max-restarts) while sharing its rendezvous store, "
+            "which can make the restart fail to connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "before torchrun (pytorch/pytorch#135712)."
+        )
+    return None
+
+
 def teardown(wait_for_all: bool = False) -> None:
     """Leave the process group. wait_for_all: a barrier first, so that no rank (and no torchrun
     agent hosting the rendezvous store) goes away while another still talks to it."""

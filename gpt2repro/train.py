@@ -196,6 +196,8 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     peak = peak_flops(info.device, cfg.peak_tflops)
     log = sink = started = None
     if info.is_main:
+        if warning := D.check_restart_store():
+            print(warning, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         started = _started(run_dir)
         write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "world_size": info.world_size, "data": data_dir})

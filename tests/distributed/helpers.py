@@ -20,6 +20,8 @@ TINY = ["--config", "shakespeare-cpu", "--n_layer", "2", "--n_head", "2", "--n_e
 def env() -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    # As the README asks of every torchrun with restarts: see distributed.check_restart_store().
+    e["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return e
 
 

@@ -1,4 +1,4 @@
-"""Surviving the cluster with real processes: preemption signals and hung ranks."""
+"""Surviving the cluster with real processes: signals, killed workers, hung ranks."""
 
 import os
 import signal
@@ -7,7 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from tests.distributed.helpers import REPO, env, losses, run, train_cmd
+import pytest
+
+from tests.distributed.helpers import REPO, TINY, TRAIN, env, free_port, losses, metrics, run, train_cmd
+
+LONG = ["--max_steps", 12, "--ckpt_interval", 4]
 
 
 def children(pid: int) -> list[int]:
@@ -27,6 +31,19 @@ def wait_for(predicate, timeout: float = 120) -> None:
 def logged_steps(out: Path) -> int:
     path = out / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(shakespeare_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref2") / "run"
+    run(train_cmd(shakespeare_data, out, *LONG, nproc=2))
+    return losses(out)
+
+
+def assert_close(a: dict, b: dict):
+    assert a.keys() == b.keys() == set(range(1, 13))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
 
 
 def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(shakespeare_data, tmp_path):
@@ -60,6 +77,37 @@ def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path
     stopped_at = max(losses(out))
     assert stopped_at < 200 and "stopping on SIGUSR1" in output
     assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").exists()
+
+
+def test_killed_worker_under_max_restarts_resumes_and_matches(two_rank_reference, shakespeare_data, tmp_path):
+    out = tmp_path / "elastic"
+    cmd = train_cmd(shakespeare_data, out, *LONG, nproc=2)
+    cmd.insert(cmd.index(TRAIN), "--max-restarts=1")
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (out / "checkpoints" / "step_00000004").exists())
+    workers = children(proc.pid)  # torchrun's agent starts the workers as its children
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    assert_close(losses(out), two_rank_reference)
+
+
+def test_two_agents_survive_one_killed_worker(two_rank_reference, shakespeare_data, tmp_path):
+    out = tmp_path / "two_agents"
+    port = free_port()
+    args = ["--data", str(shakespeare_data), "--out", str(out), *TINY, *map(str, LONG)]
+    rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=survive", "--max-restarts=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rdzv, TRAIN, *args]
+    agents = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]  # fmt: skip
+    wait_for(lambda: (out / "checkpoints" / "step_00000004").exists())
+    os.kill(children(agents[1].pid)[0], signal.SIGKILL)
+    outputs = [a.communicate(timeout=240)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), [o[-3000:] for o in outputs]
+    assert_close(losses(out), two_rank_reference)
+    assert metrics(out)[-1]["step"] == 12
 
 
 def test_a_hung_rank_fails_the_job_within_the_timeout():

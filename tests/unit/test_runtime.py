@@ -45,3 +45,13 @@ def test_sbatch_dry_run_prints_one_torchrun_per_node():
         assert line.startswith(f"{node}: torchrun --nnodes=2 --nproc_per_node=8 --node-rank={rank} ")
         assert "--rdzv-backend=c10d --rdzv-endpoint=gpu07:29500 --rdzv-id=4242" in line
         assert line.endswith("launch/train.py --config gpt2-124m --data d --out r")
+
+
+def test_restart_store_warning(monkeypatch):
+    from gpt2repro.distributed import check_restart_store
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in check_restart_store()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert check_restart_store() is None
