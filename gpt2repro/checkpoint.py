@@ -52,14 +52,18 @@ def save(run_dir: Path, step: int, files: dict[str, object], meta: dict) -> Path
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save reports a full disk as a RuntimeError from its zip writer, raised while
+        # handling the OSError: look for the OSError in the chain.
+        os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        if os_error is None:
+            raise
         previous = latest_valid(run_dir, report=None)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"Could not write checkpoint {final} ({e.strerror or e}); {kept}.") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise CheckpointError(
+            f"Could not write checkpoint {final} ({os_error.strerror or os_error}); {kept}."
+        ) from None
     return final
 
 

@@ -1,0 +1,30 @@
+"""A save that hits a full disk (a real, tiny tmpfs) leaves the previous checkpoint intact and says so."""
+
+import subprocess
+
+import pytest
+import torch
+
+from gpt2repro import checkpoint
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tiny_filesystem):
+    run_dir = tiny_filesystem / "run"
+    first = checkpoint.save(run_dir, 1, {"model.pt": {"w": torch.zeros(10_000)}}, {"config": {}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"No space left on device.*step_00000001 is intact"):
+        checkpoint.save(run_dir, 2, {"model.pt": {"w": torch.zeros(1_000_000)}}, {"config": {}})  # 4 MB
+    assert checkpoint.latest_valid(run_dir) == first
+    assert [p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir()] == ["step_00000001"]
+    assert torch.equal(checkpoint.load(first)["model.pt"]["w"], torch.zeros(10_000))
