@@ -64,6 +64,20 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(shakespeare_d
     assert losses(out) == losses(full)  # bit for bit on one CPU rank
 
 
+def test_a_second_signal_exits_at_once(shakespeare_data, tmp_path):
+    out = tmp_path / "twice"
+    proc = subprocess.Popen(train_cmd(shakespeare_data, out, "--max_steps", 500, "--log_interval", 400), env=env(),
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for(lambda: (out / "config.json").exists())
+    time.sleep(0.5)  # inside the training loop, far from a log step
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # two signals sent back to back would merge into one pending signal
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopping on" not in stdout and not (out / "checkpoints").exists()
+
+
 def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path):
     out = tmp_path / "usr1"
     proc = subprocess.Popen(train_cmd(shakespeare_data, out, "--max_steps", 200, nproc=2), env=env(),
