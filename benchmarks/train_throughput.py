@@ -19,7 +19,8 @@ from gpt2repro.config import PRESETS, resolve
 from gpt2repro.data import to_device
 from gpt2repro.metrics import mfu, peak_flops
 from gpt2repro.model import GPT
-from gpt2repro.train import PTDTYPE, make_optimizer, make_scaler, model_config, resolve_dtype, train_step
+from gpt2repro.parallel import PTDTYPE
+from gpt2repro.train import make_optimizer, make_scaler, model_config, resolve_dtype, train_step
 
 
 class RandomTokens:

@@ -1,10 +1,17 @@
-"""Checkpoints: atomic save, integrity-checked load, newest-valid lookup, retention.
+"""Checkpoints: sharded, atomic save; integrity-checked load; newest-valid lookup; retention.
 
-A checkpoint is a directory RUN_DIR/checkpoints/step_XXXXXXXX holding torch files and a
-meta.json with each file's size and sha256. It is written under a temporary name and
-renamed into place only when complete, so a kill mid-write never leaves a directory
-that looks valid; a damaged one (missing file, wrong size or hash) is reported and
-skipped in favour of the previous one.
+A checkpoint is a directory RUN_DIR/checkpoints/step_XXXXXXXX:
+
+    state/       model and AdamW state, written by every rank in parallel with
+                 torch.distributed.checkpoint (DCP); it loads into any number of ranks
+                 and either strategy (DDP or FSDP), resharding as needed
+    trainer.pt   step, tokens, GradScaler state and every rank's RNG state (rank 0)
+    meta.json    config, world size, and each file's size and sha256
+
+It is written under a temporary name and renamed into place only when complete, so a kill
+mid-write never leaves a directory that looks valid; a damaged one (missing file, wrong
+size or hash) is reported and skipped in favour of the previous one.
+`launch/export.py` turns one into a single file or a Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -13,14 +20,19 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from gpt2repro import distributed as D
 from gpt2repro.shards import sha256_file, write_json_atomic
 
 META_NAME = "meta.json"
+STATE_DIR = "state"
+TRAINER_FILE = "trainer.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -32,39 +44,87 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(run_dir: Path, step: int, files: dict[str, object], meta: dict) -> Path:
-    """Write `files` (name -> object for torch.save) as the checkpoint of `step`; return its path."""
+def save(run_dir: Path, step: int, state: dict, trainer: dict, meta: dict, info: D.DistInfo) -> Path:
+    """Write the checkpoint of `step`; every rank calls this and gets its path (or the same CheckpointError).
+
+    state: {"model": ..., "optimizer": ...} state dicts, sharded (FSDP) or whole (DDP);
+    DCP spreads the writing over the ranks. trainer: rank 0's small objects (torch.save).
+    """
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
-    try:
-        entries = {}
-        for name, obj in files.items():
-            path = tmp / name
-            with open(path, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            entries[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        write_json_atomic(tmp / META_NAME, {**meta, "step": step, "files": entries})
-        if final.exists():  # the same step again (a rerun after a crash): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException as e:
+    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        # torch.save reports a full disk as a RuntimeError from its zip writer, raised while
-        # handling the OSError: look for the OSError in the chain.
-        os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
-        if os_error is None:
-            raise
-        previous = latest_valid(run_dir, report=None)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(
-            f"Could not write checkpoint {final} ({os_error.strerror or os_error}); {kept}."
-        ) from None
+    D.barrier(info)
+    error = None
+    try:
+        with warnings.catch_warnings():  # "assuming ... a single process": yes, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not info.is_distributed)
+    except (Exception, CheckpointException) as e:  # DCP raises the same on every rank
+        error = _describe(e, final, run_dir)
+    D.barrier(info)  # rank 0 writes DCP's metadata last
+    entries = {}
+    if error is None:
+        try:  # the hashing is spread over the ranks too
+            files = sorted(p for p in (tmp / STATE_DIR).rglob("*") if p.is_file())
+            entries = {str(p.relative_to(tmp)): _entry(p) for p in files[info.rank :: info.world_size]}
+        except OSError as e:
+            error = _describe(e, final, run_dir)
+    gathered = D.gather_objects((entries, error), info)
+    error = next((err for _, err in gathered if err), None)
+    if info.is_main and error is None:
+        try:
+            _commit(tmp, final, root, trainer, {k: v for part, _ in gathered for k, v in part.items()}, meta, step)
+        except Exception as e:
+            error = _describe(e, final, run_dir)
+    error = D.broadcast_object(error, info)
+    if error:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(error)
     return final
+
+
+def _entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _commit(tmp: Path, final: Path, root: Path, trainer: dict, entries: dict, meta: dict, step: int) -> None:
+    with open(tmp / TRAINER_FILE, "wb") as f:
+        torch.save(trainer, f)
+        f.flush()
+        os.fsync(f.fileno())
+    entries[TRAINER_FILE] = _entry(tmp / TRAINER_FILE)
+    write_json_atomic(tmp / META_NAME, {**meta, "step": step, "files": dict(sorted(entries.items()))})
+    if final.exists():  # the same step again (a rerun after a crash): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _describe(error: BaseException, final: Path, run_dir: Path) -> str:
+    """One line for a failed save; a full disk is named as such (torch and DCP wrap the OSError)."""
+    os_error = _find_os_error(error)
+    if os_error is None:
+        return f"Could not write checkpoint {final}: {type(error).__name__}: {str(error).strip().splitlines()[0]}"
+    previous = latest_valid(run_dir, report=None)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return f"Could not write checkpoint {final} ({os_error.strerror or os_error}); {kept}."
+
+
+def _find_os_error(error: BaseException | None, depth: int = 0) -> OSError | None:
+    if error is None or depth > 5:
+        return None
+    if isinstance(error, OSError):
+        return error
+    inner = [error.__cause__, error.__context__]
+    if isinstance(error, CheckpointException):
+        inner += [exc for exc, _trace in error.failures.values()]
+    for e in inner:
+        if found := _find_os_error(e, depth + 1):
+            return found
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,16 +174,29 @@ def latest_valid(run_dir: Path, report=print) -> Path | None:
     return None
 
 
-def load(path: Path) -> dict[str, object]:
-    """Every file of an intact checkpoint, loaded with weights_only=True, plus its meta."""
-    path = Path(path)
-    why = problem(path)
+def read(path: Path) -> dict:
+    """meta.json and trainer.pt of an intact checkpoint (the caller has checked it with problem())."""
+    meta = json.loads((Path(path) / META_NAME).read_text())
+    trainer = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
+    return {"meta": meta, "trainer": trainer}
+
+
+def load_state(path: Path, state: dict, info: D.DistInfo | None = None) -> None:
+    """Fill `state` (state dicts laid out for this world: sharded or whole) in place from the checkpoint.
+
+    With info, every rank calls this together; without, one process reads what it needs.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=Path(path) / STATE_DIR, no_dist=info is None or not info.is_distributed)
+
+
+def check(path: Path) -> Path:
+    """path, when it is an intact checkpoint; else a CheckpointError saying what is wrong."""
+    why = problem(Path(path))
     if why is not None:
         raise CheckpointError(why[0].upper() + why[1:] + "; pass another checkpoint or --resume auto.")
-    meta = json.loads((path / META_NAME).read_text())
-    out = {name: torch.load(path / name, map_location="cpu", weights_only=True) for name in meta["files"]}
-    out["meta"] = meta
-    return out
+    return Path(path)
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -148,19 +221,22 @@ def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
     return newest
 
 
-def load_model(run_dir_or_ckpt: str | os.PathLike):
-    """The trained GPT of a checkpoint (or of a run directory's newest), in eval mode on the CPU."""
-    from gpt2repro.config import MODEL_FIELDS
-    from gpt2repro.model import GPT, GPTConfig
+def load_model(path_or_run: str | os.PathLike):
+    """The trained GPT of a checkpoint, of a run directory's newest one, or of a file written
+    by launch/export.py, in eval mode on the CPU (any number of ranks may have written it)."""
+    from gpt2repro.model import GPT, TIED_WEIGHTS, GPTConfig
 
-    path = resolve_path(run_dir_or_ckpt)
-    ckpt = load(path)
-    saved = ckpt["meta"]["config"]
-    state = ckpt["model.pt"]
-    padded = state["transformer.wte.weight"].shape[0]
-    config = GPTConfig(
-        **{f: saved[f] for f in MODEL_FIELDS}, pad_vocab_multiple=padded if padded != saved["vocab_size"] else 1
-    )
-    model = GPT(config)
-    model.load_state_dict(state)
+    path = Path(path_or_run)
+    if path.is_file():  # a consolidated single file
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
+            raise CheckpointError(f"{path} is not a model file written by launch/export.py.")
+        model = GPT(GPTConfig(**blob["config"]))
+        model.load_state_dict(blob["model"])
+        return model.eval()
+    path = check(resolve_path(path))
+    model = GPT(GPTConfig(**read(path)["meta"]["model"]))
+    weights = {k: v for k, v in model.state_dict().items() if k not in TIED_WEIGHTS}
+    load_state(path, {"model": weights})
+    model.load_state_dict(weights | {k: weights[v] for k, v in TIED_WEIGHTS.items()})
     return model.eval()

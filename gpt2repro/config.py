@@ -46,8 +46,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: str = "auto"  # auto (on for CUDA) | true | false
     device: str = "auto"  # auto | cpu | cuda
-    strategy: str = "auto"  # auto | ddp | fsdp
+    strategy: str = "auto"  # auto (fsdp when the planner says ddp does not fit) | ddp | fsdp
     activation_checkpointing: bool = False
+    gpu_memory_gb: float = 0.0  # for the planner; 0: this GPU's memory (none on a CPU)
     collective_timeout_s: float = 600.0  # a rank silent this long inside a collective fails the job
     peak_tflops: float = 0.0  # accelerator's dense peak for MFU; 0: look the GPU up in a table
     seed: int = 1337
@@ -78,7 +79,7 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias
 RESUMABLE_CHANGES = {
     "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",
     "compile", "wandb", "wandb_project", "wandb_run_name", "dry_run", "hellaswag_file", "peak_tflops",
-    "max_nonfinite_steps", "device", "collective_timeout_s",
+    "max_nonfinite_steps", "device", "collective_timeout_s", "strategy", "activation_checkpointing", "gpu_memory_gb",
 }  # fmt: skip
 
 # GPT-2 on OpenWebText as nanoGPT's train_gpt2 config: ~0.5M tokens per step
@@ -89,9 +90,7 @@ PRESETS: dict[str, TrainConfig] = {
     # GPT-3 paper, table 2.1: learning rates for the comparable sizes.
     "gpt2-350m": _GPT2_124M.replace(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5, batch_size=8),
     "gpt2-774m": _GPT2_124M.replace(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5, batch_size=4),
-    "gpt2-1558m": _GPT2_124M.replace(
-        n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5, batch_size=2, strategy="fsdp"
-    ),
+    "gpt2-1558m": _GPT2_124M.replace(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5, batch_size=2),
     # About two CPU minutes on tiny Shakespeare (GPT-2 BPE): one epoch, then it samples words.
     "shakespeare-cpu": TrainConfig(
         n_layer=4,
@@ -230,6 +229,8 @@ def resolve(cfg: TrainConfig, world_size: int) -> TrainConfig:
             problems.append(f"{name} must be one of {', '.join(valid)}, got {getattr(cfg, name)!r}")
     if not (0 <= cfg.min_lr <= cfg.lr) or not math.isfinite(cfg.lr):
         problems.append(f"need 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+    if cfg.gpu_memory_gb < 0:
+        problems.append(f"gpu_memory_gb must be >= 0 (0: this GPU's), got {cfg.gpu_memory_gb}")
     if cfg.collective_timeout_s <= 0:
         problems.append(f"collective_timeout_s must be positive, got {cfg.collective_timeout_s}")
     if cfg.warmup_steps < 0 or cfg.decay_steps < 0:

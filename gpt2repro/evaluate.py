@@ -46,11 +46,18 @@ def val_loss(model, windows: EvalWindows, batch_size: int, info: D.DistInfo, aut
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of window losses, windows)
-    for x, y in windows.batches(batch_size, info.rank, info.world_size, info.device):
+    mine = windows.batches(batch_size, info.rank, info.world_size, info.device)
+    # An FSDP model gathers its parameters in every forward, so every rank runs the same number
+    # of them: a rank with fewer windows repeats one, with weight 0.
+    most = math.ceil(math.ceil(len(windows) / info.world_size) / batch_size)
+    for _ in range(most):
+        batch = next(mine, None)
+        x, y = batch if batch is not None else next(windows.batches(1, 0, 1, info.device))
         with autocast:
             _, loss = model(x, y)
-        totals[0] += loss.double() * x.size(0)
-        totals[1] += x.size(0)
+        weight = x.size(0) if batch is not None else 0
+        totals[0] += loss.double() * weight
+        totals[1] += weight
     D.all_reduce_sum(totals, info)
     model.train(was_training)
     return (totals[0] / totals[1]).item()
@@ -119,11 +126,14 @@ def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo) -> dict
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=info.device)  # (correct, correct_norm, n)
-    for ex in examples[info.rank :: info.world_size]:
+    padded = math.ceil(len(examples) / info.world_size) * info.world_size  # same forwards on every rank (FSDP)
+    for i in range(info.rank, padded, info.world_size):
+        ex = examples[i % len(examples)]
         summed, mean = hellaswag_losses(model, enc, ex, info.device)
-        counts[0] += int(min(range(len(summed)), key=summed.__getitem__) == ex.label)
-        counts[1] += int(min(range(len(mean)), key=mean.__getitem__) == ex.label)
-        counts[2] += 1
+        if i < len(examples):
+            counts[0] += int(min(range(len(summed)), key=summed.__getitem__) == ex.label)
+            counts[1] += int(min(range(len(mean)), key=mean.__getitem__) == ex.label)
+            counts[2] += 1
     D.all_reduce_sum(counts, info)
     model.train(was_training)
     n = int(counts[2])

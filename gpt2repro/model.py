@@ -19,8 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
+# The output projection is the token embedding (weight tying): in a state dict, the same tensor twice.
+TIED_WEIGHTS = {"lm_head.weight": "transformer.wte.weight"}
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
+        # Training-time memory/compute trade: keep only each block's input and recompute its
+        # activations during backward (about a third more compute, a fraction of the memory).
+        self.activation_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 init: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer)
@@ -190,7 +196,11 @@ class GPT(nn.Module):
         if kv_cache is not None and not kv_cache:
             kv_cache.extend([] for _ in self.transformer.h)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache[i] if kv_cache is not None else None)
+            if self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+                # Non-reentrant: replays dropout with the same RNG state, works with FSDP and compile.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache[i] if kv_cache is not None else None)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded V)
         V = self.config.vocab_size

@@ -8,7 +8,7 @@ finite without a host sync (fused AdamW reads its found-inf flag on the device).
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -20,17 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from gpt2repro import checkpoint, evaluate
+from gpt2repro import checkpoint, evaluate, parallel
 from gpt2repro import distributed as D
 from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
+from gpt2repro.memory import GiB
 from gpt2repro.metrics import MetricsLog, WandbSink, format_line, mfu, peak_flops
-from gpt2repro.model import GPT, GPTConfig
+from gpt2repro.model import GPT, TIED_WEIGHTS, GPTConfig
+from gpt2repro.parallel import PTDTYPE
 from gpt2repro.shards import write_json_atomic
-
-PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TrainingError(RuntimeError):
@@ -104,19 +104,16 @@ def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
     loss_sum = torch.zeros((), device=loader.device)
     for micro in range(cfg.grad_accum_steps):
         x, y = loader.batch(step, micro)
-        is_last = micro == cfg.grad_accum_steps - 1
-        # Gradients are all-reduced once per optimizer step: on the last micro-batch.
-        sync = contextlib.nullcontext() if is_last or not isinstance(model, DDP) else model.no_sync()
-        with sync:
+        # Gradients cross ranks once per optimizer step: on the last micro-batch.
+        with parallel.gradient_sync(model, last_micro_batch=micro == cfg.grad_accum_steps - 1):
             with autocast:
-                _, loss = model(x, y)
-                loss = loss / cfg.grad_accum_steps
+                loss = model(x, y)[1] / cfg.grad_accum_steps  # the logits are not kept through backward
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-    scaler.step(optimizer)  # skipped when gradients hold inf/nan
+    grad_norm = parallel.clip_grad_norm(raw_model.parameters(), max_norm)
+    scaler.step(optimizer)  # skipped when gradients hold inf/nan (on any rank)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
@@ -161,8 +158,6 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, world_size: int) -> None:
 def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) -> TrainState:
     """Train (or resume) a run in run_dir; every rank calls this. Returns the final state."""
     run_dir = Path(run_dir)
-    if cfg.strategy == "fsdp" or cfg.activation_checkpointing:
-        raise ValueError("FSDP and activation checkpointing are not available yet; use --strategy ddp.")
     check_run_dir(run_dir, cfg, info.world_size)
     device_type = info.device_type
     dtype = resolve_dtype(cfg, device_type)
@@ -176,8 +171,17 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     val_windows = EvalWindows(data_dir, "val", cfg.block_size, cfg.eval_tokens, cfg.vocab_size)
     hellaswag_examples = evaluate.read_hellaswag(cfg.hellaswag_file) if cfg.hellaswag_file else None
 
+    gpu_bytes = parallel.gpu_memory_bytes(cfg, info.device)
+    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes)
+    strategy = plan.strategy
+    if strategy == "fsdp" and not info.is_distributed:
+        raise ValueError("--strategy fsdp shards the model across ranks: launch with torchrun, or use --strategy ddp.")
+
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = GPT(model_config(cfg)).to(info.device)
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    if strategy == "fsdp":
+        parallel.shard(raw_model, dtype)  # before the optimizer: it must hold the sharded parameters
     optimizer = make_optimizer(raw_model, cfg)
     scaler = make_scaler(dtype, device_type)
     state = TrainState()
@@ -186,10 +190,8 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
 
     compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
-    model = torch.compile(raw_model) if compile_on else raw_model
-    eval_model = model
-    if info.is_distributed:
-        model = DDP(model, device_ids=[info.local_rank] if device_type == "cuda" else None)
+    model = parallel.wrap(raw_model, strategy, info, compile_on)
+    eval_model = parallel.for_eval(model)
 
     tokens_per_step = spec.global_windows * cfg.block_size
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
@@ -205,10 +207,13 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         if cfg.wandb != "disabled":
             sink = WandbSink(cfg.wandb, run_dir, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
         print(
-            f"model {raw_model.num_params():,} params | {info.world_size} rank(s) on {info.device} | {dtype} | "
+            f"model {plan.num_params:,} params | {strategy} on {info.world_size} rank(s) on {info.device} | {dtype} | "
             f"global batch {tokens_per_step:,} tokens (accum {cfg.grad_accum_steps}) | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
         )
+        if gpu_bytes and not plan.fits(gpu_bytes):
+            print(f"warning: the memory planner estimates {plan.total / GiB:.1f} GiB per GPU, more than fits in "
+                  f"{gpu_bytes / GiB:.1f} GiB; see --dry_run true for the breakdown", flush=True)  # fmt: skip
 
     last_good = resumed_from
     consecutive_bad = torch.zeros((), dtype=torch.long, device=info.device)
@@ -298,50 +303,69 @@ def emit(record: dict, log: MetricsLog, sink, cfg: TrainConfig, started: float) 
         print(f"step {record['step']:>6}/{cfg.max_steps} | val {record['val_loss']:.4f}", flush=True)
 
 
+def training_state(raw_model, optimizer) -> dict:
+    """Model and AdamW state as DCP saves and loads it: whole tensors (DDP) or this rank's shards (FSDP),
+    keyed by parameter name; the tied output weight once."""
+    model_state, optimizer_state = get_state_dict(raw_model, optimizer)
+    return {"model": {k: v for k, v in model_state.items() if k not in TIED_WEIGHTS}, "optimizer": optimizer_state}
+
+
 def save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state: TrainState, info: D.DistInfo) -> Path:
+    """Every rank writes its part of the model and optimizer state (sharded under FSDP) at once."""
     rng_states = D.gather_objects(rng_state(), info)  # collective: every rank takes part
-    path = checkpoint.checkpoint_dir(run_dir) / f"step_{state.step:08d}"
-    error = None
+    trainer = {
+        "step": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
+        "scaler": scaler.state_dict(), "rng": rng_states,
+    }  # fmt: skip
+    meta = {
+        "config": cfg.to_dict(), "model": dataclasses.asdict(raw_model.config),
+        "world_size": info.world_size, "strategy": parallel.strategy_of(raw_model), "tokens": state.tokens,
+    }  # fmt: skip
+    try:
+        path = checkpoint.save(run_dir, state.step, training_state(raw_model, optimizer), trainer, meta, info)
+    except checkpoint.CheckpointError as e:
+        raise TrainingError(str(e)) from None
     if info.is_main:
-        files = {
-            "model.pt": raw_model.state_dict(),
-            "optimizer.pt": optimizer.state_dict(),
-            "trainer.pt": {
-                "step": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
-                "scaler": scaler.state_dict(), "rng": rng_states,
-            },
-        }  # fmt: skip
-        meta = {"config": cfg.to_dict(), "world_size": info.world_size, "tokens": state.tokens}
-        try:
-            path = checkpoint.save(run_dir, state.step, files, meta)
-            checkpoint.prune(run_dir, cfg.keep_ckpts)
-        except checkpoint.CheckpointError as e:
-            error = str(e)
-    error = D.broadcast_object(error, info)
-    if error:
-        raise TrainingError(error)
+        checkpoint.prune(run_dir, cfg.keep_ckpts)
     return path
 
 
-def load_resume_point(cfg, run_dir: Path, raw_model, optimizer, scaler, state: TrainState, info) -> Path | None:
-    """Restore model, optimizer, scaler, step and RNG from the checkpoint cfg.resume asks for."""
+def find_resume_point(cfg, run_dir: Path, info: D.DistInfo) -> Path | None:
+    """The checkpoint cfg.resume names (auto: the newest intact one), chosen by rank 0 for all ranks."""
     if cfg.resume == "never":
         if checkpoint.list_steps(run_dir):
             raise ValueError(f"{run_dir} already has checkpoints but --resume never was given; use another --out.")
         return None
-    report = print if info.is_main else None
-    path = checkpoint.latest_valid(run_dir, report=report) if cfg.resume == "auto" else Path(cfg.resume)
+    found = error = None
+    if info.is_main:  # hashing a big checkpoint once is enough
+        try:
+            found = checkpoint.latest_valid(run_dir) if cfg.resume == "auto" else checkpoint.check(Path(cfg.resume))
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+    found, error = D.broadcast_object((found, error), info)
+    if error:
+        raise checkpoint.CheckpointError(error)
+    return found
+
+
+def load_resume_point(cfg, run_dir: Path, raw_model, optimizer, scaler, state: TrainState, info) -> Path | None:
+    """Restore model, optimizer, scaler, step and RNG from the checkpoint cfg.resume asks for.
+
+    The checkpoint may come from another number of ranks or the other strategy: DCP reshards.
+    """
+    path = find_resume_point(cfg, run_dir, info)
     if path is None:
         return None
-    ckpt = checkpoint.load(path)
-    saved = ckpt["meta"]["config"]
-    mismatched = [f"{f}={saved[f]} (checkpoint) vs {getattr(cfg, f)} (config)"
-                  for f in MODEL_FIELDS if saved.get(f) != getattr(cfg, f)]  # fmt: skip
+    saved = checkpoint.read(path)
+    mismatched = [f"{f}={saved['meta']['config'][f]} (checkpoint) vs {getattr(cfg, f)} (config)"
+                  for f in MODEL_FIELDS if saved["meta"]["config"].get(f) != getattr(cfg, f)]  # fmt: skip
     if mismatched:
         raise ValueError(f"Checkpoint {path} is for another model shape: {', '.join(mismatched)}.")
-    raw_model.load_state_dict(ckpt["model.pt"])
-    optimizer.load_state_dict(ckpt["optimizer.pt"])
-    trainer = ckpt["trainer.pt"]
+    loaded = training_state(raw_model, optimizer)
+    checkpoint.load_state(path, loaded, info)
+    tied = {k: loaded["model"][v] for k, v in TIED_WEIGHTS.items()}
+    set_state_dict(raw_model, optimizer, model_state_dict=loaded["model"] | tied, optim_state_dict=loaded["optimizer"])
+    trainer = saved["trainer"]
     scaler.load_state_dict(trainer["scaler"])
     state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
     rngs = trainer["rng"]

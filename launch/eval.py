@@ -54,6 +54,8 @@ def load_model(args) -> tuple[GPT, str, int]:
     """(model, label, default eval tokens)."""
     if args.hf:
         return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS
+    if Path(args.ckpt).is_file():  # a file from launch/export.py
+        return checkpoint.load_model(args.ckpt), args.ckpt, DEFAULT_EVAL_TOKENS
     path = checkpoint.resolve_path(args.ckpt)
     meta = json.loads((path / checkpoint.META_NAME).read_text())
     return checkpoint.load_model(path), str(path), meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
@@ -104,7 +106,11 @@ def report(args, result: dict) -> None:
     if "hellaswag" in result:
         h = result["hellaswag"]
         print(f"{result['model']}: HellaSwag acc {h['acc']:.4f}, acc_norm {h['acc_norm']:.4f} ({h['num_examples']})")
-    out = args.out or (str(checkpoint.resolve_path(args.ckpt) / f"eval_{args.split}.json") if args.ckpt else None)
+    out = args.out
+    if not out and args.ckpt:
+        ckpt = Path(args.ckpt)
+        out = ckpt.with_name(f"{ckpt.stem}.eval_{args.split}.json") if ckpt.is_file() else None
+        out = out or checkpoint.resolve_path(ckpt) / f"eval_{args.split}.json"
     if out:
         write_json_atomic(out, result)
     if args.hf and "loss" in result:

@@ -1,0 +1,140 @@
+"""The memory planner: per-GPU bytes of a training configuration, before anything is allocated.
+
+An analytic count of what this trainer keeps alive at its peak (the start of backward, when
+every activation and the loss's log-softmax are held): fp32 master weights, gradients,
+AdamW's two moments, and the activations of one micro-batch. The per-token activation
+sizes below are counted tensor by tensor for this model (model.py) with SDPA attention,
+which never stores the T x T scores; tests check the total against torch's MemTracker.
+
+    DDP (or one process): everything replicated, so weights 4N, AdamW 8N, gradients 4N
+        (DDP's buckets, or accumulation across micro-batches, keep them alive).
+    FSDP2: weights, gradients and AdamW sharded (/ world size), plus the gathered 16-bit
+        copies of the root (embeddings, ln_f) and of two blocks (the running one and the
+        prefetched one); accumulation without a reduce-scatter per micro-batch keeps the
+        unsharded fp32 gradients (4N) until the last micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpt2repro.model import GPTConfig
+
+GiB = 1024**3
+
+# Bytes per token per layer of one block's saved activations, in units of n_embd.
+# fp32: x, ln_1 out, qkv (3), attention out, its contiguous copy, x mid, ln_2 out, fc (4), gelu (4) = 17 x 4 bytes.
+# 16-bit autocast: the residual stream and the LayerNorm inputs stay fp32 (4 + 4), the other 15 are 16-bit.
+_LAYER_BYTES = {4: 17 * 4, 2: 4 + 4 + 15 * 2}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_params: int
+    world_size: int
+    batch_size: int
+    block_size: int
+    grad_accum_steps: int
+    dtype: str
+    strategy: str
+    activation_checkpointing: bool
+    weights: int  # bytes per GPU, here and below
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def fits(self, gpu_memory_bytes: float) -> bool:
+        # Leave 10% for the CUDA context, the allocator's fragmentation and NCCL buffers.
+        return self.total <= 0.9 * gpu_memory_bytes
+
+
+def estimate(
+    config: GPTConfig,
+    *,
+    batch_size: int,
+    world_size: int,
+    dtype: str,
+    strategy: str,
+    activation_checkpointing: bool = False,
+    grad_accum_steps: int = 1,
+) -> MemoryPlan:
+    """Peak bytes per GPU for training `config` (dtype float32|bfloat16|float16; strategy ddp|fsdp)."""
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
+    C, L, T, V = config.n_embd, config.n_layer, config.block_size, config.padded_vocab_size
+    half = 2 if dtype in ("bfloat16", "float16") else 4  # bytes of the compute dtype
+    block_params = 12 * C * C + 13 * C if config.bias else 12 * C * C + 2 * C
+    root_params = V * C + T * C + 2 * C
+    N = L * block_params + root_params
+    tokens = batch_size * T
+    fsdp = strategy == "fsdp"
+    W = world_size if fsdp else 1
+
+    weights = 4 * N // W
+    optimizer = 8 * N // W
+    if fsdp:
+        weights += half * (root_params + 2 * block_params)
+        gradients = 4 * N if grad_accum_steps > 1 else 4 * N // W
+    else:
+        # Alive at the peak only when DDP's buckets hold them or micro-batches accumulate into them.
+        gradients = 4 * N if (world_size > 1 or grad_accum_steps > 1) else 0
+
+    per_layer = _LAYER_BYTES[half] * C
+    if activation_checkpointing:  # each block's input, plus one block recomputed at a time
+        residual = 2 if (fsdp and half == 2) else 4
+        blocks = L * residual * C + per_layer
+    else:
+        blocks = L * per_layer
+    head = (4 + half) * C  # ln_f's input and the lm_head's input
+    logits = 12 * V  # log-softmax output, its gradient and the logits' gradient, fp32
+    dropout_masks = 3 * L * C if config.dropout > 0 else 0
+    activations = tokens * (blocks + head + logits + dropout_masks)
+    if half == 2 and not fsdp:
+        activations += 2 * N  # autocast's 16-bit copies of the weights, saved for backward
+    return MemoryPlan(
+        num_params=N, world_size=world_size, batch_size=batch_size, block_size=T,
+        grad_accum_steps=grad_accum_steps, dtype=dtype, strategy=strategy,
+        activation_checkpointing=activation_checkpointing,
+        weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+    )  # fmt: skip
+
+
+def choose_strategy(ddp_plan: MemoryPlan, gpu_memory_bytes: float) -> str:
+    """auto: DDP while it fits (it is simpler and communicates less), FSDP when it does not."""
+    if ddp_plan.world_size > 1 and gpu_memory_bytes > 0 and not ddp_plan.fits(gpu_memory_bytes):
+        return "fsdp"
+    return "ddp"
+
+
+def format_plan(plan: MemoryPlan, gpu_memory_bytes: float) -> str:
+    def gib(n: int) -> str:
+        return f"{n / GiB:8.2f} GiB"
+
+    lines = [
+        f"model       {plan.num_params:,} parameters (vocabulary padded)",
+        f"layout      {plan.strategy} on {plan.world_size} GPU(s), micro-batch {plan.batch_size} x {plan.block_size}"
+        f" tokens, accumulation {plan.grad_accum_steps}, {plan.dtype}, "
+        f"activation checkpointing {'on' if plan.activation_checkpointing else 'off'}",
+        f"weights     {gib(plan.weights)}",
+        f"gradients   {gib(plan.gradients)}",
+        f"optimizer   {gib(plan.optimizer)}   (AdamW, fp32 moments)",
+        f"activations {gib(plan.activations)}   (one micro-batch)",
+        f"total       {gib(plan.total)}   per GPU",
+    ]
+    if gpu_memory_bytes > 0:
+        verdict = "fits" if plan.fits(gpu_memory_bytes) else "does NOT fit"
+        lines.append(
+            f"verdict     {verdict} in {gpu_memory_bytes / GiB:.1f} GiB (10% kept for the CUDA context, allocator)"
+        )
+        if not plan.fits(gpu_memory_bytes):
+            lines.append(
+                "            try --strategy fsdp, --activation_checkpointing true, a smaller --batch_size with "
+                "--total_batch_tokens kept, or more GPUs"
+            )
+    else:
+        lines.append("verdict     not checked: no GPU here; pass --gpu_memory_gb (e.g. 40 or 80)")
+    return "\n".join(lines)

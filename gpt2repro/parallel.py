@@ -1,0 +1,113 @@
+"""How the model is laid out across ranks: DDP (replicated) or FSDP2 (sharded), and the
+pieces of a step that differ between them (gradient sync during accumulation, the norm).
+
+    ddp  : every rank holds the whole model and AdamW state; gradients are all-reduced once
+           per optimizer step. Simplest and fastest while it fits in memory.
+    fsdp : torch.distributed.fsdp.fully_shard per transformer block and at the root
+           (embeddings, ln_f, the tied lm_head): parameters, gradients and AdamW state are
+           sharded across ranks, blocks are all-gathered in 16-bit just before they run,
+           gradients are reduce-scattered in fp32. Needed from GPT-2 1558M on 40 GB GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt2repro import memory
+from gpt2repro.config import TrainConfig
+from gpt2repro.distributed import DistInfo
+from gpt2repro.model import GPT, GPTConfig
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def gpu_memory_bytes(cfg: TrainConfig, device: str) -> float:
+    """--gpu_memory_gb when given, else the memory of this process's GPU (0 on a CPU)."""
+    if cfg.gpu_memory_gb > 0:
+        return cfg.gpu_memory_gb * memory.GiB
+    if torch.device(device).type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return 0.0
+
+
+def plan(cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_bytes: float) -> memory.MemoryPlan:
+    """The memory plan of cfg's layout, with strategy auto resolved (to ddp or fsdp)."""
+
+    def estimate(strategy: str) -> memory.MemoryPlan:
+        return memory.estimate(
+            config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
+            activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
+        )  # fmt: skip
+
+    if cfg.strategy != "auto":
+        return estimate(cfg.strategy)
+    return estimate(memory.choose_strategy(estimate("ddp"), gpu_bytes))
+
+
+def shard(model: GPT, dtype: str) -> None:
+    """FSDP2 in place: one group per block, the root group holds the rest (so the tied weight once)."""
+    compute = PTDTYPE[dtype] if dtype != "float32" else None
+    # Compute in 16-bit, keep fp32 master weights, reduce gradients in fp32.
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    # GPT.forward returns the logits without the padded columns, a view; nothing writes to it in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
+        # Backward starts with the last block: keeping it gathered after forward saves an all-gather.
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mp_policy=policy)
+
+
+def wrap(model: GPT, strategy: str, info: DistInfo, compile_on: bool) -> torch.nn.Module:
+    """The module that training calls: compiled and wrapped for the strategy.
+
+    For fsdp, `shard` must already have run (before the optimizer is built); each block is
+    compiled on its own, which keeps FSDP's hooks between compiled regions.
+    """
+    if strategy == "fsdp":
+        if compile_on:
+            for block in model.transformer.h:
+                block.compile()
+        return model
+    compiled = torch.compile(model) if compile_on else model
+    if not info.is_distributed:
+        return compiled
+    # Gradients as views into DDP's buckets: one copy of them, not two.
+    device_ids = [info.local_rank] if info.device_type == "cuda" else None
+    return DDP(compiled, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def strategy_of(model: torch.nn.Module) -> str:
+    return "fsdp" if isinstance(model, FSDPModule) else "ddp"
+
+
+def for_eval(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to evaluate with: DDP's inner one (no gradient hooks); an FSDP model as it is."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def gradient_sync(model: torch.nn.Module, last_micro_batch: bool):
+    """Context for one micro-batch's backward: gradients cross ranks only on the last one."""
+    if isinstance(model, FSDPModule):
+        # Skipped reduce-scatters keep unsharded fp32 gradients until the last micro-batch (the planner counts them).
+        model.set_requires_gradient_sync(last_micro_batch)
+        return contextlib.nullcontext()
+    if isinstance(model, DDP) and not last_micro_batch:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all shards under FSDP), gradients scaled down to max_norm; no host sync."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if isinstance(norm, DTensor):  # sharded gradients: the partial norms are combined across ranks
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
