@@ -107,7 +107,7 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Global gradient norm (over all shards under FSDP), gradients scaled down to max_norm; no host sync."""
     parameters = [p for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    if isinstance(norm, DTensor):  # sharded gradients: the partial norms are combined across ranks
+    if isinstance(norm, DTensor):  # sharded gradients: the shards' partial norms are combined across ranks
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm

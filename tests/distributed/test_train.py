@@ -86,9 +86,9 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(shakespeare_data, tmp_
     # What a kill during a save leaves behind: a temporary directory, half written.
     partial = ckpts / ".tmp-step_00000012-abc"
     partial.mkdir()
-    (partial / "model.pt").write_bytes(b"\x00" * 100)
+    (partial / "trainer.pt").write_bytes(b"\x00" * 100)
     # And the newest checkpoint cut short on disk.
-    model_file = ckpts / "step_00000008" / "model.pt"
+    model_file = ckpts / "step_00000008" / "state" / "__0_0.distcp"
     model_file.write_bytes(model_file.read_bytes()[:-100])
     resumed = run(train_cmd(shakespeare_data, out, *extra))
     assert "step_00000008" in resumed.stdout and "truncated" in resumed.stdout
