@@ -84,17 +84,18 @@ def estimate(
         gradients = 4 * N if (world_size > 1 or grad_accum_steps > 1) else 0
 
     per_layer = _LAYER_BYTES[half] * C
-    if activation_checkpointing:  # each block's input, plus one block recomputed at a time
-        residual = 2 if (fsdp and half == 2) else 4
-        blocks = L * residual * C + per_layer
-    else:
-        blocks = L * per_layer
     head = (4 + half) * C  # ln_f's input and the lm_head's input
     logits = 12 * V  # log-softmax output, its gradient and the logits' gradient, fp32
     dropout_masks = 3 * L * C if config.dropout > 0 else 0
-    activations = tokens * (blocks + head + logits + dropout_masks)
-    if half == 2 and not fsdp:
-        activations += 2 * N  # autocast's 16-bit copies of the weights, saved for backward
+    # Autocast's 16-bit copies of the weights, saved for backward (FSDP gathers 16-bit weights instead).
+    copies = 2 if (half == 2 and not fsdp) else 0
+    if activation_checkpointing:
+        # Only each block's input is kept; a block is recomputed in backward after the loss's
+        # gradient is gone, so the peak is whichever of the two is larger.
+        residual = 2 if (fsdp and half == 2) else 4
+        activations = tokens * (L * residual * C + head + max(logits, per_layer)) + copies * root_params
+    else:
+        activations = tokens * (L * per_layer + head + logits + dropout_masks) + copies * N
     return MemoryPlan(
         num_params=N, world_size=world_size, batch_size=batch_size, block_size=T,
         grad_accum_steps=grad_accum_steps, dtype=dtype, strategy=strategy,

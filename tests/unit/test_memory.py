@@ -1,0 +1,111 @@
+"""The memory planner against what training really allocates, and the --dry_run command."""
+
+import importlib.util
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from gpt2repro import memory
+from gpt2repro.config import PRESETS, TrainConfig, resolve
+from gpt2repro.model import GPT
+from gpt2repro.parallel import PTDTYPE
+from gpt2repro.train import make_optimizer, make_scaler, model_config, train_step
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+# GPT-2's vocabulary (the logits are most of the memory, as in real runs) and six real blocks.
+SMALL = TrainConfig(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=4, warmup_steps=1, max_steps=10)
+# bfloat16 matmuls are slow on this CPU: a small vocabulary, so the blocks and autocast copies dominate.
+SMALL_BF16 = SMALL.replace(vocab_size=512, n_layer=4, n_embd=128)
+
+
+class RandomTokens:
+    """Batches of random token ids (the memory of a step does not depend on which tokens)."""
+
+    device = "cpu"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def batch(self, step: int, micro: int):
+        g = torch.Generator().manual_seed(step * 100 + micro)
+        rows = torch.randint(0, self.cfg.vocab_size, (self.cfg.batch_size, self.cfg.block_size + 1), generator=g)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def measured_peak(cfg: TrainConfig, dtype: str) -> int:
+    """Peak bytes of live tensors over a real train_step (the second, when AdamW state exists)."""
+    torch.manual_seed(0)
+    model = GPT(model_config(cfg))
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer, scaler = make_optimizer(model, cfg), make_scaler(dtype, "cpu")
+    loader = RandomTokens(cfg)
+    autocast = torch.autocast("cpu", dtype=PTDTYPE[dtype], enabled=dtype != "float32")
+    tracker = MemTracker()  # torch's own accounting of every tensor's storage, by device
+    tracker.track_external(model, optimizer)
+    with tracker:
+        for step in range(2):
+            train_step(step, model, model, optimizer, scaler, loader, cfg, autocast)
+            if step == 0:
+                tracker.reset_mod_stats()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize(
+    ("base", "dtype", "checkpointing"),
+    [(SMALL, "float32", False), (SMALL, "float32", True), (SMALL_BF16, "bfloat16", False),
+     (SMALL_BF16, "bfloat16", True)],
+)  # fmt: skip
+def test_estimate_within_20_percent_of_measured(base, dtype, checkpointing):
+    cfg = resolve(base.replace(activation_checkpointing=checkpointing), 1)
+    measured = measured_peak(cfg, dtype)
+    plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype=dtype,
+                           strategy="ddp", activation_checkpointing=checkpointing)  # fmt: skip
+    assert abs(plan.total - measured) <= 0.2 * measured, (plan, measured)
+
+
+def test_activation_checkpointing_saves_what_the_planner_says():
+    cfg = resolve(SMALL, 1)
+    plain = measured_peak(cfg, "float32")
+    ckpt = measured_peak(cfg.replace(activation_checkpointing=True), "float32")
+
+    def planned(checkpointing):
+        return memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype="float32",
+                               strategy="ddp", activation_checkpointing=checkpointing).total  # fmt: skip
+
+    saved, predicted = plain - ckpt, planned(False) - planned(True)
+    assert predicted > 50e6 and saved == pytest.approx(predicted, rel=0.2)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"])
+def test_planner_counts_the_parameters_of_the_model(preset):
+    config = model_config(PRESETS[preset])
+    with torch.device("meta"):  # shapes only: no memory for 1.5B parameters
+        model = GPT(config)
+    plan = memory.estimate(config, batch_size=1, world_size=8, dtype="bfloat16", strategy="fsdp")
+    assert plan.num_params == model.num_params()
+    assert plan.optimizer == 8 * plan.num_params // 8  # AdamW's two fp32 moments, sharded over 8 ranks
+
+
+@pytest.fixture(scope="module")
+def train_main():
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_dry_run_prints_the_plan_and_auto_picks_fsdp_when_ddp_does_not_fit(train_main, capsys):
+    def dry_run(*args: str) -> str:
+        assert train_main(["--dry_run", "true", "--device", "cpu", *args]) == 0
+        return capsys.readouterr().out
+
+    fits = dry_run("--config", "gpt2-774m", "--world_size", "8", "--gpu_memory_gb", "80")
+    assert "strategy auto -> ddp" in fits and "fits in 80.0 GiB" in fits
+    assert "774,090,240 parameters" in fits and "optimizer" in fits and "activations" in fits
+
+    tight = dry_run("--config", "gpt2-1558m", "--world_size", "8", "--gpu_memory_gb", "24")
+    assert "strategy auto -> fsdp" in tight and "fits in 24.0 GiB" in tight
+
+    forced = dry_run("--config", "gpt2-1558m", "--world_size", "8", "--gpu_memory_gb", "24", "--strategy", "ddp")
+    assert "does NOT fit in 24.0 GiB" in forced and "--strategy fsdp" in forced
