@@ -115,3 +115,11 @@ def test_export_of_a_sharded_checkpoint(fsdp_run, shakespeare_data, tmp_path):
     idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_memory_estimate_within_20_percent_of_measured():
+    worker = str(REPO / "tests" / "distributed" / "fsdp_memory_worker.py")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in results:
+        assert abs(r["estimate"] - r["measured"]) <= 0.2 * r["measured"], r

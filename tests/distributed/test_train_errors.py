@@ -37,6 +37,12 @@ def test_block_size_longer_than_every_shard(tmp_path):
     assert_one_line_error(proc, "block_size 32 is longer than every train shard")
 
 
+def test_fsdp_without_torchrun(shakespeare_data, tmp_path):
+    proc = run(train_cmd(shakespeare_data, tmp_path / "out", "--strategy", "fsdp"), check=False)
+    assert_one_line_error(proc, "--strategy fsdp", "torchrun")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_checkpoint_of_another_model_shape(finished_run, shakespeare_data, tmp_path):
     ckpt = finished_run / "checkpoints" / "step_00000002"
     proc = run(train_cmd(shakespeare_data, tmp_path / "out", "--n_layer", 3, "--resume", ckpt), check=False)

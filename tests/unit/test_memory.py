@@ -1,5 +1,6 @@
 """The memory planner against what training really allocates, and the --dry_run command."""
 
+import functools
 import importlib.util
 
 import pytest
@@ -33,6 +34,7 @@ class RandomTokens:
         return rows[:, :-1], rows[:, 1:]
 
 
+@functools.cache  # each configuration is measured once for the tests below
 def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     """Peak bytes of live tensors over a real train_step (the second, when AdamW state exists)."""
     torch.manual_seed(0)
