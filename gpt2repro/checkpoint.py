@@ -66,9 +66,9 @@ def save(run_dir: Path, step: int, state: dict, trainer: dict, meta: dict, info:
     D.barrier(info)  # rank 0 writes DCP's metadata last
     entries = {}
     if error is None:
-        try:  # the hashing is spread over the ranks too
+        try:  # each rank hashes the files it wrote (still in its page cache); rank 0 also the rest
             files = sorted(p for p in (tmp / STATE_DIR).rglob("*") if p.is_file())
-            entries = {str(p.relative_to(tmp)): _entry(p) for p in files[info.rank :: info.world_size]}
+            entries = {str(p.relative_to(tmp)): _entry(p) for p in files if _writer(p.name, info) == info.rank}
         except OSError as e:
             error = _describe(e, final, run_dir)
     gathered = D.gather_objects((entries, error), info)
@@ -84,6 +84,13 @@ def save(run_dir: Path, step: int, state: dict, trainer: dict, meta: dict, info:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(error)
     return final
+
+
+def _writer(name: str, info: D.DistInfo) -> int:
+    """The rank that wrote a DCP file (named __RANK_N.distcp); 0 for the metadata."""
+    match = re.match(r"^__(\d+)_\d+\.distcp$", name)
+    rank = int(match.group(1)) if match else 0
+    return rank if rank < info.world_size else 0
 
 
 def _entry(path: Path) -> dict:

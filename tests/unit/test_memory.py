@@ -15,7 +15,7 @@ from gpt2repro.train import make_optimizer, make_scaler, model_config, train_ste
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 # GPT-2's vocabulary (the logits are most of the memory, as in real runs) and six real blocks.
-SMALL = TrainConfig(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=4, warmup_steps=1, max_steps=10)
+SMALL = TrainConfig(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=2, warmup_steps=1, max_steps=10)
 # bfloat16 matmuls are slow on this CPU: a small vocabulary, so the blocks and autocast copies dominate.
 SMALL_BF16 = SMALL.replace(vocab_size=512, n_layer=4, n_embd=128)
 
@@ -76,7 +76,7 @@ def test_activation_checkpointing_saves_what_the_planner_says():
                                strategy="ddp", activation_checkpointing=checkpointing).total  # fmt: skip
 
     saved, predicted = plain - ckpt, planned(False) - planned(True)
-    assert predicted > 50e6 and saved == pytest.approx(predicted, rel=0.2)
+    assert predicted > 40e6 and saved == pytest.approx(predicted, rel=0.2)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"])
