@@ -17,7 +17,12 @@ import argparse
 import resource
 import time
 
-import torch
+if __name__ == "__main__":  # before torch is imported, as launch/train.py does
+    from gpt2repro.runtime import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()
+
+import torch  # noqa: E402
 
 from gpt2repro import distributed as D
 from gpt2repro import parallel
@@ -126,7 +131,4 @@ def benchmark(cfg, args, info: D.DistInfo) -> None:
 
 
 if __name__ == "__main__":
-    from gpt2repro.runtime import keep_freed_memory_in_heap
-
-    keep_freed_memory_in_heap()  # as launch/train.py does
     main()

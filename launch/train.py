@@ -16,6 +16,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # before torch is imported: the re-exec would otherwise import it twice
+    from gpt2repro.runtime import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()
 
 from gpt2repro import config as C  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
@@ -81,7 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from gpt2repro.runtime import keep_freed_memory_in_heap
-
-    keep_freed_memory_in_heap()
     sys.exit(main())
