@@ -175,7 +175,9 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes)
     strategy = plan.strategy
     if strategy == "fsdp" and not info.is_distributed:
-        raise ValueError("--strategy fsdp shards the model across ranks: launch with torchrun, or use --strategy ddp.")
+        raise ValueError(
+            "--strategy fsdp shards the model across ranks: launch 2 or more with torchrun, or use --strategy ddp."
+        )
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = GPT(model_config(cfg)).to(info.device)
