@@ -181,11 +181,14 @@ def latest_valid(run_dir: Path, report=print) -> Path | None:
     return None
 
 
-def read(path: Path) -> dict:
-    """meta.json and trainer.pt of an intact checkpoint (the caller has checked it with problem())."""
-    meta = json.loads((Path(path) / META_NAME).read_text())
-    trainer = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
-    return {"meta": meta, "trainer": trainer}
+def read_meta(path: Path) -> dict:
+    """meta.json of a checkpoint: its config, model config, world size, strategy, files."""
+    return json.loads((Path(path) / META_NAME).read_text())
+
+
+def read_trainer(path: Path) -> dict:
+    """trainer.pt of a checkpoint: step, tokens, GradScaler state, every rank's RNG state."""
+    return torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
 def load_state(path: Path, state: dict, info: D.DistInfo | None = None) -> None:
@@ -218,10 +221,11 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
-    """A checkpoint directory as given, or the newest intact one of a run directory."""
+    """A checkpoint directory as given, or the newest one of a run directory; either way checked
+    intact (every file hashed once), else a CheckpointError."""
     path = Path(run_dir_or_ckpt)
     if (path / META_NAME).is_file():
-        return path
+        return check(path)
     newest = latest_valid(path)
     if newest is None:
         raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with an intact checkpoint.")
@@ -231,18 +235,24 @@ def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
 def load_model(path_or_run: str | os.PathLike):
     """The trained GPT of a checkpoint, of a run directory's newest one, or of a file written
     by launch/export.py, in eval mode on the CPU (any number of ranks may have written it)."""
-    from gpt2repro.model import GPT, TIED_WEIGHTS, GPTConfig
+    from gpt2repro.model import GPT, GPTConfig
 
     path = Path(path_or_run)
-    if path.is_file():  # a consolidated single file
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
-            raise CheckpointError(f"{path} is not a model file written by launch/export.py.")
-        model = GPT(GPTConfig(**blob["config"]))
-        model.load_state_dict(blob["model"])
-        return model.eval()
-    path = check(resolve_path(path))
-    model = GPT(GPTConfig(**read(path)["meta"]["model"]))
+    if not path.is_file():
+        return model_from(resolve_path(path))
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # a consolidated single file
+    if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
+        raise CheckpointError(f"{path} is not a model file written by launch/export.py.")
+    model = GPT(GPTConfig(**blob["config"]))
+    model.load_state_dict(blob["model"])
+    return model.eval()
+
+
+def model_from(path: Path):
+    """The GPT of a checkpoint directory that resolve_path has already checked (no second hashing)."""
+    from gpt2repro.model import GPT, TIED_WEIGHTS, GPTConfig
+
+    model = GPT(GPTConfig(**read_meta(path)["model"]))
     weights = {k: v for k, v in model.state_dict().items() if k not in TIED_WEIGHTS}
     load_state(path, {"model": weights})
     model.load_state_dict(weights | {k: weights[v] for k, v in TIED_WEIGHTS.items()})

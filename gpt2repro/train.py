@@ -358,16 +358,16 @@ def load_resume_point(cfg, run_dir: Path, raw_model, optimizer, scaler, state: T
     path = find_resume_point(cfg, run_dir, info)
     if path is None:
         return None
-    saved = checkpoint.read(path)
-    mismatched = [f"{f}={saved['meta']['config'][f]} (checkpoint) vs {getattr(cfg, f)} (config)"
-                  for f in MODEL_FIELDS if saved["meta"]["config"].get(f) != getattr(cfg, f)]  # fmt: skip
+    saved = checkpoint.read_meta(path)["config"]
+    mismatched = [f"{f}={saved[f]} (checkpoint) vs {getattr(cfg, f)} (config)"
+                  for f in MODEL_FIELDS if saved.get(f) != getattr(cfg, f)]  # fmt: skip
     if mismatched:
         raise ValueError(f"Checkpoint {path} is for another model shape: {', '.join(mismatched)}.")
     loaded = training_state(raw_model, optimizer)
     checkpoint.load_state(path, loaded, info)
     tied = {k: loaded["model"][v] for k, v in TIED_WEIGHTS.items()}
     set_state_dict(raw_model, optimizer, model_state_dict=loaded["model"] | tied, optim_state_dict=loaded["optimizer"])
-    trainer = saved["trainer"]
+    trainer = checkpoint.read_trainer(path)
     scaler.load_state_dict(trainer["scaler"])
     state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
     rngs = trainer["rng"]

@@ -50,15 +50,17 @@ def parse(argv):
     return args
 
 
-def load_model(args) -> tuple[GPT, str, int]:
-    """(model, label, default eval tokens)."""
+def load_model(args) -> tuple[GPT, str, int, Path | None]:
+    """(model, label, default eval tokens, default result file)."""
     if args.hf:
-        return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS
-    if Path(args.ckpt).is_file():  # a file from launch/export.py
-        return checkpoint.load_model(args.ckpt), args.ckpt, DEFAULT_EVAL_TOKENS
-    path = checkpoint.resolve_path(args.ckpt)
-    meta = json.loads((path / checkpoint.META_NAME).read_text())
-    return checkpoint.load_model(path), str(path), meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
+        return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS, None
+    ckpt = Path(args.ckpt)
+    if ckpt.is_file():  # a file from launch/export.py
+        result_file = ckpt.with_name(f"{ckpt.stem}.eval_{args.split}.json")
+        return checkpoint.load_model(ckpt), args.ckpt, DEFAULT_EVAL_TOKENS, result_file
+    path = checkpoint.resolve_path(ckpt)  # checked once here
+    eval_tokens = checkpoint.read_meta(path)["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
+    return checkpoint.model_from(path), str(path), eval_tokens, path / f"eval_{args.split}.json"
 
 
 def check_vocab(model: GPT, data_dir: str) -> None:
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     try:
         args = parse(argv)
         with D.distributed_context(args.device) as info:
-            model, label, default_tokens = load_model(args)
+            model, label, default_tokens, result_file = load_model(args)
             model.to(info.device)
             dtype = torch.bfloat16 if info.device_type == "cuda" else torch.float32
             autocast = torch.autocast(info.device_type, dtype=dtype, enabled=dtype != torch.float32)
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
             if args.hellaswag:
                 result["hellaswag"] = evaluate.hellaswag(model, evaluate.read_hellaswag(args.hellaswag), info)
             if info.is_main:
-                report(args, result)
+                report(args, result, args.out or result_file)
         return 0
     except (ValueError, DataError, ShardError, checkpoint.CheckpointError) as e:
         if info is None or info.is_main:
@@ -99,18 +101,13 @@ def main(argv=None) -> int:
         return 1
 
 
-def report(args, result: dict) -> None:
+def report(args, result: dict, out: str | Path | None) -> None:
     if "loss" in result:
         print(f"{result['model']}: {args.split} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
               f"over {result['num_tokens']:,} tokens")  # fmt: skip
     if "hellaswag" in result:
         h = result["hellaswag"]
         print(f"{result['model']}: HellaSwag acc {h['acc']:.4f}, acc_norm {h['acc_norm']:.4f} ({h['num_examples']})")
-    out = args.out
-    if not out and args.ckpt:
-        ckpt = Path(args.ckpt)
-        out = ckpt.with_name(f"{ckpt.stem}.eval_{args.split}.json") if ckpt.is_file() else None
-        out = out or checkpoint.resolve_path(ckpt) / f"eval_{args.split}.json"
     if out:
         write_json_atomic(out, result)
     if args.hf and "loss" in result:

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.pt or args.hf):
         p.error("give --pt FILE, --hf DIR or both")
     try:
-        path = checkpoint.check(checkpoint.resolve_path(args.ckpt))
-        meta = checkpoint.read(path)["meta"]
-        model = checkpoint.load_model(path)
+        path = checkpoint.resolve_path(args.ckpt)
+        meta = checkpoint.read_meta(path)
+        model = checkpoint.model_from(path)
     except checkpoint.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
