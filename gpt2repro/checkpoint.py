@@ -114,7 +114,8 @@ def _describe(error: BaseException, final: Path, run_dir: Path) -> str:
     """One line for a failed save; a full disk is named as such (torch and DCP wrap the OSError)."""
     os_error = _find_os_error(error)
     if os_error is None:
-        return f"Could not write checkpoint {final}: {type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"Could not write checkpoint {final}: {type(error).__name__}: {first_line}"
     previous = latest_valid(run_dir, report=None)
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     return f"Could not write checkpoint {final} ({os_error.strerror or os_error}); {kept}."
@@ -250,10 +251,10 @@ def load_model(path_or_run: str | os.PathLike):
 
 def model_from(path: Path):
     """The GPT of a checkpoint directory that resolve_path has already checked (no second hashing)."""
-    from gpt2repro.model import GPT, TIED_WEIGHTS, GPTConfig
+    from gpt2repro.model import GPT, GPTConfig, with_tied, without_tied
 
     model = GPT(GPTConfig(**read_meta(path)["model"]))
-    weights = {k: v for k, v in model.state_dict().items() if k not in TIED_WEIGHTS}
+    weights = without_tied(model.state_dict())
     load_state(path, {"model": weights})
-    model.load_state_dict(weights | {k: weights[v] for k, v in TIED_WEIGHTS.items()})
+    model.load_state_dict(with_tied(weights))
     return model.eval()

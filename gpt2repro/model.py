@@ -26,6 +26,16 @@ EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
 TIED_WEIGHTS = {"lm_head.weight": "transformer.wte.weight"}
 
 
+def without_tied(state: dict) -> dict:
+    """A state dict with each tied weight once (what a checkpoint stores)."""
+    return {k: v for k, v in state.items() if k not in TIED_WEIGHTS}
+
+
+def with_tied(state: dict) -> dict:
+    """without_tied's inverse: the aliases load_state_dict expects, pointing at the same tensors."""
+    return state | {alias: state[name] for alias, name in TIED_WEIGHTS.items()}
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 50257

@@ -28,7 +28,7 @@ from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.memory import GiB
 from gpt2repro.metrics import MetricsLog, WandbSink, format_line, mfu, peak_flops
-from gpt2repro.model import GPT, TIED_WEIGHTS, GPTConfig
+from gpt2repro.model import GPT, GPTConfig, with_tied, without_tied
 from gpt2repro.parallel import PTDTYPE
 from gpt2repro.shards import write_json_atomic
 
@@ -309,7 +309,7 @@ def training_state(raw_model, optimizer) -> dict:
     """Model and AdamW state as DCP saves and loads it: whole tensors (DDP) or this rank's shards (FSDP),
     keyed by parameter name; the tied output weight once."""
     model_state, optimizer_state = get_state_dict(raw_model, optimizer)
-    return {"model": {k: v for k, v in model_state.items() if k not in TIED_WEIGHTS}, "optimizer": optimizer_state}
+    return {"model": without_tied(model_state), "optimizer": optimizer_state}
 
 
 def save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state: TrainState, info: D.DistInfo) -> Path:
@@ -365,8 +365,9 @@ def load_resume_point(cfg, run_dir: Path, raw_model, optimizer, scaler, state: T
         raise ValueError(f"Checkpoint {path} is for another model shape: {', '.join(mismatched)}.")
     loaded = training_state(raw_model, optimizer)
     checkpoint.load_state(path, loaded, info)
-    tied = {k: loaded["model"][v] for k, v in TIED_WEIGHTS.items()}
-    set_state_dict(raw_model, optimizer, model_state_dict=loaded["model"] | tied, optim_state_dict=loaded["optimizer"])
+    set_state_dict(
+        raw_model, optimizer, model_state_dict=with_tied(loaded["model"]), optim_state_dict=loaded["optimizer"]
+    )
     trainer = checkpoint.read_trainer(path)
     scaler.load_state_dict(trainer["scaler"])
     state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
