@@ -12,9 +12,7 @@ model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads.
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -23,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 from gpt2repro import checkpoint  # noqa: E402
+from gpt2repro.shards import atomic_file  # noqa: E402
 
 
 def write_single_file(model, meta: dict, out: Path) -> None:
@@ -34,16 +33,8 @@ def write_single_file(model, meta: dict, out: Path) -> None:
         "step": meta["step"],
         "tokens": meta["tokens"],
     }
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, "wb") as f:
+        torch.save(blob, f)
 
 
 def main(argv: list[str] | None = None) -> int:
