@@ -10,12 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E402
 
+from benchmarks.train_throughput import RandomTokens  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro import memory, parallel  # noqa: E402
 from gpt2repro.config import resolve  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
 from gpt2repro.train import make_optimizer, make_scaler, model_config, train_step  # noqa: E402
-from tests.unit.test_memory import SMALL, RandomTokens  # noqa: E402
+from tests.unit.test_memory import SMALL  # noqa: E402
 
 
 def measure(checkpointing: bool, info: D.DistInfo) -> dict:
@@ -27,12 +28,11 @@ def measure(checkpointing: bool, info: D.DistInfo) -> dict:
     model.activation_checkpointing = checkpointing
     parallel.shard(model, "float32")
     optimizer, scaler = make_optimizer(model, cfg), make_scaler("float32", "cpu")
+    loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, "cpu")
     tracker = FSDPMemTracker(model, optimizer)
     with tracker:
         for step in range(2):  # the second step, when AdamW's state exists
-            train_step(
-                step, model, model, optimizer, scaler, RandomTokens(cfg), cfg, torch.autocast("cpu", enabled=False)
-            )
+            train_step(step, model, model, optimizer, scaler, loader, cfg, torch.autocast("cpu", enabled=False))
             if step == 0:
                 tracker.reset_mod_stats()
     plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=2,

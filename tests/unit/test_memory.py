@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from benchmarks.train_throughput import RandomTokens
 from gpt2repro import memory
 from gpt2repro.config import PRESETS, TrainConfig, resolve
 from gpt2repro.model import GPT
@@ -20,20 +21,6 @@ SMALL = TrainConfig(n_layer=6, n_head=4, n_embd=256, block_size=256, batch_size=
 SMALL_BF16 = SMALL.replace(vocab_size=512, n_layer=4, n_embd=128)
 
 
-class RandomTokens:
-    """Batches of random token ids (the memory of a step does not depend on which tokens)."""
-
-    device = "cpu"
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-
-    def batch(self, step: int, micro: int):
-        g = torch.Generator().manual_seed(step * 100 + micro)
-        rows = torch.randint(0, self.cfg.vocab_size, (self.cfg.batch_size, self.cfg.block_size + 1), generator=g)
-        return rows[:, :-1], rows[:, 1:]
-
-
 @functools.cache  # each configuration is measured once for the tests below
 def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     """Peak bytes of live tensors over a real train_step (the second, when AdamW state exists)."""
@@ -41,7 +28,7 @@ def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     model = GPT(model_config(cfg))
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer, scaler = make_optimizer(model, cfg), make_scaler(dtype, "cpu")
-    loader = RandomTokens(cfg)
+    loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, "cpu")
     autocast = torch.autocast("cpu", dtype=PTDTYPE[dtype], enabled=dtype != "float32")
     tracker = MemTracker()  # torch's own accounting of every tensor's storage, by device
     tracker.track_external(model, optimizer)
