@@ -110,7 +110,7 @@ def benchmark(cfg, args, info: D.DistInfo) -> None:
     seconds = (time.perf_counter() - t0) / args.steps
     tokens_per_s = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * info.world_size / seconds
     per_gpu = tokens_per_s / info.world_size
-    util = mfu(raw.flops_per_token(cfg.block_size), per_gpu, peak_flops(device, args.peak_tflops))
+    util = mfu(raw.flops_per_token(cfg.block_size), per_gpu, peak_flops(device, args.peak_tflops, dtype))
     if info.device_type == "cuda":
         peak = D.all_reduce_max(torch.tensor(float(torch.cuda.max_memory_allocated()), device=device), info)
         memory = f"peak GPU memory {peak.item() / GiB:.2f} GiB (planner: {plan.total / GiB:.2f} GiB)"

@@ -210,13 +210,18 @@ def check(path: Path) -> Path:
     return Path(path)
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; never delete the newest one."""
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(Path(path).name).group(1))
+
+
+def prune(run_dir: Path, keep: int, keep_also: Path | None = None) -> None:
+    """Keep the newest `keep` complete checkpoints and keep_also; never delete the newest one."""
     # Complete = renamed into place with its meta.json; hashing every one at each save would cost
     # minutes for the big models, so full integrity checks are left to resume.
     intact = [p for p in list_steps(run_dir) if (p / META_NAME).is_file()]
     for path in intact[: max(0, len(intact) - max(1, keep))]:
-        shutil.rmtree(path, ignore_errors=True)
+        if path != keep_also:
+            shutil.rmtree(path, ignore_errors=True)
     for stale in checkpoint_dir(run_dir).glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)
 

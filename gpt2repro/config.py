@@ -26,7 +26,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     # batch: batch_size is the per-rank micro-batch; total_batch_tokens (when > 0) derives
-    # grad_accum_steps = total_batch_tokens / (batch_size * block_size * world_size)
+    # grad_accum_steps = total_batch_tokens / (batch_size * block_size * world_size); see resolve_batch
     batch_size: int = 12
     grad_accum_steps: int = 1
     total_batch_tokens: int = 0
@@ -82,9 +82,10 @@ RESUMABLE_CHANGES = {
     "max_nonfinite_steps", "device", "collective_timeout_s", "strategy", "activation_checkpointing", "gpu_memory_gb",
 }  # fmt: skip
 
-# GPT-2 on OpenWebText as nanoGPT's train_gpt2 config: ~0.5M tokens per step
-# (12 x 1024 x 40 accumulation across 8 GPUs), 600k steps, 2000 warmup.
-_GPT2_124M = TrainConfig(batch_size=12, total_batch_tokens=491_520)
+# GPT-2 on OpenWebText as nanoGPT's train_gpt2 config (600k steps, 2000 warmup, lr 6e-4) with
+# GPT-3's 0.5M-token batch: 2**19 = 512 sequences of 1024, which 1 to 512 ranks (any power of
+# two) split evenly; other world sizes get the nearest global batch they can split (resolve_batch).
+_GPT2_124M = TrainConfig(batch_size=16, total_batch_tokens=2**19)
 PRESETS: dict[str, TrainConfig] = {
     "gpt2-124m": _GPT2_124M,
     # GPT-3 paper, table 2.1: learning rates for the comparable sizes.
@@ -147,7 +148,27 @@ def _unknown_field_message(name: str) -> str:
     return f"unknown field --{name}{hint}"
 
 
+# Keys a run's own config.json holds besides the fields: it can be passed back as --config.
+RUN_KEYS = ("world_size", "data")
+
+
+def _json_value(name: str, value):
+    """A config file's value for field `name`, type-checked (ints may be written as 5e3 or 5000.0)."""
+    kind = FIELD_TYPES[name]
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    if kind == "float" and not isinstance(value, bool) and isinstance(value, (int, float)):
+        return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    expected = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[kind]
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def load_base(name_or_file: str) -> TrainConfig:
+    """A preset, or a JSON file of fields (a run's own config.json works too)."""
     if name_or_file in PRESETS:
         return PRESETS[name_or_file]
     path = Path(name_or_file)
@@ -159,15 +180,29 @@ def load_base(name_or_file: str) -> TrainConfig:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--config file {path} is not valid JSON: {e}.") from None
-    unknown = [_unknown_field_message(k) for k in values if k not in FIELD_TYPES and k != "world_size"]
-    if unknown:
-        raise ValueError(f"Invalid config file {path}: " + "; ".join(unknown) + ".")
-    values.pop("world_size", None)
-    return TrainConfig(**values)
+    if not isinstance(values, dict):
+        raise ValueError(f'--config file {path} must hold one JSON object of fields, e.g. {{"lr": 3e-4}}.')
+    problems, fields_ = [], {}
+    for key, value in values.items():
+        if key in RUN_KEYS:
+            continue
+        if key not in FIELD_TYPES:
+            problems.append(_unknown_field_message(key))
+            continue
+        try:
+            fields_[key] = _json_value(key, value)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError(f"Invalid config file {path}: " + "; ".join(problems) + ".")
+    return TrainConfig(**fields_)
 
 
-def parse_overrides(base: TrainConfig, args: list[str]) -> TrainConfig:
-    """Apply `--field value` / `--field=value` pairs; collect every problem into one ValueError."""
+def parse_overrides(base: TrainConfig, args: list[str]) -> tuple[TrainConfig, frozenset[str]]:
+    """Apply `--field value` / `--field=value` pairs; collect every problem into one ValueError.
+
+    Returns the config and the names of the fields given: those beat what a preset derives.
+    """
     changes, problems = {}, []
     i = 0
     while i < len(args):
@@ -194,12 +229,91 @@ def parse_overrides(base: TrainConfig, args: list[str]) -> TrainConfig:
             problems.append(str(e))
     if problems:
         raise ValueError("Invalid arguments: " + "; ".join(problems) + ".")
-    return base.replace(**changes)
+    return base.replace(**changes), frozenset(changes)
 
 
-def resolve(cfg: TrainConfig, world_size: int) -> TrainConfig:
-    """Derive grad_accum_steps from total_batch_tokens and check everything; one ValueError lists all problems."""
+def _divisors(n: int, at_most: int) -> list[int]:
+    return [d for d in range(1, min(n, at_most) + 1) if n % d == 0]
+
+
+def resolve_batch(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> TrainConfig:
+    """Settle batch_size x grad_accum_steps x world_size x block_size = total_batch_tokens.
+
+    Fields in `given` (typed on the command line) are kept as they are; the others, coming
+    from a preset or a config file, bend to fit this world size: the micro-batch shrinks to
+    one that divides each rank's share, and a preset's total becomes the nearest one the
+    ranks can split. A ValueError says what cannot fit and which values would.
+    """
+    b, t, w = cfg.batch_size, cfg.block_size, world_size
+    if min(b, t, w, cfg.grad_accum_steps) < 1:
+        return cfg  # reported by resolve
+    if "grad_accum_steps" in given:
+        total = b * t * w * cfg.grad_accum_steps
+        if "total_batch_tokens" in given and cfg.total_batch_tokens not in (0, total):
+            raise ValueError(
+                f"--grad_accum_steps {cfg.grad_accum_steps} and --total_batch_tokens {cfg.total_batch_tokens} "
+                f"disagree: {b} x {t} x {w} ranks x {cfg.grad_accum_steps} = {total} tokens; give only one of them"
+            )
+        return cfg.replace(total_batch_tokens=total)
+    if cfg.total_batch_tokens <= 0:
+        return cfg.replace(total_batch_tokens=b * t * w * cfg.grad_accum_steps)
+    if "total_batch_tokens" in given:  # exactly what was asked, or an error naming what would work
+        sequences, rest = divmod(cfg.total_batch_tokens, t * w)
+        if rest or sequences == 0:
+            nearest = max(1, round(cfg.total_batch_tokens / (t * w))) * t * w
+            raise ValueError(
+                f"total_batch_tokens {cfg.total_batch_tokens} is not divisible by block_size x world_size = "
+                f"{t} x {w} = {t * w}; use a multiple of it, e.g. {nearest}"
+            )
+        if "batch_size" not in given:
+            b = _divisors(sequences, b)[-1]
+        elif sequences % b:
+            raise ValueError(
+                f"total_batch_tokens {cfg.total_batch_tokens} is not divisible by batch_size x block_size x world_size "
+                f"= {b} x {t} x {w} = {b * t * w}; batch sizes that divide it: {_divisors(sequences, 4 * b)}"
+            )
+        return cfg.replace(batch_size=b, grad_accum_steps=sequences // b)
+    # A preset's total: the largest micro-batch whose nearest evenly split global batch is within
+    # 10% of it (throughput wants big micro-batches), else the micro-batch that comes closest.
+    sequences = cfg.total_batch_tokens / t
+
+    def split(m: int) -> tuple[int, float]:
+        accum = max(1, round(sequences / (m * w)))
+        return accum, abs(m * w * accum - sequences) / sequences
+
+    options = [b] if "batch_size" in given else range(b, 0, -1)
+    best = next((m for m in options if split(m)[1] <= 0.1), None) or min(options, key=lambda m: split(m)[1])
+    accum = split(best)[0]
+    return cfg.replace(batch_size=best, grad_accum_steps=accum, total_batch_tokens=best * t * w * accum)
+
+
+def describe_batch(asked: TrainConfig, cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> str:
+    """One line: the global batch and, where it differs from what was asked, what was derived from what."""
+    line = (
+        f"batch: {cfg.total_batch_tokens:,} tokens per step = {cfg.batch_size} sequences x {cfg.block_size} tokens "
+        f"x {world_size} rank(s) x {cfg.grad_accum_steps} accumulation steps"
+    )
+    notes = []
+    if cfg.batch_size != asked.batch_size:
+        notes.append(f"batch_size {asked.batch_size} -> {cfg.batch_size} to split the step evenly")
+    if "grad_accum_steps" in given:
+        if asked.total_batch_tokens not in (0, cfg.total_batch_tokens):
+            notes.append(f"--grad_accum_steps given, so total_batch_tokens {asked.total_batch_tokens:,} is not used")
+    elif asked.total_batch_tokens:
+        if cfg.total_batch_tokens != asked.total_batch_tokens:
+            notes.append(f"total_batch_tokens {asked.total_batch_tokens:,} -> {cfg.total_batch_tokens:,}, the "
+                         f"nearest that {world_size} rank(s) split evenly")  # fmt: skip
+        notes.append("grad_accum_steps derived from total_batch_tokens")
+    return line + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> TrainConfig:
+    """Derive the batch (resolve_batch) and check everything; one ValueError lists all problems."""
     problems = []
+    try:
+        cfg = resolve_batch(cfg, world_size, given)
+    except ValueError as e:
+        problems.append(str(e))
     positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "grad_accum_steps",
                 "max_steps", "eval_interval", "log_interval", "ckpt_interval", "keep_ckpts")  # fmt: skip
     problems += [f"{name} must be at least 1, got {getattr(cfg, name)}" for name in positive if getattr(cfg, name) < 1]
@@ -207,15 +321,6 @@ def resolve(cfg: TrainConfig, world_size: int) -> TrainConfig:
         problems.append(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     if cfg.vocab_size > 65536:
         problems.append(f"vocab_size {cfg.vocab_size} does not fit the uint16 token shards (at most 65536)")
-    per_step = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_tokens > 0 and per_step > 0:
-        if cfg.total_batch_tokens % per_step:
-            problems.append(
-                f"total_batch_tokens {cfg.total_batch_tokens} is not divisible by batch_size x block_size x "
-                f"world_size = {cfg.batch_size} x {cfg.block_size} x {world_size} = {per_step}"
-            )
-        else:
-            cfg = cfg.replace(grad_accum_steps=cfg.total_batch_tokens // per_step)
     choices = {
         "dtype": ("auto", "float32", "bfloat16", "float16"),
         "compile": ("auto", "true", "false"),

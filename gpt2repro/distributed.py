@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,6 +47,12 @@ def _pick_device(requested: str, local_rank: int) -> str:
     return f"cuda:{local_rank}"
 
 
+def backend_timeout_s(timeout_s: float) -> float:
+    """The process group's own timeout: a little past collective_timeout_s, so that the trainer's
+    Watchdog (which prints one clear line) fires before NCCL's watchdog aborts the process."""
+    return timeout_s * 1.1 + 10
+
+
 def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Set up this process: pick its device and, under torchrun, join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -54,12 +63,13 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.startswith("cuda") else "gloo"
-        # A hung NCCL collective then raises after `timeout` and the process exits, so that
-        # torchrun or Slurm can restart the job instead of it burning the allocation.
+        # A hung NCCL collective then tears the process down after `timeout`, so that torchrun or
+        # Slurm can restart the job instead of it burning the allocation (the Watchdog below
+        # normally ends it a little earlier, with a readable message).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=backend_timeout_s(timeout_s)),
             device_id=torch.device(chosen) if backend == "nccl" else None,
         )
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
@@ -154,7 +164,98 @@ def hang_message(error: BaseException, timeout_s: float) -> str | None:
     if not isinstance(error, RuntimeError) or not timed_out:
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return _hang_sentence(timeout_s, f" ({first})")
+
+
+def _hang_sentence(timeout_s: float, detail: str = "") -> str:
     return (
-        f"a collective did not complete within collective_timeout_s={timeout_s:g} s, so a rank is hung or dead "
-        f"({first}); restart the job (torchrun --max-restarts or Slurm requeue) to resume from the last checkpoint."
+        f"a collective did not complete within collective_timeout_s={timeout_s:g} s, so a rank is hung or dead"
+        f"{detail}; restart the job (torchrun --max-restarts or Slurm requeue) to resume from the last checkpoint."
     )
+
+
+# What gloo (and NCCL, once torchrun tears a group down) say when the rank at the other end is gone.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "NCCL communicator was aborted", "ProcessGroup abort", "has been destroyed")  # fmt: skip
+
+
+def failure_message(error: BaseException, timeout_s: float) -> str | None:
+    """One line for a distributed failure this rank did not cause (a hang, a lost peer), else None."""
+    if message := hang_message(error, timeout_s):
+        return message
+    text = str(error)
+    if isinstance(error, (RuntimeError, ConnectionError)) and any(s in text for s in _PEER_GONE):
+        first = text.strip().splitlines()[0]
+        return f"lost contact with another rank, which failed or was killed ({first}); its own error is above."
+    return None
+
+
+def print_error(message: object, info: DistInfo | None) -> None:
+    """`error: ...` on stderr, from whichever rank failed: prefixed with the rank under torchrun."""
+    rank = info.rank if info is not None else int(os.environ.get("RANK", "0"))
+    world_size = info.world_size if info is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"rank {rank}: " if world_size > 1 else ""
+    print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
+
+
+class Watchdog:
+    """Ends this process with one clear line when the training loop makes no progress for
+    timeout_s (armed by the first beat, so start-up and the first compile are not timed).
+
+    NCCL's own watchdog would abort the process with a C++ exception and a page of log
+    instead; the process group's timeout is set a little longer (backend_timeout_s), so this
+    one speaks first. A blocked collective or GPU sync releases the GIL, so this thread runs.
+    """
+
+    def __init__(self, timeout_s: float, info: DistInfo):
+        self.timeout_s, self.info = timeout_s, info
+        self._last = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gpt2repro-watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        if self.info.is_distributed:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopped.set()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(1.0, self.timeout_s / 10)):
+            if self._last is not None and time.monotonic() - self._last > self.timeout_s:
+                print_error(_hang_sentence(self.timeout_s), self.info)
+                os._exit(1)
+
+
+class StopVote:
+    """Agree on a stop request (a signal that reached some ranks) at the same step on every
+    rank, checked every step without a GPU sync: each rank's request is MAX-reduced on the
+    CPU (gloo) while the next step runs, and read one step later."""
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+        self.group = dist.new_group(backend="gloo") if info.is_distributed else None
+        self._pending = None
+
+    def poll(self, request: int) -> int:
+        """Called by every rank once per step: the largest request of all ranks at the previous call (0 at first)."""
+        if not self.info.is_distributed:
+            return request
+        agreed = 0
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = int(flag)
+        flag = torch.tensor([request], dtype=torch.int64)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the last request in flight, so that no rank leaves with a collective half done."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None

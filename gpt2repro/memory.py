@@ -139,3 +139,18 @@ def format_plan(plan: MemoryPlan, gpu_memory_bytes: float) -> str:
     else:
         lines.append("verdict     not checked: no GPU here; pass --gpu_memory_gb (e.g. 40 or 80)")
     return "\n".join(lines)
+
+
+def out_of_memory_message(error: BaseException) -> str | None:
+    """One line for a failed allocation (CUDA out of memory, or the host's), else None."""
+    text = str(error)
+    on_gpu = type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text
+    on_host = "can't allocate memory" in text or isinstance(error, MemoryError)
+    if not (on_gpu or on_host):
+        return None
+    where = "GPU" if on_gpu else "host"
+    return (
+        f"out of {where} memory ({text.strip().splitlines()[0] if text.strip() else type(error).__name__}); "
+        "see what fits with --dry_run true (the memory planner), then lower --batch_size (accumulation keeps "
+        "the global batch) or add --activation_checkpointing true."
+    )

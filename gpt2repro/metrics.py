@@ -12,32 +12,33 @@ import torch
 
 from gpt2repro.shards import atomic_file, write_json_atomic
 
-# Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), matched against the
-# device name; the more specific names come first.
+# Dense peaks in TFLOP/s (no sparsity), matched against the device name, the more specific
+# names first: (bf16/fp16 tensor cores, float32 as training runs it: TF32 tensor cores where
+# the card has them, which fit() enables, else plain fp32).
 GPU_PEAK_TFLOPS = (
-    ("B200", 2250.0),
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10", 125.0),
-    ("L4", 121.0),
-    ("4090", 165.0),
-    ("V100", 125.0),
+    ("B200", 2250.0, 1100.0),
+    ("H200", 989.0, 494.0),
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.0, 494.0),
+    ("A100", 312.0, 156.0),
+    ("L40S", 362.0, 181.0),
+    ("A10", 125.0, 62.5),
+    ("L4", 121.0, 60.0),
+    ("4090", 165.0, 82.6),
+    ("V100", 125.0, 15.7),
 )
 
 
-def peak_flops(device: str, stated_tflops: float = 0.0) -> float | None:
-    """The accelerator's peak in FLOP/s: the stated one, else from the table; None if unknown."""
+def peak_flops(device: str, stated_tflops: float = 0.0, dtype: str = "bfloat16") -> float | None:
+    """The accelerator's peak in FLOP/s for dtype: the stated one, else from the table; None if unknown."""
     if stated_tflops > 0:
         return stated_tflops * 1e12
     if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(torch.device(device))
-    for key, tflops in GPU_PEAK_TFLOPS:
+    for key, half, single in GPU_PEAK_TFLOPS:
         if key in name:
-            return tflops * 1e12
+            return (single if dtype == "float32" else half) * 1e12
     return None
 
 
@@ -68,7 +69,9 @@ class MetricsLog:
             f.write("".join(kept))
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        # NaN and Infinity are not JSON: strict readers reject them. A non-finite value is null.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

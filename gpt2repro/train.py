@@ -60,7 +60,8 @@ class TrainState:
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a
-    clean exit at the next log step; a second signal exits at once."""
+    clean exit after the next optimizer step (all ranks agree through D.StopVote); a second
+    signal exits at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -89,11 +90,19 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+class UnitScaler(torch.amp.GradScaler):
+    """bfloat16/float32 need no loss scaling: the scale stays 1.0 (multiplying by it is exact),
+    and the scaler still skips non-finite steps. A skipped step does not halve it."""
+
+    def __init__(self, device_type: str):
+        super().__init__(device_type, init_scale=1.0, growth_interval=2**30)
+
+    def update(self, new_scale=None) -> None:
+        super().update(1.0)  # on the device, no host sync
+
+
 def make_scaler(dtype: str, device_type: str) -> torch.amp.GradScaler:
-    if dtype == "float16":
-        return torch.amp.GradScaler(device_type)
-    # Scale 1.0 that never grows: multiplying by it is exact, and it still skips non-finite steps.
-    return torch.amp.GradScaler(device_type, init_scale=1.0, growth_interval=2**30)
+    return torch.amp.GradScaler(device_type) if dtype == "float16" else UnitScaler(device_type)
 
 
 def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast):
@@ -197,7 +206,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
 
     tokens_per_step = spec.global_windows * cfg.block_size
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
-    peak = peak_flops(info.device, cfg.peak_tflops)
+    peak = peak_flops(info.device, cfg.peak_tflops, dtype)
     log = sink = started = None
     if info.is_main:
         if warning := D.check_restart_store():
@@ -217,28 +226,27 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
             print(f"warning: the memory planner estimates {plan.total / GiB:.1f} GiB per GPU, more than fits in "
                   f"{gpu_bytes / GiB:.1f} GiB; see --dry_run true for the breakdown", flush=True)  # fmt: skip
 
-    last_good = resumed_from
     consecutive_bad = torch.zeros((), dtype=torch.long, device=info.device)
     skipped = torch.full((), state.skipped_steps, dtype=torch.long, device=info.device)
     t_last, step_last = time.time(), state.step
+    vote = D.StopVote(info)
     try:
-        with StopSignals() as signals:
+        with StopSignals() as signals, D.Watchdog(cfg.collective_timeout_s, info) as watchdog:
             while state.step < cfg.max_steps:
                 loss, grad_norm = train_step(state.step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
                 # Mean over ranks every step (queued on the device, no host sync), so that every
                 # rank sees the same loss and takes the same non-finite decisions.
                 loss = D.all_reduce_mean(loss, info)
-                finite_loss = torch.isfinite(loss)
-                consecutive_bad = torch.where(finite_loss, 0, consecutive_bad + 1)
+                consecutive_bad = torch.where(torch.isfinite(loss), 0, consecutive_bad + 1)
                 skipped += (~torch.isfinite(grad_norm)).long()
                 state.step += 1
                 state.tokens += tokens_per_step
                 done = state.step == cfg.max_steps
-                record, stop = None, 0
+                # A signal may reach some ranks only: all of them stop at the same step, the next one.
+                stop = vote.poll(signals.received)
+                record = None
                 if state.step % cfg.log_interval == 0 or done:
                     loss_mean = loss.item()  # host sync: only at log steps
-                    # A signal may reach some ranks only: all of them stop at the same step.
-                    stop = int(D.all_reduce_max(torch.tensor(signals.received, device=info.device), info))
                     now = time.time()
                     tok_s = tokens_per_step * (state.step - step_last) / max(now - t_last, 1e-9)
                     eta = (cfg.max_steps - state.step) * (now - t_last) / max(1, state.step - step_last)
@@ -251,12 +259,11 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                         "elapsed_s": None, "skipped_steps": state.skipped_steps,
                     }  # fmt: skip
                     if int(consecutive_bad) >= cfg.max_nonfinite_steps:
-                        where = (
-                            f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                        )
+                        good = last_good(run_dir, state.step, int(consecutive_bad), resumed_from)
+                        where = f"the last good checkpoint is {good}" if good else "no good checkpoint was written"
                         raise TrainingError(
                             f"{int(consecutive_bad)} consecutive steps had a non-finite loss (step {state.step}); "
-                            f"{where}. Lower --lr or check the data, then resume from it."
+                            f"{where}. Lower --lr or check the data, then resume from it (--resume PATH)."
                         )
                     record["eta_s"] = eta
                 if state.step % cfg.eval_interval == 0 or done:
@@ -270,13 +277,16 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                 if record is not None and info.is_main:
                     emit(record, log, sink, cfg, started)
                 if state.step % cfg.ckpt_interval == 0 or done or stop:
-                    last_good = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info)
+                    saved = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info,
+                                            keep_also=last_good(run_dir, state.step, int(consecutive_bad), resumed_from))  # fmt: skip
+                watchdog.beat()
                 if stop and not done:
                     if info.is_main:
-                        print(f"stopping on {signal.Signals(stop).name} at step {state.step}: checkpoint {last_good} "
+                        print(f"stopping on {signal.Signals(stop).name} at step {state.step}: checkpoint {saved} "
                               "is written; rerun the same command to resume", flush=True)  # fmt: skip
                     state.preempted = True
                     break
+            vote.close()
     finally:
         if log is not None:
             log.close()
@@ -312,8 +322,19 @@ def training_state(raw_model, optimizer) -> dict:
     return {"model": without_tied(model_state), "optimizer": optimizer_state}
 
 
-def save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state: TrainState, info: D.DistInfo) -> Path:
-    """Every rank writes its part of the model and optimizer state (sharded under FSDP) at once."""
+def last_good(run_dir: Path, step: int, consecutive_bad: int, resumed_from: Path | None = None) -> Path | None:
+    """The newest checkpoint whose weights still gave a finite loss: checkpoint j holds the weights
+    after update j, which the loss of step j + 1 measures; a streak of consecutive_bad non-finite
+    losses ending at `step` therefore began with the weights of step - consecutive_bad."""
+    candidates = checkpoint.list_steps(run_dir) + ([resumed_from] if resumed_from else [])
+    good = [p for p in candidates if checkpoint.step_of(p) < step - consecutive_bad]
+    return max(good, key=checkpoint.step_of) if good else None
+
+
+def save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state: TrainState, info: D.DistInfo,
+                    keep_also: Path | None = None) -> Path:  # fmt: skip
+    """Every rank writes its part of the model and optimizer state (sharded under FSDP) at once.
+    Retention keeps keep_also too (the last good checkpoint, while the newest are suspect)."""
     rng_states = D.gather_objects(rng_state(), info)  # collective: every rank takes part
     trainer = {
         "step": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
@@ -321,14 +342,15 @@ def save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state: TrainStat
     }  # fmt: skip
     meta = {
         "config": cfg.to_dict(), "model": dataclasses.asdict(raw_model.config),
-        "world_size": info.world_size, "strategy": parallel.strategy_of(raw_model), "tokens": state.tokens,
+        "dtype": resolve_dtype(cfg, info.device_type), "world_size": info.world_size,
+        "strategy": parallel.strategy_of(raw_model), "tokens": state.tokens,
     }  # fmt: skip
     try:
         path = checkpoint.save(run_dir, state.step, training_state(raw_model, optimizer), trainer, meta, info)
     except checkpoint.CheckpointError as e:
         raise TrainingError(str(e)) from None
     if info.is_main:
-        checkpoint.prune(run_dir, cfg.keep_ckpts)
+        checkpoint.prune(run_dir, cfg.keep_ckpts, keep_also)
     return path
 
 
@@ -374,4 +396,6 @@ def load_resume_point(cfg, run_dir: Path, raw_model, optimizer, scaler, state: T
     rngs = trainer["rng"]
     if len(rngs) == info.world_size:  # same world: every rank continues its own random stream
         set_rng_state(rngs[info.rank])
+    else:  # another world size: fresh streams, still one per rank (dropout masks must differ)
+        torch.manual_seed(cfg.seed + 1_000_003 * state.step + info.rank)
     return path

@@ -24,14 +24,14 @@ if __name__ == "__main__":  # before torch is imported: the re-exec would otherw
 from gpt2repro import config as C  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.checkpoint import CheckpointError  # noqa: E402
-from gpt2repro.memory import format_plan  # noqa: E402
+from gpt2repro.memory import format_plan, out_of_memory_message  # noqa: E402
 from gpt2repro.parallel import gpu_memory_bytes  # noqa: E402
 from gpt2repro.parallel import plan as parallel_plan  # noqa: E402
 from gpt2repro.shards import ShardError  # noqa: E402
 from gpt2repro.train import TrainingError, fit, model_config  # noqa: E402
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig]:
+def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset[str]]:
     fields = ", ".join(C.FIELD_TYPES)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"fields: {fields}; presets: {', '.join(C.PRESETS)}")  # fmt: skip
@@ -41,46 +41,48 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig]:
     p.add_argument("--world_size", type=int, default=0,
                    help="with --dry_run true: plan for this many GPUs (default: this launch's ranks)")  # fmt: skip
     args, rest = p.parse_known_args(argv)
-    cfg = C.parse_overrides(C.load_base(args.config), rest)
+    cfg, given = C.parse_overrides(C.load_base(args.config), rest)
     if not cfg.dry_run and not (args.data and args.out):
         p.error("--data and --out are required (except with --dry_run true)")
-    return args, cfg
+    return args, cfg, given
 
 
-def dry_run(cfg: C.TrainConfig, world_size: int, device: str) -> str:
-    """The memory plan of this configuration on world_size GPUs; nothing is allocated."""
-    cfg = C.resolve(cfg, world_size)
+def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device: str) -> str:
+    """The batch and memory plan of this configuration on world_size GPUs; nothing is allocated."""
+    cfg = C.resolve(asked, world_size, given)
     gpu_bytes = gpu_memory_bytes(cfg, device)
     dtype = cfg.dtype
     if dtype == "auto":  # as the run would pick it on a GPU
         dtype = "bfloat16" if gpu_bytes else "float32"
     plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes)
-    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * world_size
     strategy = f"strategy {cfg.strategy}" + (f" -> {plan.strategy}" if cfg.strategy == "auto" else "")
-    return f"dry run: {strategy}, {tokens:,} tokens per optimizer step, nothing trained\n{format_plan(plan, gpu_bytes)}"
+    batch = C.describe_batch(asked, cfg, world_size, given)
+    return f"dry run: {strategy} on {world_size} rank(s), nothing trained\n{batch}\n{format_plan(plan, gpu_bytes)}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    info = cfg = None
+    info = asked = None
     try:
-        args, cfg = parse(sys.argv[1:] if argv is None else argv)
-        with D.distributed_context(cfg.device, cfg.collective_timeout_s) as info:
-            if cfg.dry_run:
+        args, asked, given = parse(sys.argv[1:] if argv is None else argv)
+        with D.distributed_context(asked.device, asked.collective_timeout_s) as info:
+            if asked.dry_run:
                 if info.is_main:
-                    print(dry_run(cfg, args.world_size or info.world_size, info.device))
+                    print(dry_run(asked, given, args.world_size or info.world_size, info.device))
                 return 0
-            cfg = C.resolve(cfg, info.world_size)
+            cfg = C.resolve(asked, info.world_size, given)
+            if info.is_main:
+                print(C.describe_batch(asked, cfg, info.world_size, given), flush=True)
             fit(cfg, args.data, args.out, info)  # also returns early, after a checkpoint, on SIGTERM/SIGUSR1
         return 0
     except (ValueError, TrainingError, CheckpointError, ShardError) as e:
-        if info is None or info.is_main:
-            print(f"error: {e}", file=sys.stderr)
+        D.print_error(e, info)  # from every rank that fails, not only rank 0
         return 1
-    except RuntimeError as e:
-        message = D.hang_message(e, cfg.collective_timeout_s) if cfg else None
+    except (RuntimeError, MemoryError) as e:
+        timeout_s = asked.collective_timeout_s if asked else C.TrainConfig.collective_timeout_s
+        message = out_of_memory_message(e) or D.failure_message(e, timeout_s)
         if message is None:
             raise
-        print(f"error: rank {info.rank if info else '?'}: {message}", file=sys.stderr)
+        D.print_error(message, info)
         return 1
 
 

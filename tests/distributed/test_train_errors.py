@@ -56,15 +56,24 @@ def test_run_dir_of_another_run_is_not_overwritten(finished_run, shakespeare_dat
     assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
 
 
-def test_non_finite_loss_stops_naming_the_last_good_checkpoint(shakespeare_data, tmp_path):
-    out = tmp_path / "nan"
+def test_non_finite_loss_stops_naming_the_last_good_checkpoint(finished_run, shakespeare_data, tmp_path):
+    good = finished_run / "checkpoints" / "step_00000002"
+    out = tmp_path / "nan"  # from a good checkpoint, an lr that ruins the weights at the first update
     args = ["--max_steps", 30, "--lr", "1e38", "--min_lr", 0, "--warmup_steps", 0, "--ckpt_interval", 1,
-            "--max_nonfinite_steps", 3]  # fmt: skip
+            "--keep_ckpts", 1, "--max_nonfinite_steps", 3, "--resume", good]  # fmt: skip
     proc = run(train_cmd(shakespeare_data, out, *args), check=False)
-    assert_one_line_error(proc, "consecutive steps had a non-finite loss", "last good checkpoint is")
-    assert "step_000000" in proc.stderr
-    records = losses(out)
-    assert max(records) < 30, "training stopped early"
+    # Step 3's loss (the weights of step 2) is finite; update 3 makes steps 4-6 non-finite.
+    assert_one_line_error(proc, "3 consecutive steps had a non-finite loss (step 6)", f"last good checkpoint is {good}")
+    assert losses(out) == {3: pytest.approx(losses(out)[3]), 4: None, 5: None}  # non-finite: null, not NaN
+    assert (out / "metrics.jsonl").read_text().count("null") >= 2 and "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+def test_retention_never_deletes_the_last_good_checkpoint(shakespeare_data, tmp_path):
+    out = tmp_path / "retention"
+    run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--ckpt_interval", 1, "--keep_ckpts", 1))
+    steps = [p.name for p in (out / "checkpoints").iterdir()]
+    # Step 4's loss vouches for the weights of step 3, not (yet) for those of step 4: both are kept.
+    assert sorted(steps) == ["step_00000003", "step_00000004"]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,12 @@
+import contextlib
+import importlib.util
+import io
+import json
 import math
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,6 +14,8 @@ import pytest
 from gpt2repro import config as C
 from gpt2repro import shards
 from gpt2repro.data import BatchSpec, ShardLoader
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cosine_schedule_with_warmup():
@@ -23,27 +33,96 @@ def test_wsd_and_constant_schedules():
     assert C.lr_at(12345, const) == 0.3
 
 
-def test_gpt2_124m_preset_matches_nanogpt():
+def test_gpt2_124m_preset_is_nanogpt_with_gpt3_batch():
     cfg = C.resolve(C.PRESETS["gpt2-124m"], world_size=8)
-    assert (cfg.batch_size, cfg.block_size, cfg.grad_accum_steps) == (12, 1024, 5)
-    assert cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * 8 == 491_520
+    assert (cfg.batch_size, cfg.block_size, cfg.grad_accum_steps) == (16, 1024, 4)
+    assert cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * 8 == cfg.total_batch_tokens == 2**19
     assert (cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == (6e-4, 6e-5, 2000, 600_000)
     assert (cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip) == (0.1, 0.9, 0.95, 1.0)
-    assert C.resolve(C.PRESETS["gpt2-124m"], world_size=1).grad_accum_steps == 40
+    assert C.resolve(C.PRESETS["gpt2-124m"], world_size=1).grad_accum_steps == 32
+
+
+def _dry_run(*argv: str) -> str:
+    """launch/train.py --dry_run true, in this process (no data or GPU needed)."""
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert launch.main([*argv, "--dry_run", "true"]) == 0
+    return out.getvalue()
+
+
+BATCH_LINE = re.compile(r"batch: ([\d,]+) tokens per step = (\d+) sequences x (\d+) tokens x (\d+) rank\(s\) x (\d+)")
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"])
+def test_every_preset_runs_on_every_common_world_size(preset):
+    for world_size in (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64):  # 8 x N nodes up to 8 nodes
+        text = _dry_run("--config", preset, "--world_size", str(world_size), "--gpu_memory_gb", "80")
+        tokens, b, t, w, accum = (int(g.replace(",", "")) for g in BATCH_LINE.search(text).groups())
+        assert w == world_size and b * t * w * accum == tokens
+        assert b <= C.PRESETS[preset].batch_size  # a smaller micro-batch always fits where the preset's did
+        if world_size & (world_size - 1) == 0:  # powers of two split GPT-3's 0.5M tokens exactly
+            assert tokens == 2**19, (world_size, text)
+        else:
+            assert abs(tokens - 2**19) <= 0.1 * 2**19, (world_size, text)
+
+
+def test_readme_cluster_commands_pass_their_dry_runs():
+    # README: 4 nodes x 8 GPUs of gpt2-124m; train.sbatch's default: 2 nodes x 8 GPUs.
+    assert "524,288 tokens per step = 16 sequences" in _dry_run("--config", "gpt2-124m", "--world_size", "32")
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[01-02]"}
+    sbatch = [str(REPO / "launch" / "slurm" / "train.sbatch"), "--config", "gpt2-124m", "--data", "d", "--out", "o"]
+    nodes = subprocess.run(["bash", *sbatch], env=env, capture_output=True, text=True, check=True).stdout
+    assert nodes.count("torchrun --nnodes=2 --nproc_per_node=8") == 2
+    assert "16 sequences x 1024 tokens x 16 rank(s) x 2" in _dry_run("--config", "gpt2-124m", "--world_size", "16")
+
+
+def given_resolve(base: C.TrainConfig, world_size: int, *argv: str) -> C.TrainConfig:
+    cfg, given = C.parse_overrides(base, list(argv))
+    return C.resolve(cfg, world_size, given)
+
+
+def test_fields_typed_on_the_command_line_beat_what_the_preset_derives():
+    base = C.PRESETS["gpt2-124m"]
+    cfg, given = C.parse_overrides(base, ["--batch_size", "8", "--grad_accum_steps", "2"])
+    cfg = C.resolve(cfg, 8, given)
+    assert (cfg.batch_size, cfg.grad_accum_steps, cfg.total_batch_tokens) == (8, 2, 8 * 1024 * 8 * 2)
+    cfg, given = C.parse_overrides(base, ["--batch_size", "12"])  # the preset's total bends to it
+    assert C.resolve(cfg, 8, given).batch_size == 12
+    with pytest.raises(ValueError, match="disagree"):
+        given_resolve(base, 8, "--grad_accum_steps", "2", "--total_batch_tokens", "1000000")
+    with pytest.raises(ValueError, match=r"batch sizes that divide it: \[1, 2, 3, 5, 6, 10, 15, 30\]"):
+        given_resolve(base, 16, "--total_batch_tokens", "491520", "--batch_size", "16")
+    assert "grad_accum_steps given" in _dry_run("--config", "gpt2-124m", "--batch_size", "8", "--grad_accum_steps", "2")
 
 
 def test_overrides_parse_both_forms_and_types():
-    cfg = C.parse_overrides(C.PRESETS["gpt2-124m"], ["--lr=3e-4", "--max_steps", "5e3", "--bias", "false"])
+    cfg, given = C.parse_overrides(C.PRESETS["gpt2-124m"], ["--lr=3e-4", "--max_steps", "5e3", "--bias", "false"])
     assert (cfg.lr, cfg.max_steps, cfg.bias) == (3e-4, 5000, False)
+    assert given == {"lr", "max_steps", "bias"}
 
 
 def test_config_file(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text('{"n_layer": 2, "lr": 0.01}')
-    assert C.load_base(str(path)).n_layer == 2
+    path.write_text('{"n_layer": 2, "lr": 0.01, "max_steps": 5e3}')
+    assert (C.load_base(str(path)).n_layer, C.load_base(str(path)).max_steps) == (2, 5000)
     path.write_text('{"n_layers": 2}')
     with pytest.raises(ValueError, match="did you mean --n_layer"):
         C.load_base(str(path))
+    path.write_text('{"lr": "1e-3", "n_layer": 2.5, "bias": "yes"}')
+    with pytest.raises(ValueError, match="lr must be a number.*n_layer must be an integer.*bias must be true or false"):
+        C.load_base(str(path))
+
+
+def test_a_runs_own_config_json_is_a_valid_config(tmp_path):
+    cfg = C.resolve(C.PRESETS["gpt2-124m"], 16)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "world_size": 16, "data": "data/owt"}))
+    again = C.resolve(C.load_base(str(path)), 8)  # the same global batch on another world size
+    assert again.total_batch_tokens == cfg.total_batch_tokens and again.grad_accum_steps == 4
+    assert again.replace(grad_accum_steps=cfg.grad_accum_steps) == cfg
 
 
 def _loader(tmp_path, spec: BatchSpec) -> ShardLoader:
