@@ -277,8 +277,8 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                 if record is not None and info.is_main:
                     emit(record, log, sink, cfg, started)
                 if state.step % cfg.ckpt_interval == 0 or done or stop:
-                    saved = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info,
-                                            keep_also=last_good(run_dir, state.step, int(consecutive_bad), resumed_from))  # fmt: skip
+                    good = last_good(run_dir, state.step, int(consecutive_bad), resumed_from)
+                    saved = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info, keep_also=good)
                 watchdog.beat()
                 if stop and not done:
                     if info.is_main:
