@@ -15,8 +15,9 @@ import contextlib
 import warnings
 
 import torch
+from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2repro import memory
@@ -48,6 +49,68 @@ def plan(cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_b
     if cfg.strategy != "auto":
         return estimate(cfg.strategy)
     return estimate(memory.choose_strategy(estimate("ddp"), gpu_bytes))
+
+
+def build_model(config: GPTConfig, strategy: str, dtype: str, device: str, seed: int) -> GPT:
+    """The model laid out for `strategy` on `device`, with the weights GPT(config) gets after
+    torch.manual_seed(seed) on the CPU, whatever the layout.
+
+    ddp: built whole on the CPU, then moved. fsdp: built on the meta device (no memory),
+    sharded, and only then given memory: each rank holds just its shards (1558M: ~6 GB of fp32
+    weights per rank otherwise, 48 GB per 8-GPU node, before any sharding).
+    """
+    torch.manual_seed(seed)
+    if strategy != "fsdp":
+        return GPT(config).to(device)
+    with torch.device("meta"):
+        model = GPT(config)
+    shard(model, dtype)
+    model.to_empty(device=device)
+    _replay_init(model, seed)
+    return model
+
+
+def _replay_init(model: GPT, seed: int) -> None:
+    """Fill a sharded model with GPT(config)'s weights, one full parameter at a time on the CPU.
+
+    GPT.__init__ draws from the RNG twice per weight: the default init of each nn.Linear and
+    nn.Embedding as it is constructed (then overwritten), and GPT._init_weights (module.apply
+    order: children first; the tied lm_head/wte weight drawn twice, the second draw kept). A
+    meta build makes neither draw, so both are replayed here in the same order, on full-size
+    CPU tensors; each rank keeps its own slice of every result.
+    """
+    torch.manual_seed(seed)
+    for module in model.modules():  # construction order
+        if isinstance(module, nn.Linear):
+            nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        elif isinstance(module, nn.Embedding):
+            nn.Embedding(module.num_embeddings, module.embedding_dim)
+
+    def init(module: nn.Module) -> None:
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            return
+        shadow = torch.nn.utils.skip_init(type(module), *_shape_args(module), device="cpu")
+        shadow.is_residual_projection = getattr(module, "is_residual_projection", False)
+        model._init_weights(shadow)
+        with torch.no_grad():
+            for name, param in params.items():
+                full = getattr(shadow, name).detach()
+                # Every rank computed the same full tensor: each just keeps its slice (no communication).
+                mine = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(mine.to_local())
+
+    model.apply(init)
+
+
+def _shape_args(module: nn.Module) -> tuple:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.bias is not None
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None
+    raise TypeError(f"no meta-device init for {type(module).__name__}")
 
 
 def shard(model: GPT, dtype: str) -> None:

@@ -188,11 +188,9 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
             "--strategy fsdp shards the model across ranks: launch 2 or more with torchrun, or use --strategy ddp."
         )
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    raw_model = GPT(model_config(cfg)).to(info.device)
+    # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
+    raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
-    if strategy == "fsdp":
-        parallel.shard(raw_model, dtype)  # before the optimizer: it must hold the sharded parameters
     optimizer = make_optimizer(raw_model, cfg)
     scaler = make_scaler(dtype, device_type)
     state = TrainState()

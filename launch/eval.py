@@ -26,6 +26,7 @@ from gpt2repro import checkpoint, evaluate  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
+from gpt2repro.parallel import PTDTYPE  # noqa: E402
 from gpt2repro.shards import ShardError, read_manifest, write_json_atomic  # noqa: E402
 
 DEFAULT_EVAL_TOKENS = 10_485_760
@@ -44,23 +45,36 @@ def parse(argv):
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or printed only)")
     p.add_argument("--baselines", help="baselines file for --hf results (default DATA/baselines.json)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="autocast dtype; auto: the run's own (a checkpoint), else bfloat16 on a GPU")  # fmt: skip
     args = p.parse_args(argv)
     if not args.data and not args.hellaswag:
         p.error("pass --data DIR (loss) and/or --hellaswag FILE")
     return args
 
 
-def load_model(args) -> tuple[GPT, str, int, Path | None]:
-    """(model, label, default eval tokens, default result file)."""
+def load_model(args) -> tuple[GPT, str, int, Path | None, str]:
+    """(model, label, default eval tokens, default result file, the dtype it trained in or "auto")."""
     if args.hf:
-        return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS, None
+        return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS, None, "auto"
     ckpt = Path(args.ckpt)
     if ckpt.is_file():  # a file from launch/export.py
         result_file = ckpt.with_name(f"{ckpt.stem}.eval_{args.split}.json")
-        return checkpoint.load_model(ckpt), args.ckpt, DEFAULT_EVAL_TOKENS, result_file
+        trained_in = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("dtype", "auto")
+        return checkpoint.load_model(ckpt), args.ckpt, DEFAULT_EVAL_TOKENS, result_file, trained_in
     path = checkpoint.resolve_path(ckpt)  # checked once here
-    eval_tokens = checkpoint.read_meta(path)["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
-    return checkpoint.model_from(path), str(path), eval_tokens, path / f"eval_{args.split}.json"
+    meta = checkpoint.read_meta(path)
+    eval_tokens = meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
+    trained_in = meta.get("dtype", meta["config"].get("dtype", "auto"))
+    return checkpoint.model_from(path), str(path), eval_tokens, path / f"eval_{args.split}.json", trained_in
+
+
+def eval_dtype(asked: str, trained_in: str, device_type: str) -> torch.dtype:
+    """The autocast dtype: as asked, else the run's own, else bfloat16 on a GPU and float32 on a CPU."""
+    name = asked if asked != "auto" else trained_in
+    if name == "auto":
+        name = "bfloat16" if device_type == "cuda" else "float32"
+    return PTDTYPE[name]
 
 
 def check_vocab(model: GPT, data_dir: str) -> None:
@@ -77,9 +91,9 @@ def main(argv=None) -> int:
     try:
         args = parse(argv)
         with D.distributed_context(args.device) as info:
-            model, label, default_tokens, result_file = load_model(args)
+            model, label, default_tokens, result_file, trained_in = load_model(args)
             model.to(info.device)
-            dtype = torch.bfloat16 if info.device_type == "cuda" else torch.float32
+            dtype = eval_dtype(args.dtype, trained_in, info.device_type)
             autocast = torch.autocast(info.device_type, dtype=dtype, enabled=dtype != torch.float32)
             result = {"model": label}
             if args.data:
@@ -96,8 +110,13 @@ def main(argv=None) -> int:
                 report(args, result, args.out or result_file)
         return 0
     except (ValueError, DataError, ShardError, checkpoint.CheckpointError) as e:
-        if info is None or info.is_main:
-            print(f"error: {e}", file=sys.stderr)
+        D.print_error(e, info)  # from every rank that fails, not only rank 0
+        return 1
+    except RuntimeError as e:
+        message = D.failure_message(e, timeout_s=600.0)
+        if message is None:
+            raise
+        D.print_error(message, info)
         return 1
 
 

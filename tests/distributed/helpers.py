@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -26,9 +27,19 @@ def env() -> dict:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a rendezvous that several agents must agree on. It is picked below the
+    kernel's ephemeral range (32768 and up), so that no outgoing connection or port-0 bind can
+    take it between this check and the agent's bind."""
+    rng = random.Random(os.getpid())
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def train_cmd(data: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:

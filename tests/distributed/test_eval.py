@@ -46,6 +46,19 @@ def test_eval_of_a_checkpoint_reproduces_its_logged_val_loss(shakespeare_data, t
     assert json.loads(two.read_text())["loss"] == pytest.approx(logged, rel=1e-6)
 
 
+def test_eval_uses_the_runs_own_dtype(shakespeare_data, tmp_path):
+    out = tmp_path / "bf16"
+    run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--eval_interval", 2, "--ckpt_interval", 2,
+                  "--dtype", "bfloat16"))  # fmt: skip
+    logged = [r["val_loss"] for r in metrics(out) if "val_loss" in r][-1]
+    evaluate = [sys.executable, EVAL, "--ckpt", str(out), "--data", str(shakespeare_data), "--batch-size", "4"]
+    run(evaluate)
+    result = json.loads((out / "checkpoints" / "step_00000002" / "eval_val.json").read_text())
+    assert result["loss"] == logged  # bf16 autocast, as in training: the same windows, the same numbers
+    run([*evaluate, "--dtype", "float32", "--out", str(tmp_path / "fp32.json")])
+    assert json.loads((tmp_path / "fp32.json").read_text())["loss"] != logged
+
+
 def test_hf_loss_equals_transformers_on_the_same_windows(hf_dir, shakespeare_data, tmp_path):
     path, hf = hf_dir
     baselines = tmp_path / "baselines.json"

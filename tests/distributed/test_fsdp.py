@@ -123,3 +123,9 @@ def test_fsdp_memory_estimate_within_20_percent_of_measured():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for r in results:
         assert abs(r["estimate"] - r["measured"]) <= 0.2 * r["measured"], r
+
+
+def test_fsdp_builds_on_the_meta_device_with_the_plain_init():
+    worker = str(REPO / "tests" / "distributed" / "meta_init_worker.py")
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker])
+    assert "meta init equals the plain init" in proc.stdout

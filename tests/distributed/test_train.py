@@ -38,6 +38,19 @@ def test_two_ranks_equal_one_rank_with_accumulation(reference, shakespeare_data,
     assert [r["grad_norm"] for r in metrics(out)] == pytest.approx(ref_norms, rel=1e-5)
 
 
+def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shakespeare_data, tmp_path):
+    # DDP(torch.compile(model)): Dynamo's DDPOptimizer splits the compiled graph at DDP's bucket
+    # boundaries, so each bucket's all-reduce starts while backward still runs; accumulation
+    # (no_sync on the first micro-batch) must not change that or the losses.
+    out = tmp_path / "compiled"
+    cmd = train_cmd(shakespeare_data, out, "--max_steps", 4, "--batch_size", 2, "--grad_accum_steps", 2,
+                    "--compile", "true", nproc=2)  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env(), "TORCH_LOGS": "ddp_graphs"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "---submod_1 graph---" in proc.stderr, "the compiled graph was not split into DDP buckets"
+    assert_close_losses(losses(reference), losses(out))
+
+
 def test_two_node_launch_equals_one_node(reference, shakespeare_data, tmp_path):
     out = tmp_path / "two_nodes"
     port = free_port()
@@ -123,3 +136,11 @@ def test_wandb_offline_run_holds_the_metrics(shakespeare_data, tmp_path):
     for record in metrics(out):
         for key in ("loss", "grad_norm", "lr"):
             assert key.encode() in log and json.dumps(record[key]).encode() in log, (key, record)
+
+
+def test_resuming_on_another_world_size_gives_each_rank_its_own_random_stream(shakespeare_data, tmp_path):
+    out = tmp_path / "regrow"
+    run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--ckpt_interval", 2, "--grad_accum_steps", 2))
+    run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--ckpt_interval", 2, "--grad_accum_steps", 1, nproc=2))
+    rngs = torch.load(out / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"]), "ranks would share dropout masks"
