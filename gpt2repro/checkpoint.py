@@ -197,9 +197,16 @@ def load_state(path: Path, state: dict, info: D.DistInfo | None = None) -> None:
 
     With info, every rank calls this together; without, one process reads what it needs.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=Path(path) / STATE_DIR, no_dist=info is None or not info.is_distributed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=Path(path) / STATE_DIR, no_dist=info is None or not info.is_distributed)
+    except (Exception, CheckpointException) as e:  # DCP raises the same on every rank, whichever failed
+        os_error = _find_os_error(e)
+        detail = os_error.strerror if os_error else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"Could not read checkpoint {path} ({detail}); pass another one with --resume PATH."
+        ) from None
 
 
 def check(path: Path) -> Path:

@@ -82,7 +82,12 @@ class WandbSink:
     """W&B logging on the main rank; a resumed run continues the same W&B run id."""
 
     def __init__(self, mode: str, run_dir: Path, project: str, name: str, config: dict):
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(
+                f"--wandb {mode} needs the wandb package: pip install wandb, or use --wandb disabled."
+            ) from None
 
         id_file = run_dir / "wandb_id.json"
         run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else secrets.token_hex(4)

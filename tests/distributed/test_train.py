@@ -67,21 +67,23 @@ def test_two_node_launch_equals_one_node(reference, shakespeare_data, tmp_path):
 
 
 def test_resume_after_kill_is_bitwise_exact(shakespeare_data, tmp_path):
-    extra = ["--max_steps", 14, "--ckpt_interval", 4, "--eval_interval", 7]
+    # A constant learning rate, so that max_steps changes nothing but where the run ends: the run
+    # to be killed is endless (the kill surely lands mid-run, wherever), its resume ends at 14.
+    extra = ["--ckpt_interval", 4, "--eval_interval", 7, "--lr_schedule", "constant"]
     full = tmp_path / "full"
-    run(train_cmd(shakespeare_data, full, *extra))
+    run(train_cmd(shakespeare_data, full, *extra, "--max_steps", 14))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(shakespeare_data, killed, *extra), env=env(),
+    proc = subprocess.Popen(train_cmd(shakespeare_data, killed, *extra, "--max_steps", 100000), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    step_8 = killed / "checkpoints" / "step_00000008"
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step_00000008").exists() and time.time() < deadline:
+    while not step_8.exists() and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (killed / "checkpoints" / "step_00000014").exists(), "the kill should land mid-run"
-    resumed = run(train_cmd(shakespeare_data, killed, *extra))
-    assert "resumed from" in resumed.stdout
+    resumed = run(train_cmd(shakespeare_data, killed, *extra, "--max_steps", 14, "--resume", step_8))
+    assert f"resumed from {step_8}" in resumed.stdout
 
     a, b = metrics(full), metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 15))
