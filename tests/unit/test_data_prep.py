@@ -101,11 +101,13 @@ def test_parquet_and_txt_files_load_like_jsonl(tmp_path):
 
 def test_resume_after_kill_is_byte_identical(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(6000, seed=2))
-    args = ["--files", corpus, "--shard-tokens", 20000, "--val-docs", 300, "--num-proc", 1]
+    # Many small shards: the kill after shard 2 lands with dozens still to write, far more work
+    # than the 10 ms the test takes to see shard 2 and kill.
+    args = ["--files", corpus, "--shard-tokens", 4000, "--val-docs", 300, "--num-proc", 1]
     reference = tmp_path / "reference"
     run_prepare("--out", reference, *args)
     n_train_shards = len(list(reference.glob("train_*.bin")))
-    assert n_train_shards >= 6
+    assert n_train_shards >= 24
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(PREPARE), "--out", str(out), *map(str, args)],
