@@ -52,9 +52,9 @@ _enc = None
 
 def _init() -> None:
     global _enc
-    import tiktoken
+    from gpt2repro.tokenizer import gpt2
 
-    _enc = tiktoken.get_encoding("gpt2")
+    _enc = gpt2()
 
 
 def _encode(texts: list[str]) -> int:

@@ -48,9 +48,9 @@ _encoder = None
 
 def _init_worker() -> None:
     global _encoder
-    import tiktoken
+    from gpt2repro.tokenizer import gpt2  # GPT-2's BPE ships with the package: no download
 
-    _encoder = tiktoken.get_encoding(TOKENIZER)
+    _encoder = gpt2()
 
 
 def tokenize_batch(texts: list[str], is_val: list[bool]) -> tuple[np.ndarray, np.ndarray]:
@@ -146,6 +146,12 @@ def load_state(out_dir: Path, build: dict) -> dict | None:
     for entries in state["shards"].values():
         for entry in entries:
             shards.check_shard(out_dir / entry["file"])
+    # Shards written after the last state save (one batch can fill several): redone identically.
+    recorded = {entry["file"] for entries in state["shards"].values() for entry in entries}
+    for split in shards.SPLITS:
+        for orphan in out_dir.glob(shards.shard_name(split, 0).replace("000000", "[0-9]" * 6)):
+            if orphan.name not in recorded:
+                orphan.unlink()
     return state
 
 
@@ -271,6 +277,8 @@ def prepare(args: argparse.Namespace) -> int:
             )
         val_idx = choose_val_docs(num_docs, args.val_docs, args.seed) if num_docs > 1 else np.empty(0, np.int64)
         writers = make_writers(out_dir, args.shard_tokens, state)
+        if state is None:  # from now on a state file always exists beside our shard files
+            save_state(out_dir, build, num_docs, 0, writers, generation=0)
         num_tokens, docs_read = tokenize_all(
             pool, args.num_proc, source, num_docs, val_idx, writers, out_dir, build, state
         )

@@ -1,13 +1,17 @@
 """Where documents come from: a Hugging Face dataset (streamed) or local json/parquet/txt files.
 
-Both read through the datasets library and stream, so a corpus never has to fit in
-memory. Every problem with the input is raised as PrepareError with one sentence
-that names the file or field and what to do.
+Hub datasets and parquet files read through the datasets library; .txt, .jsonl and .json
+files are read here with the standard library, so local text needs only the core install
+(the same documents, in the same order, as datasets' own json and text builders give:
+tests/unit/test_data_prep.py checks). Everything streams, so a corpus never has to fit in
+memory. Every problem with the input is raised as PrepareError with one sentence that names
+the file or field and what to do.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,9 +98,8 @@ class FilesSource:
         from datasets import load_dataset
 
         _quiet_datasets()
-        kwargs = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
         try:
-            return load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+            return load_dataset(builder, data_files=files, split="train", streaming=True)
         except Exception as e:
             raise PrepareError(f"Could not read {_names(files)}: {_first_line(e)}.") from None
 
@@ -114,16 +117,69 @@ class FilesSource:
         return total
 
     def _iter_group(self, builder: str, files: list[str], field: str) -> Iterator[list[str]]:
+        if builder == "text":  # a .txt file is one document (universal newlines, as datasets reads it)
+            for f in files:
+                yield [_read_text(f)]
+            return
+        if builder == "json":
+            for f in files:
+                yield from _batched(_json_texts(f, field))
+            return
         ds = self._load(builder, files)
-        if builder != "text":
-            _check_field(ds.column_names, field, _names(files))
-            ds = ds.select_columns([field])
-        yield from _iter_field(ds, field, _names(files))
+        _check_field(ds.column_names, field, _names(files))
+        yield from _iter_field(ds.select_columns([field]), field, _names(files))
 
     def iter_texts(self) -> Iterator[list[str]]:
         for builder, files in self._groups():
-            field = "text" if builder == "text" else self.text_field
-            yield from self._iter_group(builder, files, field)
+            yield from self._iter_group(builder, files, self.text_field)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it first.") from None
+
+
+def _json_texts(path: str, field: str) -> Iterator[str]:
+    """The `field` of each record of a JSON Lines file, or of a .json file holding one array of records."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+    if path.lower().endswith(".json") and head.startswith("["):
+        try:
+            records = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+        for i, record in enumerate(records):
+            yield _field_of(record, field, f"record {i} of {path}")
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line in ("\n", ""):  # a blank line holds no record (_jsonl_rows does not count it)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepareError(f"Line {n} of {path} is not valid JSON ({e.msg}); is the file complete?") from None
+            yield _field_of(record, field, f"line {n} of {path}")
+
+
+def _field_of(record, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        fields = f" (fields: {', '.join(record)})" if isinstance(record, dict) else ""
+        raise PrepareError(f"{where} has no field {field!r}{fields}; pass the right one with --text-field.")
+    text = record[field]
+    if not isinstance(text, str):
+        raise PrepareError(
+            f"Field {field!r} in {where} holds a {type(text).__name__}, not text; pick a text column with --text-field."
+        )
+    return text
+
+
+def _batched(texts: Iterator[str]) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(texts, BATCH_DOCS)):
+        yield batch
 
 
 def _quiet_datasets() -> None:

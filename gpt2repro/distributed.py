@@ -53,6 +53,13 @@ def backend_timeout_s(timeout_s: float) -> float:
     return timeout_s * 1.1 + 10
 
 
+RESTART_FIX = (
+    "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 where torchrun runs, so that every restart round gets a "
+    "fresh rendezvous store (pytorch/pytorch#135712)"
+)
+RESTART_JOIN_TIMEOUT_S = 90.0
+
+
 def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Set up this process: pick its device and, under torchrun, join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,35 +68,58 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     chosen = _pick_device(device, local_rank)
     if chosen.startswith("cuda"):
         torch.cuda.set_device(chosen)
+    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.startswith("cuda") else "gloo"
         # A hung NCCL collective then tears the process down after `timeout`, so that torchrun or
         # Slurm can restart the job instead of it burning the allocation (the Watchdog below
         # normally ends it a little earlier, with a readable message).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=backend_timeout_s(timeout_s)),
-            device_id=torch.device(chosen) if backend == "nccl" else None,
-        )
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
+        timeout = datetime.timedelta(seconds=backend_timeout_s(timeout_s))
+        device_id = torch.device(chosen) if backend == "nccl" else None
+        store, restart = _restart_round_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
+        else:  # a restarted round on torchrun's shared store: joined in bounded time, or one clear error
+            message = f"the restarted workers could not rejoin within {RESTART_JOIN_TIMEOUT_S:g} s; {RESTART_FIX}."
+            with Watchdog(RESTART_JOIN_TIMEOUT_S, info, message) as watchdog:
+                watchdog.beat()
+                try:
+                    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                            device_id=device_id)  # fmt: skip
+                    dist.barrier()
+                except RuntimeError as e:
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise ValueError(
+                        f"restart {restart}: the workers could not reconnect ({first}); {RESTART_FIX}."
+                    ) from None
+    return info
+
+
+def _restart_round_store(timeout: datetime.timedelta) -> tuple[dist.Store | None, int]:
+    """(store, restart count) for a restarted round under torchrun's shared rendezvous store; (None, 0) otherwise.
+
+    torchrun's agent keeps one TCPStore for all rounds and torch does not scope the workers'
+    keys by round, so restarted workers can read the previous round's addresses (#135712).
+    Scoping them by TORCHELASTIC_RESTART_COUNT fixes it wherever that count agrees across ranks
+    (one node: one agent restarts all its workers); across nodes it may not, and the round
+    then fails within RESTART_JOIN_TIMEOUT_S naming the fix.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart == 0:
+        return None, 0
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"gpt2repro/restart_{restart}", client), restart
 
 
 def check_restart_store() -> str | None:
-    """A warning when torchrun may restart workers while sharing its rendezvous store with them.
-
-    Restarted workers can then read the previous round's addresses from that store and
-    fail to connect (pytorch/pytorch#135712); TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, set
-    where torchrun runs, gives every round a fresh store. Seen here with gloo on 2026's torch.
-    """
+    """A warning when torchrun on several nodes may restart workers while sharing its rendezvous
+    store with them (see _restart_round_store: on one node restarts work either way)."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if restarts > 0 and shared:
-        return (
-            "warning: torchrun may restart workers (--max-restarts) while sharing its rendezvous store, "
-            "which can make the restart fail to connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-            "before torchrun (pytorch/pytorch#135712)."
-        )
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if restarts > 0 and shared and nodes > 1:
+        return f"warning: torchrun may restart workers (--max-restarts) on {nodes} nodes; {RESTART_FIX}."
     return None
 
 
@@ -207,8 +237,9 @@ class Watchdog:
     one speaks first. A blocked collective or GPU sync releases the GIL, so this thread runs.
     """
 
-    def __init__(self, timeout_s: float, info: DistInfo):
+    def __init__(self, timeout_s: float, info: DistInfo, message: str | None = None):
         self.timeout_s, self.info = timeout_s, info
+        self.message = message or _hang_sentence(timeout_s)
         self._last = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="gpt2repro-watchdog", daemon=True)
@@ -227,7 +258,7 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stopped.wait(min(1.0, self.timeout_s / 10)):
             if self._last is not None and time.monotonic() - self._last > self.timeout_s:
-                print_error(_hang_sentence(self.timeout_s), self.info)
+                print_error(self.message, self.info)
                 os._exit(1)
 
 

@@ -120,9 +120,9 @@ def hellaswag_losses(model, enc, example: HellaSwagExample, device: str) -> tupl
 
 def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo) -> dict:
     """acc (lowest summed loss) and acc_norm (lowest per-token loss), examples split across ranks."""
-    import tiktoken
+    from gpt2repro.tokenizer import gpt2
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2()
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=info.device)  # (correct, correct_norm, n)

@@ -14,11 +14,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tiktoken  # noqa: E402
 import torch  # noqa: E402
 
 from gpt2repro.checkpoint import CheckpointError, load_model  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
+from gpt2repro.tokenizer import gpt2  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model.eval().to(args.device)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2()
     ids = enc.encode_ordinary(text) or [enc.eot_token]
     idx = torch.tensor([ids[-model.config.block_size :]], dtype=torch.long, device=args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)

@@ -18,11 +18,14 @@ TINY = ["--config", "shakespeare-cpu", "--n_layer", "2", "--n_head", "2", "--n_e
         "--eval_interval", "1000", "--ckpt_interval", "1000", "--device", "cpu"]  # fmt: skip
 
 
-def env() -> dict:
+def env(fresh_rendezvous_store: bool = False) -> dict:
+    """The environment of every launch; fresh_rendezvous_store as README asks of multi-node torchrun
+    with restarts (distributed.RESTART_FIX). Without it, torchrun shares its store: its default."""
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    # As the README asks of every torchrun with restarts: see distributed.check_restart_store().
-    e["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    e.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    if fresh_rendezvous_store:
+        e["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return e
 
 

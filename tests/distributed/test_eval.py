@@ -76,10 +76,10 @@ def test_hf_loss_equals_transformers_on_the_same_windows(hf_dir, shakespeare_dat
 
 
 def test_hellaswag_scores_forced_endings(hf_dir, tmp_path):
-    import tiktoken
+    from gpt2repro.tokenizer import gpt2
 
     path, hf = hf_dir
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2()
     rng = np.random.default_rng(0)
     words = ["the king", "a horse", "went home", "and then", "she said", "over the hill", "quickly", "ROMEO:"]
     lines, expected_acc = [], []

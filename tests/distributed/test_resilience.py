@@ -97,6 +97,7 @@ def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path
 
 
 def test_killed_worker_under_max_restarts_resumes_and_matches(two_rank_reference, shakespeare_data, tmp_path):
+    # torchrun's default, shared rendezvous store (pytorch#135712): the restart round must rejoin.
     out = tmp_path / "elastic"
     cmd = train_cmd(shakespeare_data, out, *LONG, nproc=2)
     cmd.insert(cmd.index(TRAIN), "--max-restarts=1")
@@ -115,8 +116,9 @@ def test_two_agents_survive_one_killed_worker(two_rank_reference, shakespeare_da
     args = ["--data", str(shakespeare_data), "--out", str(out), *TINY, *map(str, LONG)]
     rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=survive", "--max-restarts=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rdzv, TRAIN, *args]
-    agents = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for _ in range(2)]  # fmt: skip
+    # Several nodes: with the fresh rendezvous store README asks for (restart counts are per node).
+    agents = [subprocess.Popen(cmd, env=env(fresh_rendezvous_store=True), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
     wait_for(lambda: (out / "checkpoints" / "step_00000004").exists())
     os.kill(children(agents[1].pid)[0], signal.SIGKILL)
     outputs = [a.communicate(timeout=240)[0] for a in agents]

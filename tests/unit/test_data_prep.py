@@ -1,4 +1,5 @@
-"""data_prep/prepare.py end to end, against tiktoken itself as the oracle."""
+"""data_prep/prepare.py end to end, against the GPT-2 tokenizer itself as the oracle (the bundled one,
+which tests/unit/test_tokenizer.py checks against tiktoken's own)."""
 
 import json
 import os
@@ -9,14 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
 from gpt2repro import shards
+from gpt2repro.tokenizer import gpt2
 
 REPO = Path(__file__).resolve().parents[2]
 PREPARE = REPO / "data_prep" / "prepare.py"
 EOT = 50256
-ENC = tiktoken.get_encoding("gpt2")
+ENC = gpt2()
 
 
 def run_prepare(*args, check=True) -> subprocess.CompletedProcess:
@@ -120,11 +121,13 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     assert not (out / "manifest.json").exists(), "an interrupted run must not look complete"
     written = len(list(out.glob("train_*.bin")))
     assert 2 < written < n_train_shards, "the kill should land mid-run"
-    first = (out / "train_000000.bin").stat()
+    # Shards the state file records are kept; any written after its last save are redone.
+    state = json.loads((out / ".prepare_state.json").read_text())
+    recorded = {e["file"]: (out / e["file"]).stat().st_ino for e in state["shards"]["train"]}
 
     rerun = run_prepare("--out", out, *args)
     assert "done:" in rerun.stdout
-    assert (out / "train_000000.bin").stat().st_ino == first.st_ino, "finished shards are not redone"
+    assert {name: (out / name).stat().st_ino for name in recorded} == recorded, "finished shards are not redone"
     ref_files = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in out.iterdir()) == ref_files
     for name in ref_files:
@@ -168,7 +171,7 @@ def _bad_inputs(tmp_path: Path):
     run_prepare("--out", other, "--files", good, "--val-docs", 2)
     return {
         "missing file": (["--files", tmp_path / "nope.jsonl"], "does not exist"),
-        "corrupt json": (["--files", corrupt], "Could not read"),
+        "corrupt json": (["--files", corrupt], "is not valid JSON"),
         "corrupt parquet": (["--files", bad_parquet], "Could not read"),
         "missing text field": (["--files", good, "--text-field", "content"], "no field 'content'"),
         "empty corpus": (["--files", empty], "no documents"),
@@ -199,3 +202,39 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
             assert not (Path(out) / "manifest.json").exists(), name
         else:  # the other dataset is untouched
             assert {p.name: p.stat().st_mtime_ns for p in Path(out).glob("*")} == before, name
+
+
+def test_local_files_read_as_datasets_reads_them(tmp_path):
+    """The standard-library reader against datasets' own json and text builders (the oracle)."""
+    datasets = __import__("pytest").importorskip("datasets")
+    from data_prep.sources import FilesSource
+
+    docs = make_docs(300, seed=5) + ["crlf\r\nline\r\n", "tab\tand unicode: naïve 🤖", ""]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", docs)
+    array = tmp_path / "b.json"
+    array.write_text(json.dumps([{"text": d, "n": i} for i, d in enumerate(docs[:40])]))
+    txt = tmp_path / "c.txt"
+    txt.write_bytes(b"first line\r\nsecond line\n\nlast, no newline")
+    ours = [t for batch in FilesSource((str(jsonl), str(array), str(txt)), "text").iter_texts() for t in batch]
+    oracle = list(datasets.load_dataset("json", data_files=[str(jsonl)], split="train")["text"])
+    oracle += list(datasets.load_dataset("json", data_files=[str(array)], split="train")["text"])
+    oracle += datasets.load_dataset("text", data_files=[str(txt)], split="train", sample_by="document")["text"]
+    assert ours == oracle and len(ours) == len(docs) + 40 + 1
+
+
+def test_local_text_needs_only_the_core_install(tmp_path):
+    """prepare.py with datasets (and pyarrow) unimportable: the same shards, byte for byte."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(400, seed=7))
+    txt = tmp_path / "d.txt"
+    txt.write_text("A plain text file is one document.\n" * 50)
+    args = ["--files", corpus, txt, "--val-docs", 20, "--shard-tokens", 3000]
+    run_prepare("--out", tmp_path / "with", *args)
+    block = "import runpy, sys; sys.modules.update(datasets=None, pyarrow=None); sys.argv[0] = %r; runpy.run_path(%r, "
+    block += "run_name='__main__')"
+    cmd = [sys.executable, "-c", block % (str(PREPARE), str(PREPARE)), "--out", str(tmp_path / "without")]
+    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "with").glob("*.bin"))
+    assert names and names == sorted(p.name for p in (tmp_path / "without").glob("*.bin"))
+    for name in names:
+        assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes(), name

@@ -52,6 +52,9 @@ def test_restart_store_warning(monkeypatch):
 
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    assert check_restart_store() is None  # one node: restarts work on the shared store
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "4")
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in check_restart_store()
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert check_restart_store() is None
