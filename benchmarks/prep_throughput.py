@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
     """Documents of 200 B to 20 kB cut from tiny Shakespeare, shuffled: OWT-like lengths."""
-    text = (REPO.parent / "shared/data/tinyshakespeare.txt").read_text()
+    text = (REPO / "examples" / "tinyshakespeare.txt").read_text()
     rng = random.Random(seed)
     written = 0
     with open(path, "w") as f:

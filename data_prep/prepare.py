@@ -1,7 +1,7 @@
 """Tokenise a corpus with GPT-2's BPE into llm.c-compatible uint16 shards plus a manifest.
 
     python data_prep/prepare.py --out data/owt                       # OpenWebText from the hub
-    python data_prep/prepare.py --out data/shakespeare --files ../shared/data/tinyshakespeare.txt
+    python data_prep/prepare.py --out data/shakespeare --files examples/tinyshakespeare.txt
     python data_prep/prepare.py --verify data/owt
 
 Every document becomes <|endoftext|> followed by tiktoken's encode_ordinary(text), in

@@ -1,6 +1,6 @@
 """Character-level GPT on any text file (minGPT's chargpt project); reports val loss and a sample.
 
-    python examples/chargpt.py --text ../shared/data/tinyshakespeare.txt
+    python examples/chargpt.py --text examples/tinyshakespeare.txt
 
 The first 90% of the text trains, the last 10% is held out. Each character is a token.
 """
@@ -47,7 +47,7 @@ class CharDataset(Dataset):
 
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+    p.add_argument("--text", type=Path, default=Path(__file__).with_name("tinyshakespeare.txt"))
     p.add_argument("--max-iters", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--block-size", type=int, default=128)

@@ -105,14 +105,19 @@ class WandbSink:
 
 
 def format_line(record: dict, max_steps: int, eta_s: float | None) -> str:
-    parts = [f"step {record['step']:>6}/{max_steps}", f"loss {record['loss']:.4f}"]
+    """One console line: the training numbers of a log step, then eval and checkpoint costs if any."""
+    parts = [f"step {record['step']:>6}/{max_steps}"]
+    if "loss" in record:
+        parts.append("loss " + ("nan" if record["loss"] is None else f"{record['loss']:.4f}"))
     if "val_loss" in record:
         parts.append(f"val {record['val_loss']:.4f}")
     if "hellaswag_acc_norm" in record:
         parts.append(f"hellaswag {record['hellaswag_acc_norm']:.4f}")
-    parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}", f"{record['tokens_per_s']:,.0f} tok/s"]
-    if record.get("mfu") is not None:
-        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if "loss" in record:
+        parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}", f"{record['tokens_per_s']:,.0f} tok/s"]
+        if record.get("mfu") is not None:
+            parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    parts += [f"{key} {record[f'{key}_s']:.1f}s" for key in ("eval", "ckpt") if f"{key}_s" in record]
     if eta_s is not None and math.isfinite(eta_s):
         h, rem = divmod(int(eta_s), 3600)
         parts.append(f"eta {h}:{rem // 60:02d}:{rem % 60:02d}")

@@ -217,7 +217,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
             sink = WandbSink(cfg.wandb, run_dir, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
         print(
             f"model {plan.num_params:,} params | {strategy} on {info.world_size} rank(s) on {info.device} | {dtype} | "
-            f"global batch {tokens_per_step:,} tokens (accum {cfg.grad_accum_steps}) | "
+            f"compile {'on' if compile_on else 'off'} | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
         )
         if gpu_bytes and not plan.fits(gpu_bytes):
@@ -226,7 +226,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
 
     consecutive_bad = torch.zeros((), dtype=torch.long, device=info.device)
     skipped = torch.full((), state.skipped_steps, dtype=torch.long, device=info.device)
-    t_last, step_last = time.time(), state.step
+    window = ThroughputWindow(state.step)
     vote = D.StopVote(info)
     try:
         with StopSignals() as signals, D.Watchdog(cfg.collective_timeout_s, info) as watchdog:
@@ -242,19 +242,18 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                 done = state.step == cfg.max_steps
                 # A signal may reach some ranks only: all of them stop at the same step, the next one.
                 stop = vote.poll(signals.received)
-                record = None
+                record = {}
                 if state.step % cfg.log_interval == 0 or done:
                     loss_mean = loss.item()  # host sync: only at log steps
-                    now = time.time()
-                    tok_s = tokens_per_step * (state.step - step_last) / max(now - t_last, 1e-9)
-                    eta = (cfg.max_steps - state.step) * (now - t_last) / max(1, state.step - step_last)
-                    t_last, step_last = now, state.step
+                    train_s, steps = window.close(state.step)
+                    tok_s = tokens_per_step * steps / max(train_s, 1e-9)
                     state.skipped_steps = int(skipped)
                     record = {
                         "step": state.step, "tokens": state.tokens, "loss": loss_mean, "lr": lr_at(state.step - 1, cfg),
                         "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
                         "mfu": mfu(flops_per_token, tok_s / info.world_size, peak),
                         "elapsed_s": None, "skipped_steps": state.skipped_steps,
+                        "eta_s": (cfg.max_steps - state.step) * train_s / max(1, steps),
                     }  # fmt: skip
                     if int(consecutive_bad) >= cfg.max_nonfinite_steps:
                         good = last_good(run_dir, state.step, int(consecutive_bad), resumed_from)
@@ -263,20 +262,26 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                             f"{int(consecutive_bad)} consecutive steps had a non-finite loss (step {state.step}); "
                             f"{where}. Lower --lr or check the data, then resume from it (--resume PATH)."
                         )
-                    record["eta_s"] = eta
                 if state.step % cfg.eval_interval == 0 or done:
-                    val_loss = evaluate.val_loss(eval_model, val_windows, cfg.batch_size, info, autocast)
-                    record = record or {"step": state.step, "tokens": state.tokens}
-                    record["val_loss"] = val_loss
+                    val_loss, eval_s = timed(info.device, evaluate.val_loss, eval_model, val_windows, cfg.batch_size,
+                                             info, autocast)  # fmt: skip
+                    record.update(step=state.step, tokens=state.tokens, val_loss=val_loss)
                     if hellaswag_examples:  # uncompiled: its rows vary in length
-                        record["hellaswag_acc_norm"] = evaluate.hellaswag(raw_model, hellaswag_examples, info)[
-                            "acc_norm"
-                        ]
-                if record is not None and info.is_main:
-                    emit(record, log, sink, cfg, started)
+                        scores, hellaswag_s = timed(
+                            info.device, evaluate.hellaswag, raw_model, hellaswag_examples, info
+                        )
+                        record["hellaswag_acc_norm"] = scores["acc_norm"]
+                        eval_s += hellaswag_s
+                    record["eval_s"] = eval_s
+                    window.pause(eval_s)
                 if state.step % cfg.ckpt_interval == 0 or done or stop:
                     good = last_good(run_dir, state.step, int(consecutive_bad), resumed_from)
-                    saved = save_checkpoint(run_dir, cfg, raw_model, optimizer, scaler, state, info, keep_also=good)
+                    saved, ckpt_s = timed(info.device, save_checkpoint, run_dir, cfg, raw_model, optimizer, scaler,
+                                          state, info, keep_also=good)  # fmt: skip
+                    record.update(step=state.step, tokens=state.tokens, ckpt_s=ckpt_s)
+                    window.pause(ckpt_s)
+                if record and info.is_main:
+                    emit(record, log, sink, cfg, started)
                 watchdog.beat()
                 if stop and not done:
                     if info.is_main:
@@ -307,10 +312,40 @@ def emit(record: dict, log: MetricsLog, sink, cfg: TrainConfig, started: float) 
     log.write(record)
     if sink is not None:
         sink.log(record)
-    if "loss" in record:
-        print(format_line(record, cfg.max_steps, eta), flush=True)
-    else:
-        print(f"step {record['step']:>6}/{cfg.max_steps} | val {record['val_loss']:.4f}", flush=True)
+    print(format_line(record, cfg.max_steps, eta), flush=True)
+
+
+class ThroughputWindow:
+    """Training time and steps since the last log line, with eval and checkpoint time left out,
+    so that tokens/s and MFU measure training steps only."""
+
+    def __init__(self, step: int):
+        self.start_s, self.start_step, self.paused_s = time.perf_counter(), step, 0.0
+
+    def pause(self, seconds: float) -> None:
+        self.paused_s += seconds
+
+    def close(self, step: int) -> tuple[float, int]:
+        """(training seconds, steps) of the window ending now; the next one starts."""
+        now = time.perf_counter()
+        train_s, steps = now - self.start_s - self.paused_s, step - self.start_step
+        self.start_s, self.start_step, self.paused_s = now, step, 0.0
+        return train_s, steps
+
+
+def timed(device: str, fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds), with the device's queued work finished before and after (so neither the
+    training steps before it nor fn's own kernels are misattributed)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    synchronize(device)
+    return result, time.perf_counter() - t0
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def training_state(raw_model, optimizer) -> dict:

@@ -146,3 +146,16 @@ def test_resuming_on_another_world_size_gives_each_rank_its_own_random_stream(sh
     run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--ckpt_interval", 2, "--grad_accum_steps", 1, nproc=2))
     rngs = torch.load(out / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"]), "ranks would share dropout masks"
+
+
+def test_throughput_leaves_eval_and_checkpoint_time_out(shakespeare_data, tmp_path):
+    out = tmp_path / "throughput"
+    # An eval far longer than a step: counted as training time, it would sink its window's tokens/s.
+    run(train_cmd(shakespeare_data, out, "--max_steps", 9, "--eval_interval", 4, "--ckpt_interval", 4,
+                  "--eval_tokens", 16384))  # fmt: skip
+    records = {r["step"]: r for r in metrics(out)}
+    assert records[4]["eval_s"] > 0 and records[4]["ckpt_s"] > 0 and "eval_s" not in records[3]
+    assert records[4]["eval_s"] > 5 * (records[4]["elapsed_s"] - records[3]["elapsed_s"] - records[4]["eval_s"]
+                                       - records[4]["ckpt_s"]), "the eval should dwarf a step"  # fmt: skip
+    steady = sorted(records[s]["tokens_per_s"] for s in (2, 3, 7, 8))
+    assert records[5]["tokens_per_s"] > 0.3 * steady[1]  # the window right after eval + checkpoint
