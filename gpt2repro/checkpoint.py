@@ -145,6 +145,8 @@ def _fsync_dir(path: Path) -> None:
 
 def problem(path: Path) -> str | None:
     """Why the checkpoint at path is unusable, or None when it is complete and intact."""
+    if not path.is_dir():
+        return f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}"
     meta_file = path / META_NAME
     if not meta_file.is_file():
         return f"checkpoint {path} has no {META_NAME} (incomplete)"
@@ -253,12 +255,22 @@ def load_model(path_or_run: str | os.PathLike):
     path = Path(path_or_run)
     if not path.is_file():
         return model_from(resolve_path(path))
-    blob = torch.load(path, map_location="cpu", weights_only=True)  # a consolidated single file
-    if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
-        raise CheckpointError(f"{path} is not a model file written by launch/export.py.")
+    blob = read_export(path)
     model = GPT(GPTConfig(**blob["config"]))
     model.load_state_dict(blob["model"])
     return model.eval()
+
+
+def read_export(path: Path) -> dict:
+    """The single file launch/export.py writes (config, model, step, tokens, dtype), checked."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a model file written by launch/export.py ({first}).") from None
+    if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
+        raise CheckpointError(f"{path} is not a model file written by launch/export.py.")
+    return blob
 
 
 def model_from(path: Path):

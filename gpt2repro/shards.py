@@ -157,6 +157,8 @@ def find_shards(data_dir: str | os.PathLike) -> dict[str, list[Shard]]:
     nanoGPT's headerless `train.bin` / `val.bin`.
     """
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ShardError(f"Data directory {data_dir} is a file; pass the directory data_prep/prepare.py wrote.")
     if not data_dir.is_dir():
         raise ShardError(f"Data directory {data_dir} does not exist; prepare it with data_prep/prepare.py.")
     manifest = read_manifest(data_dir)

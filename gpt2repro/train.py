@@ -167,6 +167,10 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, world_size: int) -> None:
 def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) -> TrainState:
     """Train (or resume) a run in run_dir; every rank calls this. Returns the final state."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file; pass a directory (a new one, or a run to resume).")
+    if any(parent.exists() and not parent.is_dir() for parent in run_dir.parents):
+        raise ValueError(f"--out {run_dir} lies under a file, not a directory; pass another path.")
     check_run_dir(run_dir, cfg, info.world_size)
     device_type = info.device_type
     dtype = resolve_dtype(cfg, device_type)

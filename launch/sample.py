@@ -21,6 +21,15 @@ from gpt2repro.model import GPT  # noqa: E402
 from gpt2repro.tokenizer import gpt2  # noqa: E402
 
 
+def read_prompt(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--prompt-file {path}: {e.strerror or e}; pass a UTF-8 text file.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
@@ -37,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        text = args.prompt_file.read_text() if args.prompt_file else args.prompt
+        text = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
         model = GPT.from_pretrained(args.hf) if args.hf else load_model(args.ckpt)
-    except (OSError, ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model.eval().to(args.device)

@@ -107,3 +107,23 @@ def test_sample_from_a_directory_without_checkpoints(tmp_path):
 
     proc = run([sys.executable, str(REPO / "launch" / "sample.py"), "--ckpt", str(tmp_path)], check=False)
     assert_one_line_error(proc, "neither a checkpoint nor a run directory")
+
+
+def test_bad_paths_are_one_clear_line(finished_run, shakespeare_data, tmp_path):
+    import sys
+
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"not a model")
+    cases = [
+        (train_cmd(shakespeare_data, a_file), "--out", "is a file"),
+        (train_cmd(shakespeare_data, a_file / "run"), "--out", "lies under a file"),
+        (train_cmd(a_file, tmp_path / "out"), "Data directory", "is a file"),
+        (train_cmd(shakespeare_data, tmp_path / "out", "--resume", tmp_path / "nope"), "nope does not exist"),
+        ([sys.executable, str(REPO / "launch" / "eval.py"), "--ckpt", str(a_file), "--data", str(shakespeare_data)],
+         "is not a model file written by launch/export.py"),
+        ([sys.executable, str(REPO / "launch" / "sample.py"), "--ckpt", str(finished_run), "--prompt-file",
+          str(tmp_path / "nope.txt")], "--prompt-file", "No such file"),
+    ]  # fmt: skip
+    for cmd, *fragments in cases:
+        assert_one_line_error(run(cmd, check=False), *fragments)
+    assert a_file.read_bytes() == b"not a model" and not (tmp_path / "out" / "checkpoints").exists()
