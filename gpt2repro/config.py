@@ -59,6 +59,7 @@ class TrainConfig:
     ckpt_interval: int = 1000
     keep_ckpts: int = 3
     resume: str = "auto"  # auto | never | PATH to a checkpoint
+    init_from: str = ""  # start from these weights (gpt2..gpt2-xl, HF dir, exported .pt, checkpoint): step 0
     hellaswag_file: str = ""
     wandb: str = "disabled"  # online | offline | disabled
     wandb_project: str = "gpt2repro"
@@ -92,6 +93,22 @@ PRESETS: dict[str, TrainConfig] = {
     "gpt2-350m": _GPT2_124M.replace(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5, batch_size=8),
     "gpt2-774m": _GPT2_124M.replace(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5, batch_size=4),
     "gpt2-1558m": _GPT2_124M.replace(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5, batch_size=2),
+    # nanoGPT's config/finetune_shakespeare.py: OpenAI's weights (the shape comes from them),
+    # 32 x 1024 tokens per step, 20 steps at a constant 3e-5. --init_from gpt2-xl as nanoGPT.
+    "finetune-shakespeare": TrainConfig(
+        init_from="gpt2",
+        batch_size=1,
+        grad_accum_steps=32,
+        max_steps=20,
+        lr=3e-5,
+        min_lr=3e-5,
+        warmup_steps=0,
+        lr_schedule="constant",
+        eval_interval=5,
+        eval_tokens=40 * 1024,
+        log_interval=1,
+        ckpt_interval=20,
+    ),
     # About two CPU minutes on tiny Shakespeare (GPT-2 BPE): one epoch, then it samples words.
     "shakespeare-cpu": TrainConfig(
         n_layer=4,

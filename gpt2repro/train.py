@@ -20,9 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-from gpt2repro import checkpoint, evaluate, parallel
+from gpt2repro import checkpoint, evaluate, parallel, pretrained
 from gpt2repro import distributed as D
 from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
@@ -201,6 +206,9 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     resumed_from = load_resume_point(cfg, run_dir, raw_model, optimizer, scaler, state, info)
     if resumed_from is None:
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
+        if cfg.init_from:  # full weights on every rank; FSDP keeps each rank's shards
+            weights = pretrained.load_weights(cfg.init_from, raw_model.config)
+            set_model_state_dict(raw_model, weights, options=StateDictOptions(full_state_dict=True))
 
     compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     model = parallel.wrap(raw_model, strategy, info, compile_on)

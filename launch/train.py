@@ -27,6 +27,7 @@ from gpt2repro.checkpoint import CheckpointError  # noqa: E402
 from gpt2repro.memory import format_plan, out_of_memory_message  # noqa: E402
 from gpt2repro.parallel import gpu_memory_bytes  # noqa: E402
 from gpt2repro.parallel import plan as parallel_plan  # noqa: E402
+from gpt2repro.pretrained import with_source_shape  # noqa: E402
 from gpt2repro.shards import ShardError  # noqa: E402
 from gpt2repro.train import TrainingError, fit, model_config  # noqa: E402
 
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     info = asked = None
     try:
         args, asked, given = parse(sys.argv[1:] if argv is None else argv)
+        if asked.init_from:  # the network's shape is the source's
+            asked = with_source_shape(asked, given)
         with D.distributed_context(asked.device, asked.collective_timeout_s) as info:
             if asked.dry_run:
                 if info.is_main:

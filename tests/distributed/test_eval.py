@@ -75,6 +75,36 @@ def test_hf_loss_equals_transformers_on_the_same_windows(hf_dir, shakespeare_dat
     assert json.loads(baselines.read_text())["tiny-gpt2"]["val_loss"] == pytest.approx(got)
 
 
+def test_finetune_from_a_hugging_face_directory_starts_at_its_weights(hf_dir, shakespeare_data, tmp_path):
+    from gpt2repro import config as C
+    from gpt2repro.pretrained import with_source_shape
+
+    path, _ = hf_dir
+    out = tmp_path / "ft"
+    # A learning rate so small that one step leaves the weights as they were loaded.
+    args = ["--config", "shakespeare-cpu", "--init_from", str(path), "--lr", "1e-12", "--min_lr", "0",
+            "--warmup_steps", "0", "--max_steps", "1", "--eval_interval", "1", "--eval_tokens", "640",
+            "--batch_size", "4", "--device", "cpu"]  # fmt: skip
+    proc = run([sys.executable, str(REPO / "launch" / "train.py"), "--data", str(shakespeare_data), "--out", str(out),
+                *args])  # fmt: skip
+    assert "from scratch" in proc.stdout  # a new run: step 0, fresh optimizer
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["block_size"]) == (2, 32, 64)  # the source's shape
+    logged = metrics(out)[-1]["val_loss"]
+    hf_eval = tmp_path / "hf.json"
+    run([sys.executable, EVAL, "--hf", str(path), "--data", str(shakespeare_data), "--max-tokens", "640",
+         "--out", str(hf_eval), "--baselines", str(tmp_path / "b.json")])  # fmt: skip
+    assert logged == pytest.approx(json.loads(hf_eval.read_text())["loss"], rel=1e-6)
+
+    base = C.PRESETS["shakespeare-cpu"].replace(init_from=str(path))
+    cropped = with_source_shape(base.replace(block_size=32), frozenset({"block_size"}))
+    assert (cropped.block_size, cropped.n_layer) == (32, 2)
+    with pytest.raises(ValueError, match=r"drop --n_layer 3 \(the source has 2\)"):
+        with_source_shape(base.replace(n_layer=3), frozenset({"n_layer"}))
+    with pytest.raises(ValueError, match="it can only crop"):
+        with_source_shape(base.replace(block_size=128), frozenset({"block_size"}))
+
+
 def test_hellaswag_scores_forced_endings(hf_dir, tmp_path):
     from gpt2repro.tokenizer import gpt2
 
