@@ -109,23 +109,25 @@ PRESETS: dict[str, TrainConfig] = {
         log_interval=1,
         ckpt_interval=20,
     ),
-    # About two CPU minutes on tiny Shakespeare (GPT-2 BPE): one epoch, then it samples words.
+    # About three minutes on a 2-core CPU (3,700 tokens/s): 1.5 epochs of tiny Shakespeare in GPT-2
+    # BPE. Measured there, at a fixed time budget, more small steps beat a wider model: n_embd 32
+    # at micro-batch 8 (1300 steps) reached val 4.90 where n_embd 64 at 16 (500 steps) reached 5.22.
     "shakespeare-cpu": TrainConfig(
         n_layer=4,
         n_head=4,
-        n_embd=64,
+        n_embd=32,
         block_size=64,
-        batch_size=16,
+        batch_size=8,
         grad_accum_steps=1,
-        max_steps=300,
-        lr=3e-3,
-        min_lr=3e-4,
-        warmup_steps=30,
+        max_steps=1300,
+        lr=8e-3,
+        min_lr=8e-4,
+        warmup_steps=60,
         dropout=0.0,
-        eval_interval=100,
+        eval_interval=500,
         eval_tokens=16_384,
-        log_interval=20,
-        ckpt_interval=100,
+        log_interval=100,
+        ckpt_interval=500,
         compile="false",
     ),  # fmt: skip
 }
