@@ -201,20 +201,24 @@ def load_base(name_or_file: str) -> TrainConfig:
         raise ValueError(f"--config file {path} is not valid JSON: {e}.") from None
     if not isinstance(values, dict):
         raise ValueError(f'--config file {path} must hold one JSON object of fields, e.g. {{"lr": 3e-4}}.')
-    problems, fields_ = [], {}
-    for key, value in values.items():
-        if key in RUN_KEYS:
-            continue
-        if key not in FIELD_TYPES:
-            problems.append(_unknown_field_message(key))
-            continue
-        try:
-            fields_[key] = _json_value(key, value)
-        except ValueError as e:
-            problems.append(str(e))
+    fields_, problems = _convert([(k, v) for k, v in values.items() if k not in RUN_KEYS], _json_value)
     if problems:
         raise ValueError(f"Invalid config file {path}: " + "; ".join(problems) + ".")
     return TrainConfig(**fields_)
+
+
+def _convert(pairs: list[tuple[str, object]], convert) -> tuple[dict, list[str]]:
+    """{name: convert(name, raw)} for each pair, and one problem per unknown name or bad value."""
+    values, problems = {}, []
+    for name, raw in pairs:
+        if name not in FIELD_TYPES:
+            problems.append(_unknown_field_message(name))
+            continue
+        try:
+            values[name] = convert(name, raw)
+        except ValueError as e:
+            problems.append(str(e))
+    return values, problems
 
 
 def parse_overrides(base: TrainConfig, args: list[str]) -> tuple[TrainConfig, frozenset[str]]:
@@ -222,7 +226,7 @@ def parse_overrides(base: TrainConfig, args: list[str]) -> tuple[TrainConfig, fr
 
     Returns the config and the names of the fields given: those beat what a preset derives.
     """
-    changes, problems = {}, []
+    pairs, problems = [], []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -231,7 +235,6 @@ def parse_overrides(base: TrainConfig, args: list[str]) -> tuple[TrainConfig, fr
             i += 1
             continue
         name, eq, raw = arg[2:].partition("=")
-        name = name.replace("-", "_")
         if not eq:
             if i + 1 >= len(args):
                 problems.append(f"--{name} needs a value")
@@ -239,13 +242,9 @@ def parse_overrides(base: TrainConfig, args: list[str]) -> tuple[TrainConfig, fr
             raw = args[i + 1]
             i += 1
         i += 1
-        if name not in FIELD_TYPES:
-            problems.append(_unknown_field_message(name))
-            continue
-        try:
-            changes[name] = _parse_value(name, raw)
-        except ValueError as e:
-            problems.append(str(e))
+        pairs.append((name.replace("-", "_"), raw))
+    changes, bad_values = _convert(pairs, _parse_value)
+    problems += bad_values
     if problems:
         raise ValueError("Invalid arguments: " + "; ".join(problems) + ".")
     return base.replace(**changes), frozenset(changes)
