@@ -87,7 +87,7 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
                 try:
                     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                                             device_id=device_id)  # fmt: skip
-                    dist.barrier()
+                    _barrier()
                 except RuntimeError as e:
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     raise ValueError(
@@ -129,7 +129,7 @@ def teardown(wait_for_all: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
         try:
             if wait_for_all:
-                dist.barrier()
+                _barrier()
         finally:
             dist.destroy_process_group()
 
@@ -184,6 +184,15 @@ def broadcast_object(obj, info: DistInfo):
 
 def barrier(info: DistInfo) -> None:
     if info.is_distributed:
+        _barrier()
+
+
+def _barrier() -> None:
+    """dist.barrier on this rank's own GPU, named explicitly (NCCL would otherwise warn, or guess
+    the GPU from the global rank)."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         dist.barrier()
 
 
