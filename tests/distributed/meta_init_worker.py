@@ -1,6 +1,7 @@
 """FSDP's meta-device build against today's plain build (run under torchrun by test_fsdp.py):
 every parameter, gathered whole, must equal GPT(config)'s after the same seed, bit for bit."""
 
+import resource
 import sys
 from pathlib import Path
 
@@ -15,7 +16,17 @@ from gpt2repro.model import GPT, GPTConfig  # noqa: E402
 # Odd sizes, so that some shards are uneven (FSDP pads them).
 CONFIG = GPTConfig(vocab_size=1001, block_size=24, n_layer=3, n_head=3, n_embd=48, pad_vocab_multiple=64)
 
+# 100M parameters, none of them large: the meta build's peak is this rank's shards plus one full
+# parameter at a time, where a full build would first hold all 400 MB.
+BIG = GPTConfig(vocab_size=1024, block_size=64, n_layer=8, n_head=16, n_embd=1024)
+
 with D.distributed_context("cpu") as info:
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    big = parallel.build_model(BIG, "fsdp", "float32", "cpu", seed=0)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib) * 1024
+    full_bytes = 4 * sum(p.numel() for p in big.parameters())  # the DTensors' global sizes
+    assert grown < 0.8 * full_bytes, f"peak grew {grown / 2**20:.0f} MiB for a {full_bytes / 2**20:.0f} MiB model"
+    del big
     torch.manual_seed(1337)
     reference = dict(GPT(CONFIG).named_parameters())
     sharded = parallel.build_model(CONFIG, "fsdp", "float32", "cpu", seed=1337)
@@ -25,4 +36,5 @@ with D.distributed_context("cpu") as info:
     for name, param in sharded.named_parameters():
         assert torch.equal(param.full_tensor(), reference[name].detach()), name
     if info.is_main:
-        print(f"meta init equals the plain init: {len(reference)} tensors")
+        print(f"meta init equals the plain init: {len(reference)} tensors; peak grew {grown / 2**20:.0f} MiB "
+              f"for a {full_bytes / 2**20:.0f} MiB model")  # fmt: skip
