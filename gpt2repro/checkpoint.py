@@ -250,21 +250,27 @@ def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
 def load_model(path_or_run: str | os.PathLike):
     """The trained GPT of a checkpoint, of a run directory's newest one, or of a file written
     by launch/export.py, in eval mode on the CPU (any number of ranks may have written it)."""
-    from gpt2repro.model import GPT, GPTConfig
 
     path = Path(path_or_run)
     if not path.is_file():
         return model_from(resolve_path(path))
-    blob = read_export(path)
+    return model_from_export(read_export(path))
+
+
+def model_from_export(blob: dict):
+    """The GPT in a blob read_export returned, in eval mode on the CPU."""
+    from gpt2repro.model import GPT, GPTConfig
+
     model = GPT(GPTConfig(**blob["config"]))
     model.load_state_dict(blob["model"])
     return model.eval()
 
 
 def read_export(path: Path) -> dict:
-    """The single file launch/export.py writes (config, model, step, tokens, dtype), checked."""
+    """The single file launch/export.py writes (config, model, step, tokens, dtype), checked. Memory-mapped:
+    reading its config costs nothing, and the weights are read once, when used."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is not a model file written by launch/export.py ({first}).") from None

@@ -6,6 +6,7 @@ the source's, and block_size may only crop it (as nanoGPT's crop_block_size).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ def _kind(init_from: str) -> str:
     if path.is_file():
         return "export"
     if path.is_dir():
-        config = path / "config.json"
-        is_hf = config.is_file() and '"model_type"' in config.read_text() and not (path / "checkpoints").is_dir()
+        config = path / "config.json"  # a run directory has one too, of training fields
+        is_hf = config.is_file() and "model_type" in json.loads(config.read_text())
         return "hf" if is_hf else "checkpoint"
     if init_from in HF_NAMES:
         return "hub"

@@ -60,8 +60,14 @@ def load_model(args) -> tuple[GPT, str, int, Path | None, str]:
     ckpt = Path(args.ckpt)
     if ckpt.is_file():  # a file from launch/export.py
         result_file = ckpt.with_name(f"{ckpt.stem}.eval_{args.split}.json")
-        trained_in = checkpoint.read_export(ckpt).get("dtype", "auto")
-        return checkpoint.load_model(ckpt), args.ckpt, DEFAULT_EVAL_TOKENS, result_file, trained_in
+        blob = checkpoint.read_export(ckpt)
+        return (
+            checkpoint.model_from_export(blob),
+            args.ckpt,
+            DEFAULT_EVAL_TOKENS,
+            result_file,
+            blob.get("dtype", "auto"),
+        )
     path = checkpoint.resolve_path(ckpt)  # checked once here
     meta = checkpoint.read_meta(path)
     eval_tokens = meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
