@@ -286,14 +286,17 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                         eval_s += hellaswag_s
                     record["eval_s"] = eval_s
                     window.pause(eval_s)
+                # The step's record goes out before its checkpoint: a crash between the two must not
+                # leave a checkpoint whose step has no record (a resume never logs that step again).
+                if record and info.is_main:
+                    emit(record, log, sink, cfg, started)
                 if state.step % cfg.ckpt_interval == 0 or done or stop:
                     good = last_good(run_dir, state.step, int(consecutive_bad), resumed_from)
                     saved, ckpt_s = timed(info.device, save_checkpoint, run_dir, cfg, raw_model, optimizer, scaler,
                                           state, info, keep_also=good)  # fmt: skip
-                    record.update(step=state.step, tokens=state.tokens, ckpt_s=ckpt_s)
                     window.pause(ckpt_s)
-                if record and info.is_main:
-                    emit(record, log, sink, cfg, started)
+                    if info.is_main:  # a record of its own, at the same step
+                        emit({"step": state.step, "tokens": state.tokens, "ckpt_s": ckpt_s}, log, sink, cfg, started)
                 watchdog.beat()
                 if stop and not done:
                     if info.is_main:

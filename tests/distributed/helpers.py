@@ -60,7 +60,12 @@ def run(cmd: list[str], check: bool = True, timeout: float = 300) -> subprocess.
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl, one dict per step: a checkpoint's own record ({step, tokens, ckpt_s}) merged into its step's."""
+    merged: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        merged.setdefault(record["step"], {}).update(record)
+    return list(merged.values())
 
 
 def losses(run_dir: Path) -> dict[int, float]:
