@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt2repro import distributed as D
+from gpt2repro.errors import first_line
 from gpt2repro.shards import sha256_file, write_json_atomic
 
 META_NAME = "meta.json"
@@ -114,8 +115,8 @@ def _describe(error: BaseException, final: Path, run_dir: Path) -> str:
     """One line for a failed save; a full disk is named as such (torch and DCP wrap the OSError)."""
     os_error = _find_os_error(error)
     if os_error is None:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return f"Could not write checkpoint {final}: {type(error).__name__}: {first_line}"
+        message = (str(error).strip().splitlines() or [""])[0]  # may be empty: the type already names it
+        return f"Could not write checkpoint {final}: {type(error).__name__}: {message}"
     previous = latest_valid(run_dir, report=None)
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     return f"Could not write checkpoint {final} ({os_error.strerror or os_error}); {kept}."
@@ -205,7 +206,7 @@ def load_state(path: Path, state: dict, info: D.DistInfo | None = None) -> None:
             dcp.load(state, checkpoint_id=Path(path) / STATE_DIR, no_dist=info is None or not info.is_distributed)
     except (Exception, CheckpointException) as e:  # DCP raises the same on every rank, whichever failed
         os_error = _find_os_error(e)
-        detail = os_error.strerror if os_error else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        detail = os_error.strerror if os_error else first_line(e)
         raise CheckpointError(
             f"Could not read checkpoint {path} ({detail}); pass another one with --resume PATH."
         ) from None
@@ -272,8 +273,7 @@ def read_export(path: Path) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is not a model file written by launch/export.py ({first}).") from None
+        raise CheckpointError(f"{path} is not a model file written by launch/export.py ({first_line(e)}).") from None
     if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
         raise CheckpointError(f"{path} is not a model file written by launch/export.py.")
     return blob

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpt2repro.errors import first_line
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -89,9 +91,8 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
                                             device_id=device_id)  # fmt: skip
                     _barrier()
                 except RuntimeError as e:
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                     raise ValueError(
-                        f"restart {restart}: the workers could not reconnect ({first}); {RESTART_FIX}."
+                        f"restart {restart}: the workers could not reconnect ({first_line(e)}); {RESTART_FIX}."
                     ) from None
     return info
 
@@ -202,8 +203,7 @@ def hang_message(error: BaseException, timeout_s: float) -> str | None:
     timed_out = isinstance(error, dist.DistError) or "Timed out" in text or "timed out" in text
     if not isinstance(error, RuntimeError) or not timed_out:
         return None
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return _hang_sentence(timeout_s, f" ({first})")
+    return _hang_sentence(timeout_s, f" ({first_line(error)})")
 
 
 def _hang_sentence(timeout_s: float, detail: str = "") -> str:
@@ -224,8 +224,9 @@ def failure_message(error: BaseException, timeout_s: float) -> str | None:
         return message
     text = str(error)
     if isinstance(error, (RuntimeError, ConnectionError)) and any(s in text for s in _PEER_GONE):
-        first = text.strip().splitlines()[0]
-        return f"lost contact with another rank, which failed or was killed ({first}); its own error is above."
+        return (
+            f"lost contact with another rank, which failed or was killed ({first_line(error)}); its own error is above."
+        )
     return None
 
 

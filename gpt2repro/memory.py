@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpt2repro.errors import first_line
 from gpt2repro.model import GPTConfig
 
 GiB = 1024**3
@@ -150,7 +151,7 @@ def out_of_memory_message(error: BaseException) -> str | None:
         return None
     where = "GPU" if on_gpu else "host"
     return (
-        f"out of {where} memory ({text.strip().splitlines()[0] if text.strip() else type(error).__name__}); "
+        f"out of {where} memory ({first_line(error)}); "
         "see what fits with --dry_run true (the memory planner), then lower --batch_size (accumulation keeps "
         "the global batch) or add --activation_checkpointing true."
     )

@@ -13,6 +13,7 @@ import torch
 
 from gpt2repro import checkpoint
 from gpt2repro.config import TrainConfig
+from gpt2repro.errors import first_line
 from gpt2repro.model import GPT, HF_NAMES, PRESETS, GPTConfig, _read_hf_config
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
@@ -71,9 +72,8 @@ def load_weights(init_from: str, config: GPTConfig) -> dict[str, torch.Tensor]:
         try:
             model = GPT.from_pretrained(init_from)
         except (OSError, ImportError) as e:  # a hub name without network, or no huggingface_hub
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(
-                f"could not load {init_from!r} ({first}); download it where there is network "
+                f"could not load {init_from!r} ({first_line(e)}); download it where there is network "
                 "(GPT.from_pretrained(name).save_pretrained(dir)) and pass that directory."
             ) from None
     state = model.state_dict()
