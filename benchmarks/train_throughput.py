@@ -7,15 +7,22 @@
 
 Runs the real train_step (model, fused AdamW, grad scaler, clipping; DDP or FSDP as
 launch/train.py lays them out) on random tokens, after warm-up steps (and compilation),
-and times --steps steps with a device sync. Under torchrun, tokens/s is for all ranks and
+and reports the median of --steps steps, each timed on the device. Under torchrun, tokens/s is for all ranks and
 MFU and memory per GPU (the largest peak over the ranks).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
+import itertools
 import resource
+import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 if __name__ == "__main__":  # before torch is imported, as launch/train.py does
     from gpt2repro.runtime import keep_freed_memory_in_heap
@@ -26,7 +33,7 @@ import torch  # noqa: E402
 
 from gpt2repro import distributed as D
 from gpt2repro import parallel
-from gpt2repro.config import PRESETS, resolve
+from gpt2repro.config import PRESETS, compile_on_for, fused_loss_on, resolve
 from gpt2repro.data import to_device
 from gpt2repro.memory import GiB
 from gpt2repro.metrics import mfu, peak_flops
@@ -60,6 +67,8 @@ def main() -> None:
     p.add_argument("--compile", default="auto")
     p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"))
     p.add_argument("--activation_checkpointing", default="false", choices=("true", "false"))
+    p.add_argument("--fused_loss", default="auto", choices=("auto", "true", "false"), help="the 'ours' row's")
+    p.add_argument("--rows", default="plain,ours", help="which of plain,ours to run, in order; ratios are to the first")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=0.0)
@@ -73,61 +82,123 @@ def main() -> None:
         cfg = PRESETS[args.preset].replace(
             **overrides, grad_accum_steps=args.grad_accum_steps, total_batch_tokens=0, dtype=args.dtype,
             strategy=args.strategy, activation_checkpointing=args.activation_checkpointing == "true",
+            compile=args.compile,
         )  # fmt: skip
-        benchmark(resolve(cfg, info.world_size), args, info)
+        cfg = resolve(cfg, info.world_size)
+        rows = {"plain": cfg.replace(fused_loss="false"), "ours": cfg.replace(fused_loss=args.fused_loss)}
+        results = [measure(name, rows[name], args, info) for name in args.rows.split(",")]
+        if info.is_main:
+            print(report(results, info))
 
 
-def benchmark(cfg, args, info: D.DistInfo) -> None:
-    device = info.device
+def peak_host_bytes() -> int:
+    """This process's peak resident set since the last reset_peak_host_bytes() (Linux), else since it started."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_host_bytes() -> None:
+    """Hand freed heap memory back to the OS, then restart the peak-RSS count from the current RSS (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+@dataclass
+class Row:
+    name: str
+    tokens_per_s: float
+    ms_per_step: float
+    mfu: float | None
+    peak_bytes: int
+    planned_bytes: int
+
+
+def measure(name: str, cfg, args, info: D.DistInfo) -> Row:
+    """Time cfg's train_step (after warm-up and compilation) and its peak memory, in this process."""
+    device, cuda = info.device, info.device_type == "cuda"
     dtype = resolve_dtype(cfg, info.device_type)
     autocast = torch.autocast(info.device_type, dtype=PTDTYPE[dtype], enabled=dtype != "float32")
-    if info.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, parallel.gpu_memory_bytes(cfg, device))
+    compile_on = compile_on_for(cfg, info.device_type)
+    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, parallel.gpu_memory_bytes(cfg, device),
+                         compiled=compile_on)  # fmt: skip
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_host_bytes()
 
     torch.manual_seed(0)
     raw = GPT(model_config(cfg)).to(device)
     raw.activation_checkpointing = cfg.activation_checkpointing
+    raw.fused_loss = fused_loss_on(cfg)
     if plan.strategy == "fsdp":
         parallel.shard(raw, dtype)
-    compile_on = args.compile == "true" or (args.compile == "auto" and info.device_type == "cuda")
     optimizer, scaler = make_optimizer(raw, cfg), make_scaler(dtype, info.device_type)
     model = parallel.wrap(raw, plan.strategy, info, compile_on)
     loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device)
 
-    def run(n: int) -> None:
+    def run(n: int) -> list[float]:
+        """Seconds of each of n steps, timed on the device (CUDA events) without syncing in between."""
+        marks = [_mark(cuda)]
         for step in range(n):
-            loss, _ = train_step(step, model, raw, optimizer, scaler, loader, cfg, autocast)
-        loss.item()  # sync
+            train_step(step, model, raw, optimizer, scaler, loader, cfg, autocast)
+            marks.append(_mark(cuda))
+        if cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
+        return [b - a for a, b in itertools.pairwise(marks)]
 
     run(args.warmup)
-    if info.device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     D.barrier(info)
-    t0 = time.perf_counter()
-    run(args.steps)
-    D.barrier(info)
-    seconds = (time.perf_counter() - t0) / args.steps
+    # The median step: a noisy neighbour on a shared machine (or one slow step) moves it least.
+    seconds = statistics.median(run(args.steps))
+    seconds = D.all_reduce_max(torch.tensor(seconds, device=device), info).item()
     tokens_per_s = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * info.world_size / seconds
-    per_gpu = tokens_per_s / info.world_size
-    util = mfu(raw.flops_per_token(cfg.block_size), per_gpu, peak_flops(device, args.peak_tflops, dtype))
-    if info.device_type == "cuda":
-        peak = D.all_reduce_max(torch.tensor(float(torch.cuda.max_memory_allocated()), device=device), info)
-        memory = f"peak GPU memory {peak.item() / GiB:.2f} GiB (planner: {plan.total / GiB:.2f} GiB)"
-        where = f"{info.world_size} x {torch.cuda.get_device_name()}"
-    else:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        memory = f"peak RSS {rss / GiB:.2f} GiB (planner, tensors only: {plan.total / GiB:.2f} GiB)"
-        where = f"{info.world_size} x CPU process, {torch.get_num_threads()} threads"
+    util = mfu(raw.flops_per_token(cfg.block_size), tokens_per_s / info.world_size,
+               peak_flops(device, args.peak_tflops, dtype))  # fmt: skip
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_host_bytes()
+    peak = int(D.all_reduce_max(torch.tensor(float(peak), device=device), info).item())
     if info.is_main:
-        print(
-            f"{where} | {plan.num_params:,} params, n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size} "
-            f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | {dtype}, {plan.strategy}, compile "
-            f"{compile_on}, activation checkpointing {cfg.activation_checkpointing}"
-        )
-        mfu_text = f"{100 * util:.1f}%" if util is not None else "n/a (no known peak; pass --peak_tflops)"
-        print(f"{tokens_per_s:,.0f} tokens/s ({per_gpu:,.0f} per GPU) | {1000 * seconds:.0f} ms/step | "
-              f"MFU {mfu_text} | {memory}")  # fmt: skip
+        print(f"{name}: {plan.num_params:,} params, n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size} "
+              f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | {dtype}, {plan.strategy}, compile "
+              f"{compile_on}, activation checkpointing {cfg.activation_checkpointing}, "
+              f"fused loss {raw.fused_loss}", flush=True)  # fmt: skip
+    return Row(name, tokens_per_s, 1000 * seconds, util, peak, plan.total)
+
+
+def _mark(cuda: bool):
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def report(rows: list[Row], info: D.DistInfo) -> str:
+    """One table: a row per configuration, then each row against the first (the plain step)."""
+    cuda = info.device_type == "cuda"
+    where = f"{info.world_size} x {torch.cuda.get_device_name()}" if cuda else (
+        f"{info.world_size} x CPU process, {torch.get_num_threads()} threads")  # fmt: skip
+    memory = "peak GPU memory (max_memory_allocated)" if cuda else "peak RSS (whole process)"
+    lines = [f"{where}; tokens/s over all ranks, memory per rank: {memory}, planner's estimate beside it",
+             f"{'row':<8} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'planned':>8}"]  # fmt: skip
+    for r in rows:
+        util = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+        lines.append(f"{r.name:<8} {r.tokens_per_s:>12,.0f} {r.ms_per_step:>9.1f} {util:>7} "
+                     f"{r.peak_bytes / GiB:>9.2f} {r.planned_bytes / GiB:>8.2f}")  # fmt: skip
+    base = rows[0]
+    for r in rows[1:]:
+        lines.append(f"{r.name} vs {base.name}: {r.tokens_per_s / base.tokens_per_s:.2f}x tokens/s, "
+                     f"{r.peak_bytes / base.peak_bytes:.2f}x peak memory")  # fmt: skip
+    if not any(r.mfu for r in rows):
+        lines.append("MFU n/a: no known peak for this device; pass --peak_tflops")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

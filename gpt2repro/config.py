@@ -48,6 +48,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     strategy: str = "auto"  # auto (fsdp when the planner says ddp does not fit) | ddp | fsdp
     activation_checkpointing: bool = False
+    # auto | true | false: the loss without the full logits (gpt2repro/loss.py); auto: on (the faster one measured)
+    fused_loss: str = "auto"
     gpu_memory_gb: float = 0.0  # for the planner; 0: this GPU's memory (none on a CPU)
     collective_timeout_s: float = 600.0  # a rank silent this long inside a collective fails the job
     peak_tflops: float = 0.0  # accelerator's dense peak for MFU; 0: look the GPU up in a table
@@ -81,6 +83,7 @@ RESUMABLE_CHANGES = {
     "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",
     "compile", "wandb", "wandb_project", "wandb_run_name", "dry_run", "hellaswag_file", "peak_tflops",
     "max_nonfinite_steps", "device", "collective_timeout_s", "strategy", "activation_checkpointing", "gpu_memory_gb",
+    "fused_loss",
 }  # fmt: skip
 
 # GPT-2 on OpenWebText as nanoGPT's train_gpt2 config (600k steps, 2000 warmup, lr 6e-4) with
@@ -342,6 +345,7 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
     choices = {
         "dtype": ("auto", "float32", "bfloat16", "float16"),
         "compile": ("auto", "true", "false"),
+        "fused_loss": ("auto", "true", "false"),
         "device": ("auto", "cpu", "cuda"),
         "strategy": ("auto", "ddp", "fsdp"),
         "lr_schedule": ("cosine", "constant", "wsd"),
@@ -365,6 +369,15 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
     if problems:
         raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
     return cfg
+
+
+def compile_on_for(cfg: TrainConfig, device_type: str) -> bool:
+    return cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
+
+
+def fused_loss_on(cfg: TrainConfig) -> bool:
+    """auto: the fused chunked loss (gpt2repro/loss.py), faster and smaller than the plain one (README, Speed)."""
+    return cfg.fused_loss != "false"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

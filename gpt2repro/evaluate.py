@@ -54,7 +54,7 @@ def val_loss(model, windows: EvalWindows, batch_size: int, info: D.DistInfo, aut
         batch = next(mine, None)
         x, y = batch if batch is not None else next(windows.batches(1, 0, 1, info.device))
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         weight = x.size(0) if batch is not None else 0
         totals[0] += loss.double() * weight
         totals[1] += weight

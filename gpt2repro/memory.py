@@ -1,10 +1,17 @@
 """The memory planner: per-GPU bytes of a training configuration, before anything is allocated.
 
-An analytic count of what this trainer keeps alive at its peak (the start of backward, when
-every activation and the loss's log-softmax are held): fp32 master weights, gradients,
-AdamW's two moments, and the activations of one micro-batch. The per-token activation
-sizes below are counted tensor by tensor for this model (model.py) with SDPA attention,
-which never stores the T x T scores; tests check the total against torch's MemTracker.
+An analytic count of what this trainer keeps alive at its peak (the end of forward or the
+start of backward, when every activation is held): fp32 master weights, gradients, AdamW's
+two moments, the activations of one micro-batch, and the loss's share. The per-token
+activation sizes below are counted tensor by tensor for this model (model.py) with SDPA
+attention, which never stores the T x T scores; torch.compile saves the same ones per block
+(measured with saved-tensor hooks on CPU). Tests check the total against torch's MemTracker.
+
+The loss: the plain path (full logits, F.cross_entropy) holds the fp32 log-softmax, its
+gradient and the logits' gradient in eager mode (12 bytes per vocabulary entry per token);
+compiled, only the logits in the compute dtype (the rest is fused and done in place). The
+fused chunked loss (loss.py) holds one chunk's logits at a time plus the fp32 weight
+gradient it forms in forward.
 
     DDP (or one process): everything replicated, so weights 4N, AdamW 8N, gradients 4N
         (DDP's buckets, or accumulation across micro-batches, keep them alive).
@@ -19,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gpt2repro.errors import first_line
+from gpt2repro.loss import default_chunk_size
 from gpt2repro.model import GPTConfig
 
 GiB = 1024**3
@@ -39,6 +47,8 @@ class MemoryPlan:
     dtype: str
     strategy: str
     activation_checkpointing: bool
+    fused_loss: bool
+    compiled: bool
     weights: int  # bytes per GPU, here and below
     gradients: int
     optimizer: int
@@ -62,6 +72,8 @@ def estimate(
     strategy: str,
     activation_checkpointing: bool = False,
     grad_accum_steps: int = 1,
+    fused_loss: bool = True,
+    compiled: bool = False,
 ) -> MemoryPlan:
     """Peak bytes per GPU for training `config` (dtype float32|bfloat16|float16; strategy ddp|fsdp)."""
     if strategy not in ("ddp", "fsdp"):
@@ -85,24 +97,36 @@ def estimate(
         gradients = 4 * N if (world_size > 1 or grad_accum_steps > 1) else 0
 
     per_layer = _LAYER_BYTES[half] * C
-    head = (4 + half) * C  # ln_f's input and the lm_head's input
-    logits = 12 * V  # log-softmax output, its gradient and the logits' gradient, fp32
+    head = (4 + half) * C  # ln_f's input and the lm_head's input (fused: the hidden states' gradient)
+    loss = _loss_bytes(tokens, V, C, half, fused_loss, compiled)
     dropout_masks = 3 * L * C if config.dropout > 0 else 0
     # Autocast's 16-bit copies of the weights, saved for backward (FSDP gathers 16-bit weights instead).
     copies = 2 if (half == 2 and not fsdp) else 0
     if activation_checkpointing:
         # Only each block's input is kept; a block is recomputed in backward after the loss's
-        # gradient is gone, so the peak is whichever of the two is larger.
+        # memory is gone, so the peak is whichever of the two is larger.
         residual = 2 if (fsdp and half == 2) else 4
-        activations = tokens * (L * residual * C + head + max(logits, per_layer)) + copies * root_params
+        activations = tokens * (L * residual * C + head) + max(loss, tokens * per_layer) + copies * root_params
     else:
-        activations = tokens * (L * per_layer + head + logits + dropout_masks) + copies * N
+        activations = tokens * (L * per_layer + head + dropout_masks) + loss + copies * N
     return MemoryPlan(
         num_params=N, world_size=world_size, batch_size=batch_size, block_size=T,
         grad_accum_steps=grad_accum_steps, dtype=dtype, strategy=strategy,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, fused_loss=fused_loss, compiled=compiled,
         weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
     )  # fmt: skip
+
+
+def _loss_bytes(tokens: int, V: int, C: int, half: int, fused: bool, compiled: bool) -> int:
+    """Bytes the loss adds at the peak: see the module docstring."""
+    if not fused:
+        return tokens * V * (half if compiled else 12)
+    chunk = min(tokens, default_chunk_size(V))
+    # One chunk's logits (compute dtype) beside their fp32 log-probabilities, then the chunk's
+    # share of the weight gradient (compute dtype) before it is added to the fp32 sum.
+    chunk_bytes = chunk * V * (half + 4) + half * V * C
+    # The fp32 weight gradient lives from forward to backward, which scales it into a new one.
+    return 4 * V * C + max(chunk_bytes, 4 * V * C)
 
 
 def choose_strategy(ddp_plan: MemoryPlan, gpu_memory_bytes: float) -> str:
@@ -120,7 +144,8 @@ def format_plan(plan: MemoryPlan, gpu_memory_bytes: float) -> str:
         f"model       {plan.num_params:,} parameters (vocabulary padded)",
         f"layout      {plan.strategy} on {plan.world_size} GPU(s), micro-batch {plan.batch_size} x {plan.block_size}"
         f" tokens, accumulation {plan.grad_accum_steps}, {plan.dtype}, "
-        f"activation checkpointing {'on' if plan.activation_checkpointing else 'off'}",
+        f"activation checkpointing {'on' if plan.activation_checkpointing else 'off'}, "
+        f"fused loss {'on' if plan.fused_loss else 'off'}, compile {'on' if plan.compiled else 'off'}",
         f"weights     {gib(plan.weights)}",
         f"gradients   {gib(plan.gradients)}",
         f"optimizer   {gib(plan.optimizer)}   (AdamW, fp32 moments)",

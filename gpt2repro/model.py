@@ -21,6 +21,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gpt2repro.loss import linear_cross_entropy
+
 EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
 # The output projection is the token embedding (weight tying): in a state dict, the same tensor twice.
 TIED_WEIGHTS = {"lm_head.weight": "transformer.wte.weight"}
@@ -166,6 +168,8 @@ class GPT(nn.Module):
         # Training-time memory/compute trade: keep only each block's input and recompute its
         # activations during backward (about a third more compute, a fraction of the memory).
         self.activation_checkpointing = False
+        # Training's loss (return_logits=False) without the full logits: see gpt2repro/loss.py.
+        self.fused_loss = True
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 init: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer)
@@ -191,12 +195,17 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel() + self.transformer.wte.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: list | None = None):
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: list | None = None,
+        return_logits: bool = True,
+    ):  # fmt: skip
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
         Targets equal to -1 are ignored by the loss. kv_cache (generation): a list with one
         [k, v] entry per layer, [] when empty; idx then holds the positions after those
         cached (all of them to fill an empty cache, one token afterwards).
+        return_logits=False (training): (None, loss); with fused_loss the full (B, T, vocab)
+        logits never exist, only one chunk of tokens at a time (gpt2repro/loss.py).
         """
         past = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] else 0
         self._check_input(idx, past)
@@ -212,8 +221,10 @@ class GPT(nn.Module):
             else:
                 x = block(x, kv_cache[i] if kv_cache is not None else None)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, padded V)
         V = self.config.vocab_size
+        if targets is not None and not return_logits and self.fused_loss:
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), V)
+        logits = self.lm_head(x)  # (B, T, padded V)
         if logits.size(-1) > V:
             # Padded vocabulary rows exist for matmul speed only. -inf logits never enter the
             # softmax (exp(-inf) = 0) nor sampling; filling those few columns in place is far
@@ -222,7 +233,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1), ignore_index=-1)
-        return logits[..., :V], loss  # a view: no copy
+        return (logits[..., :V] if return_logits else None), loss  # a view: no copy
 
     def _check_input(self, idx: torch.Tensor, past: int = 0) -> None:
         if idx.dim() != 2:

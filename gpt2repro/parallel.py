@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2repro import memory
-from gpt2repro.config import TrainConfig
+from gpt2repro.config import TrainConfig, fused_loss_on
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT, GPTConfig
 
@@ -37,13 +37,16 @@ def gpu_memory_bytes(cfg: TrainConfig, device: str) -> float:
     return 0.0
 
 
-def plan(cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_bytes: float) -> memory.MemoryPlan:
+def plan(
+    cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_bytes: float, compiled: bool
+) -> memory.MemoryPlan:
     """The memory plan of cfg's layout, with strategy auto resolved (to ddp or fsdp)."""
 
     def estimate(strategy: str) -> memory.MemoryPlan:
         return memory.estimate(
             config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
             activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
+            fused_loss=fused_loss_on(cfg), compiled=compiled,
         )  # fmt: skip
 
     if cfg.strategy != "auto":

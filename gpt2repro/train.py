@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from gpt2repro import checkpoint, evaluate, parallel, pretrained
 from gpt2repro import distributed as D
-from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, lr_at
+from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, compile_on_for, fused_loss_on, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.memory import GiB
 from gpt2repro.metrics import MetricsLog, WandbSink, format_line, mfu, peak_flops
@@ -121,7 +121,7 @@ def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
         # Gradients cross ranks once per optimizer step: on the last micro-batch.
         with parallel.gradient_sync(model, last_micro_batch=micro == cfg.grad_accum_steps - 1):
             with autocast:
-                loss = model(x, y)[1] / cfg.grad_accum_steps  # the logits are not kept through backward
+                loss = model(x, y, return_logits=False)[1] / cfg.grad_accum_steps  # no logits out of the model
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
@@ -190,7 +190,8 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     hellaswag_examples = evaluate.read_hellaswag(cfg.hellaswag_file) if cfg.hellaswag_file else None
 
     gpu_bytes = parallel.gpu_memory_bytes(cfg, info.device)
-    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes)
+    compile_on = compile_on_for(cfg, device_type)
+    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes, compile_on)
     strategy = plan.strategy
     if strategy == "fsdp" and not info.is_distributed:
         raise ValueError(
@@ -200,6 +201,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
     raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
+    raw_model.fused_loss = fused_loss_on(cfg)
     optimizer = make_optimizer(raw_model, cfg)
     scaler = make_scaler(dtype, device_type)
     state = TrainState()
@@ -210,7 +212,6 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
             weights = pretrained.load_weights(cfg.init_from, raw_model.config)
             set_model_state_dict(raw_model, weights, options=StateDictOptions(full_state_dict=True))
 
-    compile_on = cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
     model = parallel.wrap(raw_model, strategy, info, compile_on)
     eval_model = parallel.for_eval(model)
 
@@ -229,7 +230,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
             sink = WandbSink(cfg.wandb, run_dir, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
         print(
             f"model {plan.num_params:,} params | {strategy} on {info.world_size} rank(s) on {info.device} | {dtype} | "
-            f"compile {'on' if compile_on else 'off'} | "
+            f"compile {'on' if compile_on else 'off'} | fused loss {'on' if raw_model.fused_loss else 'off'} | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
         )
         if gpu_bytes and not plan.fits(gpu_bytes):

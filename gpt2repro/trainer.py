@@ -83,7 +83,7 @@ class Trainer:
         for x, y in bar:
             x, y = x.to(self.device), y.to(self.device)
             with torch.set_grad_enabled(is_train):
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y, return_logits=False)
             losses.append(loss.item())
             if not is_train:
                 continue

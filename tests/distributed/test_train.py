@@ -28,15 +28,30 @@ def assert_close_losses(a: dict, b: dict, rel: float = 1e-5):
         assert math.isclose(a[step], b[step], rel_tol=rel), (step, a[step], b[step])
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(reference, shakespeare_data, tmp_path):
-    out = tmp_path / "ddp"
-    proc = run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--grad_accum_steps", 1, nproc=2))
+@pytest.fixture(scope="module")
+def two_ranks(shakespeare_data, tmp_path_factory):
+    """Two ranks, no accumulation, the fused loss (the default); (run dir, torchrun's result)."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return out, run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--grad_accum_steps", 1, nproc=2))
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(reference, two_ranks):
+    out, proc = two_ranks
     assert proc.stderr == "", proc.stderr[-3000:]  # a clean run (eval, checkpoint, teardown) warns about nothing
     assert_close_losses(losses(reference), losses(out))
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
     ref_norms = [r["grad_norm"] for r in metrics(reference)]
     assert [r["grad_norm"] for r in metrics(out)] == pytest.approx(ref_norms, rel=1e-5)
+
+
+def test_fused_loss_trains_as_the_full_logits_loss(two_ranks, shakespeare_data, tmp_path):
+    fused, _ = two_ranks
+    plain = tmp_path / "plain"
+    run(train_cmd(shakespeare_data, plain, "--max_steps", 4, "--grad_accum_steps", 1, "--fused_loss", "false", nproc=2))
+    assert_close_losses(losses(plain), losses(fused))
+    assert [r["grad_norm"] for r in metrics(fused)] == pytest.approx([r["grad_norm"] for r in metrics(plain)], rel=1e-5)
+    assert metrics(fused)[-1]["val_loss"] == pytest.approx(metrics(plain)[-1]["val_loss"], rel=1e-5)
 
 
 def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shakespeare_data, tmp_path):

@@ -9,7 +9,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from benchmarks.train_throughput import RandomTokens
 from gpt2repro import memory
-from gpt2repro.config import PRESETS, TrainConfig, resolve
+from gpt2repro.config import PRESETS, TrainConfig, fused_loss_on, resolve
 from gpt2repro.model import GPT
 from gpt2repro.parallel import PTDTYPE
 from gpt2repro.train import make_optimizer, make_scaler, model_config, train_step
@@ -27,6 +27,7 @@ def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     torch.manual_seed(0)
     model = GPT(model_config(cfg))
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.fused_loss = fused_loss_on(cfg)
     optimizer, scaler = make_optimizer(model, cfg), make_scaler(dtype, "cpu")
     loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, "cpu")
     autocast = torch.autocast("cpu", dtype=PTDTYPE[dtype], enabled=dtype != "float32")
@@ -40,27 +41,42 @@ def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
+@pytest.mark.parametrize("fused_loss", ["true", "false"])
 @pytest.mark.parametrize(
     ("base", "dtype", "checkpointing"),
     [(SMALL, "float32", False), (SMALL, "float32", True), (SMALL_BF16, "bfloat16", False),
      (SMALL_BF16, "bfloat16", True)],
 )  # fmt: skip
-def test_estimate_within_20_percent_of_measured(base, dtype, checkpointing):
-    cfg = resolve(base.replace(activation_checkpointing=checkpointing), 1)
+def test_estimate_within_20_percent_of_measured(base, dtype, checkpointing, fused_loss):
+    cfg = resolve(base.replace(activation_checkpointing=checkpointing, fused_loss=fused_loss), 1)
     measured = measured_peak(cfg, dtype)
-    plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype=dtype,
-                           strategy="ddp", activation_checkpointing=checkpointing)  # fmt: skip
+    plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype=dtype, strategy="ddp",
+                           activation_checkpointing=checkpointing, fused_loss=fused_loss == "true")  # fmt: skip
     assert abs(plan.total - measured) <= 0.2 * measured, (plan, measured)
 
 
+def test_fused_loss_saves_what_the_planner_says():
+    cfg = resolve(SMALL.replace(batch_size=8), 1)  # 2048 tokens: two chunks
+    plain = measured_peak(cfg.replace(fused_loss="false"), "float32")
+    fused = measured_peak(cfg.replace(fused_loss="true"), "float32")
+
+    def planned(fused_loss):
+        return memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype="float32",
+                               strategy="ddp", fused_loss=fused_loss).total  # fmt: skip
+
+    saved, predicted = plain - fused, planned(False) - planned(True)
+    assert saved > 0.3 * plain and saved == pytest.approx(predicted, rel=0.2)
+
+
 def test_activation_checkpointing_saves_what_the_planner_says():
-    cfg = resolve(SMALL, 1)
+    cfg = resolve(SMALL.replace(fused_loss="false"), 1)
     plain = measured_peak(cfg, "float32")
     ckpt = measured_peak(cfg.replace(activation_checkpointing=True), "float32")
 
     def planned(checkpointing):
         return memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype="float32",
-                               strategy="ddp", activation_checkpointing=checkpointing).total  # fmt: skip
+                               strategy="ddp", activation_checkpointing=checkpointing,
+                               fused_loss=False).total  # fmt: skip
 
     saved, predicted = plain - ckpt, planned(False) - planned(True)
     assert predicted > 40e6 and saved == pytest.approx(predicted, rel=0.2)
