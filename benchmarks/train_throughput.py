@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import itertools
+import json
 import resource
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # before torch is imported, as launch/train.py does
@@ -32,12 +33,12 @@ if __name__ == "__main__":  # before torch is imported, as launch/train.py does
 import torch  # noqa: E402
 
 from gpt2repro import distributed as D
+from gpt2repro import fp8 as fp8_training
 from gpt2repro import parallel
 from gpt2repro.config import PRESETS, compile_on_for, fused_loss_on, resolve
 from gpt2repro.data import to_device
 from gpt2repro.memory import GiB
 from gpt2repro.metrics import mfu, peak_flops
-from gpt2repro.model import GPT
 from gpt2repro.parallel import PTDTYPE
 from gpt2repro.train import make_optimizer, make_scaler, model_config, resolve_dtype, train_step
 
@@ -68,10 +69,11 @@ def main() -> None:
     p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"))
     p.add_argument("--activation_checkpointing", default="false", choices=("true", "false"))
     p.add_argument("--fused_loss", default="auto", choices=("auto", "true", "false"), help="the 'ours' row's")
-    p.add_argument("--rows", default="plain,ours", help="which of plain,ours to run, in order; ratios are to the first")
+    p.add_argument("--rows", default="plain,ours", help="any of plain,ours,fp8, in order; ratios are to the first")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
 
     with D.distributed_context("auto") as info:
@@ -85,10 +87,13 @@ def main() -> None:
             compile=args.compile,
         )  # fmt: skip
         cfg = resolve(cfg, info.world_size)
-        rows = {"plain": cfg.replace(fused_loss="false"), "ours": cfg.replace(fused_loss=args.fused_loss)}
-        results = [measure(name, rows[name], args, info) for name in args.rows.split(",")]
+        ours = cfg.replace(fused_loss=args.fused_loss)
+        rows = {"plain": cfg.replace(fused_loss="false"), "ours": ours, "fp8": ours.replace(fp8=True)}
+        results = [measure_or_skip(name, rows[name], args, info) for name in args.rows.split(",")]
         if info.is_main:
             print(report(results, info))
+            if args.json:
+                Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1) + "\n")
 
 
 def peak_host_bytes() -> int:
@@ -108,14 +113,22 @@ def reset_peak_host_bytes() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-@dataclass
+@dataclasses.dataclass
 class Row:
     name: str
-    tokens_per_s: float
-    ms_per_step: float
-    mfu: float | None
-    peak_bytes: int
-    planned_bytes: int
+    tokens_per_s: float = 0.0
+    ms_per_step: float = 0.0
+    mfu: float | None = None
+    peak_bytes: int = 0
+    planned_bytes: int = 0
+    skipped: str = ""  # why the row could not run here (e.g. fp8 on a CPU)
+
+
+def measure_or_skip(name: str, cfg, args, info: D.DistInfo) -> Row:
+    try:
+        return measure(name, cfg, args, info)
+    except ValueError as e:  # a configuration this machine cannot run, with the reason
+        return Row(name, skipped=str(e))
 
 
 def measure(name: str, cfg, args, info: D.DistInfo) -> Row:
@@ -133,12 +146,11 @@ def measure(name: str, cfg, args, info: D.DistInfo) -> Row:
     else:
         reset_peak_host_bytes()
 
-    torch.manual_seed(0)
-    raw = GPT(model_config(cfg)).to(device)
+    if cfg.fp8:
+        fp8_training.check_supported(device)
+    raw = parallel.build_model(model_config(cfg), plan.strategy, dtype, device, seed=0, fp8=cfg.fp8)
     raw.activation_checkpointing = cfg.activation_checkpointing
     raw.fused_loss = fused_loss_on(cfg)
-    if plan.strategy == "fsdp":
-        parallel.shard(raw, dtype)
     optimizer, scaler = make_optimizer(raw, cfg), make_scaler(dtype, info.device_type)
     model = parallel.wrap(raw, plan.strategy, info, compile_on)
     loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device)
@@ -189,14 +201,18 @@ def report(rows: list[Row], info: D.DistInfo) -> str:
     lines = [f"{where}; tokens/s over all ranks, memory per rank: {memory}, planner's estimate beside it",
              f"{'row':<8} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'planned':>8}"]  # fmt: skip
     for r in rows:
+        if r.skipped:
+            lines.append(f"{r.name:<8} skipped: {r.skipped}")
+            continue
         util = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         lines.append(f"{r.name:<8} {r.tokens_per_s:>12,.0f} {r.ms_per_step:>9.1f} {util:>7} "
                      f"{r.peak_bytes / GiB:>9.2f} {r.planned_bytes / GiB:>8.2f}")  # fmt: skip
-    base = rows[0]
-    for r in rows[1:]:
+    ran = [r for r in rows if not r.skipped]
+    base = ran[0] if ran else None
+    for r in ran[1:]:
         lines.append(f"{r.name} vs {base.name}: {r.tokens_per_s / base.tokens_per_s:.2f}x tokens/s, "
                      f"{r.peak_bytes / base.peak_bytes:.2f}x peak memory")  # fmt: skip
-    if not any(r.mfu for r in rows):
+    if ran and not any(r.mfu for r in ran):
         lines.append("MFU n/a: no known peak for this device; pass --peak_tflops")
     return "\n".join(lines)
 

@@ -50,6 +50,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # auto | true | false: the loss without the full logits (gpt2repro/loss.py); auto: on (the faster one measured)
     fused_loss: str = "auto"
+    fp8: bool = False  # the blocks' matmuls in float8 (torchao; GPUs with compute capability 8.9+)
     gpu_memory_gb: float = 0.0  # for the planner; 0: this GPU's memory (none on a CPU)
     collective_timeout_s: float = 600.0  # a rank silent this long inside a collective fails the job
     peak_tflops: float = 0.0  # accelerator's dense peak for MFU; 0: look the GPU up in a table

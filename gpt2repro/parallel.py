@@ -20,6 +20,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2repro import fp8 as fp8_training
 from gpt2repro import memory
 from gpt2repro.config import TrainConfig, fused_loss_on
 from gpt2repro.distributed import DistInfo
@@ -54,9 +55,10 @@ def plan(
     return estimate(memory.choose_strategy(estimate("ddp"), gpu_bytes))
 
 
-def build_model(config: GPTConfig, strategy: str, dtype: str, device: str, seed: int) -> GPT:
+def build_model(config: GPTConfig, strategy: str, dtype: str, device: str, seed: int, fp8: bool = False) -> GPT:
     """The model laid out for `strategy` on `device`, with the weights GPT(config) gets after
-    torch.manual_seed(seed) on the CPU, whatever the layout.
+    torch.manual_seed(seed) on the CPU, whatever the layout; fp8: the blocks' Linear layers
+    train in float8 (gpt2repro/fp8.py), converted before sharding.
 
     ddp: built whole on the CPU, then moved. fsdp: built on the meta device (no memory),
     sharded, and only then given memory: each rank holds just its shards (1558M: ~6 GB of fp32
@@ -64,9 +66,14 @@ def build_model(config: GPTConfig, strategy: str, dtype: str, device: str, seed:
     """
     torch.manual_seed(seed)
     if strategy != "fsdp":
-        return GPT(config).to(device)
+        model = GPT(config).to(device)
+        if fp8:
+            fp8_training.convert(model)
+        return model
     with torch.device("meta"):
         model = GPT(config)
+    if fp8:
+        fp8_training.convert(model)
     shard(model, dtype)
     model.to_empty(device=device)
     _replay_init(model, seed)
@@ -93,7 +100,8 @@ def _replay_init(model: GPT, seed: int) -> None:
         params = dict(module.named_parameters(recurse=False))
         if not params:
             return
-        shadow = torch.nn.utils.skip_init(type(module), *_shape_args(module), device="cpu")
+        cls, args = _plain_twin(module)
+        shadow = torch.nn.utils.skip_init(cls, *args, device="cpu")
         shadow.is_residual_projection = getattr(module, "is_residual_projection", False)
         model._init_weights(shadow)
         with torch.no_grad():
@@ -106,13 +114,14 @@ def _replay_init(model: GPT, seed: int) -> None:
     model.apply(init)
 
 
-def _shape_args(module: nn.Module) -> tuple:
+def _plain_twin(module: nn.Module) -> tuple[type[nn.Module], tuple]:
+    """The torch.nn class and arguments that build `module` afresh (fp8's Float8Linear is an nn.Linear)."""
     if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, module.bias is not None
+        return nn.Linear, (module.in_features, module.out_features, module.bias is not None)
     if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
+        return nn.Embedding, (module.num_embeddings, module.embedding_dim)
     if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None
+        return nn.LayerNorm, (module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None)
     raise TypeError(f"no meta-device init for {type(module).__name__}")
 
 

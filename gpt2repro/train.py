@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from gpt2repro import checkpoint, evaluate, parallel, pretrained
 from gpt2repro import distributed as D
+from gpt2repro import fp8 as fp8_training
 from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, compile_on_for, fused_loss_on, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.memory import GiB
@@ -199,7 +200,9 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         )
 
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
-    raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed)
+    if cfg.fp8:
+        fp8_training.check_supported(info.device)
+    raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed, fp8=cfg.fp8)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.fused_loss = fused_loss_on(cfg)
     optimizer = make_optimizer(raw_model, cfg)
@@ -229,7 +232,8 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         if cfg.wandb != "disabled":
             sink = WandbSink(cfg.wandb, run_dir, cfg.wandb_project, cfg.wandb_run_name, cfg.to_dict())
         print(
-            f"model {plan.num_params:,} params | {strategy} on {info.world_size} rank(s) on {info.device} | {dtype} | "
+            f"model {plan.num_params:,} params | {strategy} on {info.world_size} rank(s) on {info.device} | {dtype}"
+            f"{' + fp8 matmuls' if cfg.fp8 else ''} | "
             f"compile {'on' if compile_on else 'off'} | fused loss {'on' if raw_model.fused_loss else 'off'} | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
         )

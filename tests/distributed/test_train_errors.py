@@ -43,6 +43,12 @@ def test_fsdp_without_torchrun(shakespeare_data, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_fp8_without_an_fp8_gpu(shakespeare_data, tmp_path):
+    proc = run(train_cmd(shakespeare_data, tmp_path / "out", "--fp8", "true"), check=False)
+    assert_one_line_error(proc, "--fp8 true needs an NVIDIA GPU with FP8 tensor cores", "this is a CPU")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_checkpoint_of_another_model_shape(finished_run, shakespeare_data, tmp_path):
     ckpt = finished_run / "checkpoints" / "step_00000002"
     proc = run(train_cmd(shakespeare_data, tmp_path / "out", "--n_layer", 3, "--resume", ckpt), check=False)
