@@ -150,7 +150,7 @@ def measure(name: str, cfg, args, info: D.DistInfo) -> Row:
         fp8_training.check_supported(device)
     raw = parallel.build_model(model_config(cfg), plan.strategy, dtype, device, seed=0, fp8=cfg.fp8)
     raw.activation_checkpointing = cfg.activation_checkpointing
-    raw.fused_loss = fused_loss_on(cfg)
+    raw.fused_loss = fused_loss_on(cfg.fused_loss)
     optimizer, scaler = make_optimizer(raw, cfg), make_scaler(dtype, info.device_type)
     model = parallel.wrap(raw, plan.strategy, info, compile_on)
     loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device)

@@ -56,7 +56,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kept = (targets != -1).unsqueeze(1)
-        h_kept = h * kept  # ignored positions' hidden states add nothing to the weight's gradient
+        if want_weight:
+            h_kept = h * kept  # ignored positions' hidden states add nothing to the weight's gradient
         for start in range(0, h.size(0), chunk_size):
             rows = slice(start, start + chunk_size)
             logits = h[rows] @ w.t()  # (chunk, V_padded), in the compute dtype

@@ -47,7 +47,7 @@ def plan(
         return memory.estimate(
             config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
             activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
-            fused_loss=fused_loss_on(cfg), compiled=compiled,
+            fused_loss=fused_loss_on(cfg.fused_loss), compiled=compiled,
         )  # fmt: skip
 
     if cfg.strategy != "auto":

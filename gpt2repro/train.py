@@ -204,7 +204,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         fp8_training.check_supported(info.device)
     raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed, fp8=cfg.fp8)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
-    raw_model.fused_loss = fused_loss_on(cfg)
+    raw_model.fused_loss = fused_loss_on(cfg.fused_loss)
     optimizer = make_optimizer(raw_model, cfg)
     scaler = make_scaler(dtype, device_type)
     state = TrainState()

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from gpt2repro import checkpoint, evaluate  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
+from gpt2repro.config import fused_loss_on  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
 from gpt2repro.parallel import PTDTYPE  # noqa: E402
@@ -72,7 +73,9 @@ def load_model(args) -> tuple[GPT, str, int, Path | None, str]:
     meta = checkpoint.read_meta(path)
     eval_tokens = meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
     trained_in = meta.get("dtype", meta["config"].get("dtype", "auto"))
-    return checkpoint.model_from(path), str(path), eval_tokens, path / f"eval_{args.split}.json", trained_in
+    model = checkpoint.model_from(path)
+    model.fused_loss = fused_loss_on(meta["config"].get("fused_loss", "auto"))  # the loss the run's val_loss used
+    return model, str(path), eval_tokens, path / f"eval_{args.split}.json", trained_in
 
 
 def eval_dtype(asked: str, trained_in: str, device_type: str) -> torch.dtype:
