@@ -69,7 +69,9 @@ def main() -> None:
     p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"))
     p.add_argument("--activation_checkpointing", default="false", choices=("true", "false"))
     p.add_argument("--fused_loss", default="auto", choices=("auto", "true", "false"), help="the 'ours' row's")
-    p.add_argument("--rows", default="plain,ours", help="any of plain,ours,fp8, in order; ratios are to the first")
+    p.add_argument(
+        "--rows", default="plain,ours", help="any of plain,unfused,ours,fp8, in order; ratios are to the first"
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=0.0)
@@ -88,8 +90,15 @@ def main() -> None:
         )  # fmt: skip
         cfg = resolve(cfg, info.world_size)
         ours = cfg.replace(fused_loss=args.fused_loss)
-        rows = {"plain": cfg.replace(fused_loss="false"), "ours": ours, "fp8": ours.replace(fp8=True)}
-        results = [measure_or_skip(name, rows[name], args, info) for name in args.rows.split(",")]
+        unfused = cfg.replace(fused_loss="false")
+        # (config, return_logits): plain is nanoGPT's step, its compiled forward outputs the logits;
+        # unfused is ours with the plain loss (the logits exist, inside the compiled forward only).
+        rows = {"plain": (unfused, True), "unfused": (unfused, False), "ours": (ours, False),
+                "fp8": (ours.replace(fp8=True), False)}  # fmt: skip
+        unknown = set(args.rows.split(",")) - set(rows)
+        if unknown:
+            p.error(f"unknown --rows {', '.join(sorted(unknown))}; choose from {', '.join(rows)}")
+        results = [measure_or_skip(name, *rows[name], args, info) for name in args.rows.split(",")]
         if info.is_main:
             print(report(results, info))
             if args.json:
@@ -124,14 +133,14 @@ class Row:
     skipped: str = ""  # why the row could not run here (e.g. fp8 on a CPU)
 
 
-def measure_or_skip(name: str, cfg, args, info: D.DistInfo) -> Row:
+def measure_or_skip(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     try:
-        return measure(name, cfg, args, info)
+        return measure(name, cfg, return_logits, args, info)
     except ValueError as e:  # a configuration this machine cannot run, with the reason
         return Row(name, skipped=str(e))
 
 
-def measure(name: str, cfg, args, info: D.DistInfo) -> Row:
+def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     """Time cfg's train_step (after warm-up and compilation) and its peak memory, in this process."""
     device, cuda = info.device, info.device_type == "cuda"
     dtype = resolve_dtype(cfg, info.device_type)
@@ -159,7 +168,7 @@ def measure(name: str, cfg, args, info: D.DistInfo) -> Row:
         """Seconds of each of n steps, timed on the device (CUDA events) without syncing in between."""
         marks = [_mark(cuda)]
         for step in range(n):
-            train_step(step, model, raw, optimizer, scaler, loader, cfg, autocast)
+            train_step(step, model, raw, optimizer, scaler, loader, cfg, autocast, return_logits)
             marks.append(_mark(cuda))
         if cuda:
             torch.cuda.synchronize()

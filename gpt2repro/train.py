@@ -111,8 +111,12 @@ def make_scaler(dtype: str, device_type: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device_type) if dtype == "float16" else UnitScaler(device_type)
 
 
-def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) on device."""
+def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast, return_logits=False):
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) on device.
+
+    return_logits=True is nanoGPT's step, whose (compiled) forward also outputs the logits: the
+    benchmark's baseline. Training never asks for them.
+    """
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -122,7 +126,7 @@ def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
         # Gradients cross ranks once per optimizer step: on the last micro-batch.
         with parallel.gradient_sync(model, last_micro_batch=micro == cfg.grad_accum_steps - 1):
             with autocast:
-                loss = model(x, y, return_logits=False)[1] / cfg.grad_accum_steps  # no logits out of the model
+                loss = model(x, y, return_logits=return_logits)[1] / cfg.grad_accum_steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
     scaler.unscale_(optimizer)
