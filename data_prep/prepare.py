@@ -205,16 +205,30 @@ def make_writers(out_dir: Path, shard_tokens: int, state: dict | None) -> dict[s
     return writers
 
 
+class _NoBar:
+    """Stands in for tqdm where it is not installed (a bare GPU image): the summary line still comes."""
+
+    def update(self, n: int) -> None: ...
+    def set_postfix_str(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, initial=initial, unit="doc", mininterval=1.0, dynamic_ncols=True)
+
+
 def tokenize_all(pool, num_proc, source, num_docs, val_idx, writers, out_dir, build, state) -> tuple[int, int]:
     """Feed document batches through the pool in order; checkpoint after each written shard.
 
     Returns (tokens written this run, documents read in all).
     """
-    from tqdm import tqdm
-
     next_doc, generation = (state["next_doc"], state["generation"]) if state else (0, 0)
     num_tokens, t0 = 0, time.time()
-    bar = tqdm(total=num_docs, initial=next_doc, unit="doc", mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(num_docs, next_doc)
     in_flight: deque = deque()
 
     def consume() -> None:
