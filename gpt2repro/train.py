@@ -161,7 +161,8 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, world_size: int) -> None:
     path = run_dir / "config.json"
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    # A field added since the run began is absent from its config.json: the run had its default.
+    old = {**TrainConfig().to_dict(), **json.loads(path.read_text())}
     new = {**cfg.to_dict(), "world_size": world_size}
     free = RESUMABLE_CHANGES | {"world_size", "batch_size", "grad_accum_steps", "total_batch_tokens", "data"}
     diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in free and old.get(k) != v]

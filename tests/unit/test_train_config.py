@@ -153,3 +153,16 @@ def test_an_epoch_visits_every_window_once(tmp_path):
     second_epoch = [tuple(loader.batch(step, 0)[0][0].tolist()) for step in range(n, 2 * n)]
     assert set(second_epoch) == seen and second_epoch != [tuple(loader.batch(s, 0)[0][0].tolist()) for s in range(n)]
     assert math.isclose(loader.epoch_of(n), 1.0)
+
+
+def test_a_run_from_before_a_field_existed_still_resumes(tmp_path):
+    from gpt2repro.train import check_run_dir
+
+    cfg = C.resolve(C.PRESETS["shakespeare-cpu"], 1)
+    written = {**cfg.to_dict(), "world_size": 1, "data": "data/shakespeare"}
+    for added_since in ("fused_loss", "fp8", "init_from"):  # fields newer than some runs on disk
+        del written[added_since]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    check_run_dir(tmp_path, cfg, 1)  # the run had the defaults: the same run
+    with pytest.raises(ValueError, match=r"fp8: False -> True"):
+        check_run_dir(tmp_path, cfg.replace(fp8=True), 1)
