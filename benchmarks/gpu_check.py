@@ -17,7 +17,8 @@ fresh process as users run them:
   5. resume     the same command with --max_steps 60: must resume from step 40
   6. eval       launch/eval.py on the newest checkpoint: must equal the val_loss logged at step 60
 
-Prints one table; exits 1 if a stage failed (a skipped row is not a failure).
+Prints one table; exits 1 if a stage failed (a skipped row is not a failure). --skip speed,memory
+reruns only what is left (e.g. after a failure, on a device budget).
 """
 
 from __future__ import annotations
@@ -155,21 +156,22 @@ def benchmark(label: str, args: list[str], rows: str, sizes: Sizes, work: Path) 
     return json.loads(out.read_text()), ""
 
 
-def speed_and_memory(sizes: Sizes, work: Path) -> tuple[Stage, Stage]:
+def speed_and_memory(sizes: Sizes, work: Path, skip: set[str]) -> list[Stage]:
+    """The speed rows (and their memory lines), then the memory-only layouts; skipped stages are left out."""
     speed, memory = Stage("speed"), Stage("memory")
-    runs = [(label, args, rows) for label, args, rows in sizes.speed] + [
-        (label, args, "ours") for label, args in sizes.memory
-    ]
+    runs = [(label, args, rows) for label, args, rows in sizes.speed if "speed" not in skip]
+    n_speed = len(runs)
+    runs += [(label, args, "ours") for label, args in sizes.memory if "memory" not in skip]
     for i, (label, args, rows) in enumerate(runs):
         started = time.perf_counter()
         results, error = benchmark(label, args, rows, sizes, work)
         if error:
-            stage = speed if i < len(sizes.speed) else memory
+            stage = speed if i < n_speed else memory
             stage.ok = False
             stage.lines.append(error)
             continue
         ran = [r for r in results if not r["skipped"]]
-        if i < len(sizes.speed):
+        if i < n_speed:
             speed.lines.append(f"{label}: " + " | ".join(_speed_cell(r, ran[0] if ran else None) for r in results))
             speed.seconds += time.perf_counter() - started
         else:
@@ -181,7 +183,7 @@ def speed_and_memory(sizes: Sizes, work: Path) -> tuple[Stage, Stage]:
             error = r["planned_bytes"] / r["peak_bytes"] - 1
             memory.lines.append(f"{label} {r['name']}: planned {r['planned_bytes'] / GiB:.2f} GiB, measured "
                                 f"{r['peak_bytes'] / GiB:.2f} GiB ({100 * error:+.0f}%)")  # fmt: skip
-    return speed, memory
+    return [stage for stage in (speed, memory) if stage.name not in skip]
 
 
 def _speed_cell(row: dict, base: dict | None) -> str:
@@ -241,7 +243,11 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="toy sizes, on a CPU, to check that every stage works")
     p.add_argument("--data", help="prepared shards (default: tiny Shakespeare, prepared into --work)")
     p.add_argument("--work", help="where shards, runs and results go (default: a new temporary directory)")
+    p.add_argument("--skip", default="", help="stages to leave out, comma-separated: speed, memory, train")
     args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - {"speed", "memory", "train"}:
+        p.error(f"--skip takes speed, memory, train; got {args.skip}")
     sizes = SMOKE if args.smoke else GPU
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -250,8 +256,8 @@ def main() -> int:
 
     stages = [Stage("data")]
     prepare(data, stages[0])
-    stages += speed_and_memory(sizes, work)
-    if stages[0].ok:
+    stages += speed_and_memory(sizes, work, skip)
+    if stages[0].ok and "train" not in skip:
         stages += train_resume_eval(sizes, data, work)
 
     import torch  # only for the header: the stages ran in their own processes
