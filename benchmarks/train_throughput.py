@@ -39,8 +39,7 @@ from gpt2repro.config import PRESETS, compile_on_for, fused_loss_on, resolve
 from gpt2repro.data import to_device
 from gpt2repro.memory import GiB
 from gpt2repro.metrics import mfu, peak_flops
-from gpt2repro.parallel import PTDTYPE
-from gpt2repro.train import make_optimizer, make_scaler, model_config, resolve_dtype, train_step
+from gpt2repro.train import make_optimizer, make_scaler, model_config, precision, train_step
 
 
 class RandomTokens:
@@ -143,8 +142,7 @@ def measure_or_skip(name: str, cfg, return_logits: bool, args, info: D.DistInfo)
 def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     """Time cfg's train_step (after warm-up and compilation) and its peak memory, in this process."""
     device, cuda = info.device, info.device_type == "cuda"
-    dtype = resolve_dtype(cfg, info.device_type)
-    autocast = torch.autocast(info.device_type, dtype=PTDTYPE[dtype], enabled=dtype != "float32")
+    dtype, autocast = precision(cfg, info.device_type)  # as the trainer: TF32 for fp32 matmuls on CUDA
     compile_on = compile_on_for(cfg, info.device_type)
     plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, parallel.gpu_memory_bytes(cfg, device),
                          compiled=compile_on)  # fmt: skip

@@ -56,6 +56,15 @@ def resolve_dtype(cfg: TrainConfig, device_type: str) -> str:
     return "float32"
 
 
+def precision(cfg: TrainConfig, device_type: str) -> tuple[str, torch.autocast]:
+    """The run's dtype and its autocast context; on CUDA, fp32 matmuls and convolutions also use TF32."""
+    dtype = resolve_dtype(cfg, device_type)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype, torch.autocast(device_type, dtype=PTDTYPE[dtype], enabled=dtype != "float32")
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -184,11 +193,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         raise ValueError(f"--out {run_dir} lies under a file, not a directory; pass another path.")
     check_run_dir(run_dir, cfg, info.world_size)
     device_type = info.device_type
-    dtype = resolve_dtype(cfg, device_type)
-    autocast = torch.autocast(device_type, dtype=PTDTYPE[dtype], enabled=dtype != "float32")
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dtype, autocast = precision(cfg, device_type)
 
     spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, info.world_size, info.rank)
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
