@@ -33,7 +33,6 @@ if __name__ == "__main__":  # before torch is imported, as launch/train.py does
 import torch  # noqa: E402
 
 from gpt2repro import distributed as D
-from gpt2repro import fp8 as fp8_training
 from gpt2repro import parallel
 from gpt2repro.config import PRESETS, compile_on_for, fused_loss_on, resolve
 from gpt2repro.data import to_device
@@ -153,8 +152,6 @@ def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     else:
         reset_peak_host_bytes()
 
-    if cfg.fp8:
-        fp8_training.check_supported(device)
     raw = parallel.build_model(model_config(cfg), plan.strategy, dtype, device, seed=0, fp8=cfg.fp8)
     raw.activation_checkpointing = cfg.activation_checkpointing
     raw.fused_loss = fused_loss_on(cfg.fused_loss)

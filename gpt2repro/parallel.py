@@ -58,12 +58,14 @@ def plan(
 def build_model(config: GPTConfig, strategy: str, dtype: str, device: str, seed: int, fp8: bool = False) -> GPT:
     """The model laid out for `strategy` on `device`, with the weights GPT(config) gets after
     torch.manual_seed(seed) on the CPU, whatever the layout; fp8: the blocks' Linear layers
-    train in float8 (gpt2repro/fp8.py), converted before sharding.
+    train in float8 (gpt2repro/fp8.py), converted before sharding (ValueError where unsupported).
 
     ddp: built whole on the CPU, then moved. fsdp: built on the meta device (no memory),
     sharded, and only then given memory: each rank holds just its shards (1558M: ~6 GB of fp32
     weights per rank otherwise, 48 GB per 8-GPU node, before any sharding).
     """
+    if fp8:
+        fp8_training.check_supported(device)  # before any memory is spent
     torch.manual_seed(seed)
     if strategy != "fsdp":
         model = GPT(config).to(device)

@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from gpt2repro import checkpoint, evaluate, parallel, pretrained
 from gpt2repro import distributed as D
-from gpt2repro import fp8 as fp8_training
 from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, compile_on_for, fused_loss_on, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.memory import GiB
@@ -210,8 +209,6 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         )
 
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
-    if cfg.fp8:
-        fp8_training.check_supported(info.device)
     raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed, fp8=cfg.fp8)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.fused_loss = fused_loss_on(cfg.fused_loss)
