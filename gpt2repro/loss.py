@@ -3,10 +3,10 @@
 GPT-2's last layer turns (tokens, n_embd) hidden states into (tokens, 50304) logits: at
 16 x 1024 tokens 1.6 GB in bf16, and the loss's fp32 log-softmax and its gradient more
 than double that. Here the logits exist one chunk of tokens at a time: each chunk's
-logits (in the autocast dtype), their fp32 log-sum-exp, the loss, and at once the
-chunk's gradient for the hidden states and its share of the weight's gradient. Nothing
-chunk-sized outlives its chunk; backward only scales the two gradients formed in forward.
-llm.c's fused classifier kernel works the same way.
+logits (in the autocast dtype), their fp32 log-softmax, the loss, and at once the chunk's
+gradient for the hidden states and its share of the weight's gradient. Nothing
+chunk-sized outlives its chunk; backward only scales the two gradients formed in forward
+(llm.c's fused classifier also forms the gradient in forward, over all tokens at once).
 
 The gradients are formed for the summed loss, (softmax - one-hot), and scaled by
 d(loss)/n_targets in backward: float16's loss scale then applies to them exactly as to
@@ -75,7 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[rows] = (grad_logits @ w) * kept[rows]  # ignored positions: no gradient
             if want_weight:
                 grad_w += grad_logits.t() @ h_kept[rows]
-        n_targets = (targets != -1).sum()
+        n_targets = kept.sum()
         ctx.save_for_backward(grad_h, grad_w, n_targets)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss_sum / n_targets  # 0/0 = nan when every target is ignored, as F.cross_entropy
