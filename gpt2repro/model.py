@@ -98,7 +98,6 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.is_residual_projection = True
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -126,7 +125,6 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,19 +162,22 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
-        self.apply(self._init_weights)
+        for name, module in self.named_modules():  # the order of module.apply for these leaves
+            self._init_weights(module, name)
         # Training-time memory/compute trade: keep only each block's input and recompute its
         # activations during backward (about a third more compute, a fraction of the memory).
         self.activation_checkpointing = False
         # Training's loss (return_logits=False) without the full logits: see gpt2repro/loss.py.
         self.fused_loss = True
 
-    def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2 init: N(0, 0.02), with residual projections scaled by 1/sqrt(2 * n_layer)
-        # because each block adds two of them to the residual stream.
+    def _init_weights(self, module: nn.Module, name: str) -> None:
+        # GPT-2 init: N(0, 0.02), with residual projections (attn.c_proj, mlp.c_proj) scaled by
+        # 1/sqrt(2 * n_layer) because each block adds two of them to the residual stream. Decided
+        # by name, not by a module attribute, so that a converted layer (fp8's Float8Linear, built
+        # afresh) and the meta-device replay (gpt2repro/parallel.py) get the same init.
         if isinstance(module, nn.Linear):
             std = 0.02
-            if getattr(module, "is_residual_projection", False):
+            if name.endswith("c_proj"):
                 std /= math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:

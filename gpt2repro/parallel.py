@@ -86,8 +86,8 @@ def _replay_init(model: GPT, seed: int) -> None:
     """Fill a sharded model with GPT(config)'s weights, one full parameter at a time on the CPU.
 
     GPT.__init__ draws from the RNG twice per weight: the default init of each nn.Linear and
-    nn.Embedding as it is constructed (then overwritten), and GPT._init_weights (module.apply
-    order: children first; the tied lm_head/wte weight drawn twice, the second draw kept). A
+    nn.Embedding as it is constructed (then overwritten), and GPT._init_weights (named_modules
+    order; the tied lm_head/wte weight drawn twice, the second draw kept). A
     meta build makes neither draw, so both are replayed here in the same order, on full-size
     CPU tensors; each rank keeps its own slice of every result.
     """
@@ -97,23 +97,19 @@ def _replay_init(model: GPT, seed: int) -> None:
             nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         elif isinstance(module, nn.Embedding):
             nn.Embedding(module.num_embeddings, module.embedding_dim)
-
-    def init(module: nn.Module) -> None:
+    for name, module in model.named_modules():  # GPT.__init__'s order
         params = dict(module.named_parameters(recurse=False))
         if not params:
-            return
+            continue
         cls, args = _plain_twin(module)
         shadow = torch.nn.utils.skip_init(cls, *args, device="cpu")
-        shadow.is_residual_projection = getattr(module, "is_residual_projection", False)
-        model._init_weights(shadow)
+        model._init_weights(shadow, name)  # by name: the same std whatever the module's class
         with torch.no_grad():
-            for name, param in params.items():
-                full = getattr(shadow, name).detach()
+            for param_name, param in params.items():
+                full = getattr(shadow, param_name).detach()
                 # Every rank computed the same full tensor: each just keeps its slice (no communication).
                 mine = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
                 param.to_local().copy_(mine.to_local())
-
-    model.apply(init)
 
 
 def _plain_twin(module: nn.Module) -> tuple[type[nn.Module], tuple]:

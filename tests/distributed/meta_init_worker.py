@@ -1,5 +1,8 @@
 """FSDP's meta-device build against today's plain build (run under torchrun by test_fsdp.py):
-every parameter, gathered whole, must equal GPT(config)'s after the same seed, bit for bit."""
+every parameter, gathered whole, must equal GPT(config)'s after the same seed, bit for bit,
+with and without fp8 (torchao's Float8Linear, converted before sharding)."""
+
+import importlib.util
 
 import resource
 import sys
@@ -38,3 +41,12 @@ with D.distributed_context("cpu") as info:
     if info.is_main:
         print(f"meta init equals the plain init: {len(reference)} tensors; peak grew {grown / 2**20:.0f} MiB "
               f"for a {full_bytes / 2**20:.0f} MiB model")  # fmt: skip
+    if importlib.util.find_spec("torchao") is not None:
+        # torchao's Float8Linear runs (emulated) on a CPU; only the trainer's GPU check would refuse it.
+        parallel.fp8_training.check_supported = lambda device: None
+        converted = parallel.build_model(CONFIG, "fsdp", "float32", "cpu", seed=1337, fp8=True)
+        assert type(converted.transformer.h[0].attn.c_proj).__name__ == "Float8Linear"
+        for name, param in converted.named_parameters():
+            assert torch.equal(param.full_tensor(), reference[name].detach()), f"fp8: {name}"
+        if info.is_main:
+            print("fp8 meta init equals the plain init")

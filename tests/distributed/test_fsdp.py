@@ -5,6 +5,7 @@ batch with more accumulation: the data order is world-size invariant, so every s
 the same tokens and the losses must agree to float rounding.
 """
 
+import importlib.util
 import json
 import math
 import shutil
@@ -129,3 +130,5 @@ def test_fsdp_builds_on_the_meta_device_with_the_plain_init():
     worker = str(REPO / "tests" / "distributed" / "meta_init_worker.py")
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker])
     assert "meta init equals the plain init" in proc.stdout
+    if importlib.util.find_spec("torchao") is not None:
+        assert "fp8 meta init equals the plain init" in proc.stdout
