@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--activation_checkpointing", default="false", choices=("true", "false"))
     p.add_argument("--fused_loss", default="auto", choices=("auto", "true", "false"), help="the 'ours' row's")
     p.add_argument(
-        "--rows", default="plain,ours", help="any of plain,unfused,ours,fp8, in order; ratios are to the first"
+        "--rows", default="plain,ours", help="any of plain,unfused,fused,ours,fp8, in order; ratios are to the first"
     )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -90,9 +90,10 @@ def main() -> None:
         ours = cfg.replace(fused_loss=args.fused_loss)
         unfused = cfg.replace(fused_loss="false")
         # (config, return_logits): plain is nanoGPT's step, its compiled forward outputs the logits;
-        # unfused is ours with the plain loss (the logits exist, inside the compiled forward only).
-        rows = {"plain": (unfused, True), "unfused": (unfused, False), "ours": (ours, False),
-                "fp8": (ours.replace(fp8=True), False)}  # fmt: skip
+        # unfused is ours with the plain loss (the logits exist, inside the compiled forward only);
+        # fused is ours with the fused loss; ours is the trainer's default for this device (fused_loss auto).
+        rows = {"plain": (unfused, True), "unfused": (unfused, False), "fused": (cfg.replace(fused_loss="true"), False),
+                "ours": (ours, False), "fp8": (ours.replace(fp8=True), False)}  # fmt: skip
         unknown = set(args.rows.split(",")) - set(rows)
         if unknown:
             p.error(f"unknown --rows {', '.join(sorted(unknown))}; choose from {', '.join(rows)}")
@@ -144,7 +145,7 @@ def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     dtype, autocast = precision(cfg, info.device_type)  # as the trainer: TF32 for fp32 matmuls on CUDA
     compile_on = compile_on_for(cfg, info.device_type)
     plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, parallel.gpu_memory_bytes(cfg, device),
-                         compiled=compile_on)  # fmt: skip
+                         compiled=compile_on, device_type=info.device_type)  # fmt: skip
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -154,7 +155,7 @@ def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
 
     raw = parallel.build_model(model_config(cfg), plan.strategy, dtype, device, seed=0, fp8=cfg.fp8)
     raw.activation_checkpointing = cfg.activation_checkpointing
-    raw.fused_loss = fused_loss_on(cfg.fused_loss)
+    raw.fused_loss = fused_loss_on(cfg.fused_loss, info.device_type)
     optimizer, scaler = make_optimizer(raw, cfg), make_scaler(dtype, info.device_type)
     model = parallel.wrap(raw, plan.strategy, info, compile_on)
     loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device)

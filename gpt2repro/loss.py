@@ -44,14 +44,26 @@ def linear_cross_entropy(
     chunk_size = chunk_size or default_chunk_size(weight.size(0))
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_size, compute_dtype)
+    # Inside forward, needs_input_grad says only whether the inputs require gradients, which a
+    # Parameter does even under torch.no_grad(): whether any are wanted is decided out here.
+    grads_wanted = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_size, compute_dtype, grads_wanted)
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b, with acc in fp32. On CUDA with 16-bit a and b: one cuBLAS call with an fp32 output
+    (beta = 1, products summed in fp32), so no 16-bit (V, C) partial is written, read back and added.
+    Elsewhere (no such kernel): the product, then an in-place add."""
+    if acc.is_cuda and a.dtype != torch.float32:
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.add_(a @ b)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, targets, vocab_size, chunk_size, compute_dtype, grads_wanted):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_hidden, want_weight = grads_wanted and ctx.needs_input_grad[0], grads_wanted and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_hidden else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -74,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_hidden:
                 grad_h[rows] = (grad_logits @ w) * kept[rows]  # ignored positions: no gradient
             if want_weight:
-                grad_w += grad_logits.t() @ h_kept[rows]
+                grad_w = _add_product_fp32(grad_w, grad_logits.t(), h_kept[rows])
         n_targets = kept.sum()
         ctx.save_for_backward(grad_h, grad_w, n_targets)
         ctx.dtypes = hidden.dtype, weight.dtype
@@ -87,4 +99,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = (grad_h.float() * scale).to(hidden_dtype) if grad_h is not None else None
         grad_weight = (grad_w * scale).to(weight_dtype) if grad_w is not None else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None

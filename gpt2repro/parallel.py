@@ -39,15 +39,16 @@ def gpu_memory_bytes(cfg: TrainConfig, device: str) -> float:
 
 
 def plan(
-    cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_bytes: float, compiled: bool
-) -> memory.MemoryPlan:
-    """The memory plan of cfg's layout, with strategy auto resolved (to ddp or fsdp)."""
+    cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_bytes: float, compiled: bool,
+    device_type: str,
+) -> memory.MemoryPlan:  # fmt: skip
+    """The memory plan of cfg's layout on device_type, with strategy auto resolved (to ddp or fsdp)."""
 
     def estimate(strategy: str) -> memory.MemoryPlan:
         return memory.estimate(
             config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
             activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
-            fused_loss=fused_loss_on(cfg.fused_loss), compiled=compiled,
+            fused_loss=fused_loss_on(cfg.fused_loss, device_type), compiled=compiled,
         )  # fmt: skip
 
     if cfg.strategy != "auto":

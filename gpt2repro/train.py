@@ -201,7 +201,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
 
     gpu_bytes = parallel.gpu_memory_bytes(cfg, info.device)
     compile_on = compile_on_for(cfg, device_type)
-    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes, compile_on)
+    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes, compile_on, device_type)
     strategy = plan.strategy
     if strategy == "fsdp" and not info.is_distributed:
         raise ValueError(
@@ -211,7 +211,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
     raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed, fp8=cfg.fp8)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
-    raw_model.fused_loss = fused_loss_on(cfg.fused_loss)
+    raw_model.fused_loss = fused_loss_on(cfg.fused_loss, device_type)
     optimizer = make_optimizer(raw_model, cfg)
     scaler = make_scaler(dtype, device_type)
     state = TrainState()

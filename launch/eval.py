@@ -74,7 +74,7 @@ def load_model(args) -> tuple[GPT, str, int, Path | None, str]:
     eval_tokens = meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
     trained_in = meta.get("dtype", meta["config"].get("dtype", "auto"))
     model = checkpoint.model_from(path)
-    model.fused_loss = fused_loss_on(meta["config"].get("fused_loss", "auto"))  # the loss the run's val_loss used
+    model.fused_loss = meta["config"].get("fused_loss", "auto")  # the loss the run's val_loss used: see main
     return model, str(path), eval_tokens, path / f"eval_{args.split}.json", trained_in
 
 
@@ -102,6 +102,8 @@ def main(argv=None) -> int:
         with D.distributed_context(args.device) as info:
             model, label, default_tokens, result_file, trained_in = load_model(args)
             model.to(info.device)
+            if isinstance(model.fused_loss, str):  # a run's setting, resolved for this device as training did
+                model.fused_loss = fused_loss_on(model.fused_loss, info.device_type)
             dtype = eval_dtype(args.dtype, trained_in, info.device_type)
             autocast = torch.autocast(info.device_type, dtype=dtype, enabled=dtype != torch.float32)
             result = {"model": label}

@@ -55,8 +55,9 @@ def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device
     dtype = cfg.dtype
     if dtype == "auto":  # as the run would pick it on a GPU
         dtype = "bfloat16" if gpu_bytes else "float32"
-    compiled = C.compile_on_for(cfg, "cuda" if gpu_bytes else "cpu")
-    plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes, compiled)
+    device_type = "cuda" if gpu_bytes else "cpu"  # a plan for GPUs, given their memory
+    compiled = C.compile_on_for(cfg, device_type)
+    plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes, compiled, device_type)
     strategy = f"strategy {cfg.strategy}" + (f" -> {plan.strategy}" if cfg.strategy == "auto" else "")
     batch = C.describe_batch(asked, cfg, world_size, given)
     return f"dry run: {strategy} on {world_size} rank(s), nothing trained\n{batch}\n{format_plan(plan, gpu_bytes)}"

@@ -64,6 +64,23 @@ def test_without_gradients_only_the_loss_is_computed():
         )
 
 
+def test_an_eval_forward_costs_the_forward_flops_only():
+    """Under no_grad the lm_head weight is still a Parameter (requires_grad): no gradient work may follow from it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = GPTConfig(vocab_size=1000, block_size=32, n_layer=2, n_head=2, n_embd=64, pad_vocab_multiple=64)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    idx = torch.randint(0, 1000, (4, 32))
+    flops = {}
+    for fused in (True, False):
+        model.fused_loss = fused
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(idx, idx, return_logits=False)
+        flops[fused] = counter.get_total_flops()
+    assert flops[True] == flops[False], flops  # the logits' matmul, chunked, and nothing else
+
+
 def test_every_target_ignored_gives_nan_like_cross_entropy():
     hidden, weight, _ = inputs(seed=3)
     targets = torch.full((N,), -1)

@@ -27,7 +27,7 @@ def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     torch.manual_seed(0)
     model = GPT(model_config(cfg))
     model.activation_checkpointing = cfg.activation_checkpointing
-    model.fused_loss = fused_loss_on(cfg.fused_loss)
+    model.fused_loss = fused_loss_on(cfg.fused_loss, "cpu")
     optimizer, scaler = make_optimizer(model, cfg), make_scaler(dtype, "cpu")
     loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, "cpu")
     autocast = torch.autocast("cpu", dtype=PTDTYPE[dtype], enabled=dtype != "float32")
