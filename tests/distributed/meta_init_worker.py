@@ -3,7 +3,6 @@ every parameter, gathered whole, must equal GPT(config)'s after the same seed, b
 with and without fp8 (torchao's Float8Linear, converted before sharding)."""
 
 import importlib.util
-
 import resource
 import sys
 from pathlib import Path
