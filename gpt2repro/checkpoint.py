@@ -248,6 +248,18 @@ def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
     return newest
 
 
+def newest_complete(run_dir_or_ckpt: str | os.PathLike) -> Path:
+    """A checkpoint directory as given, or the newest complete one (renamed into place, meta.json
+    written) of a run directory, without hashing anything: for reading its meta.json alone."""
+    path = Path(run_dir_or_ckpt)
+    if (path / META_NAME).is_file():
+        return path
+    complete = [p for p in list_steps(path) if (p / META_NAME).is_file()]
+    if not complete:
+        raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint.")
+    return complete[-1]
+
+
 def load_model(path_or_run: str | os.PathLike):
     """The trained GPT of a checkpoint, of a run directory's newest one, or of a file written
     by launch/export.py, in eval mode on the CPU (any number of ranks may have written it)."""

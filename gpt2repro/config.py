@@ -84,7 +84,7 @@ RESUMABLE_CHANGES = {
     "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",
     "compile", "wandb", "wandb_project", "wandb_run_name", "dry_run", "hellaswag_file", "peak_tflops",
     "max_nonfinite_steps", "device", "collective_timeout_s", "strategy", "activation_checkpointing", "gpu_memory_gb",
-    "fused_loss",
+    "fused_loss", "fp8",
 }  # fmt: skip
 
 # GPT-2 on OpenWebText as nanoGPT's train_gpt2 config (600k steps, 2000 warmup, lr 6e-4) with
@@ -310,7 +310,8 @@ def resolve_batch(cfg: TrainConfig, world_size: int, given: frozenset[str] = fro
 
 
 def describe_batch(asked: TrainConfig, cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> str:
-    """One line: the global batch and, where it differs from what was asked, what was derived from what."""
+    """One line: the global batch and, where it differs from what was asked, what was derived from what;
+    and a warning line of its own when a typed --batch_size moved a preset's step by more than 10%."""
     line = (
         f"batch: {cfg.total_batch_tokens:,} tokens per step = {cfg.batch_size} sequences x {cfg.block_size} tokens "
         f"x {world_size} rank(s) x {cfg.grad_accum_steps} accumulation steps"
@@ -326,7 +327,16 @@ def describe_batch(asked: TrainConfig, cfg: TrainConfig, world_size: int, given:
             notes.append(f"total_batch_tokens {asked.total_batch_tokens:,} -> {cfg.total_batch_tokens:,}, the "
                          f"nearest that {world_size} rank(s) split evenly")  # fmt: skip
         notes.append("grad_accum_steps derived from total_batch_tokens")
-    return line + (f" ({'; '.join(notes)})" if notes else "")
+    line += f" ({'; '.join(notes)})" if notes else ""
+    asked_total, total = asked.total_batch_tokens, cfg.total_batch_tokens
+    typed = "batch_size" in given and not given & {"total_batch_tokens", "grad_accum_steps"}
+    if typed and asked_total and abs(total - asked_total) > 0.1 * asked_total:
+        line += (
+            f"\nwarning: --batch_size {cfg.batch_size} on {world_size} rank(s) makes each step {total:,} tokens, "
+            f"{total / asked_total:.2f}x the {asked_total:,} this config asks for; the learning rate and schedule "
+            "were tuned for that. Pass a smaller --batch_size, or --total_batch_tokens to change the step on purpose."
+        )
+    return line
 
 
 def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> TrainConfig:

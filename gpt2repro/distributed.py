@@ -49,10 +49,24 @@ def _pick_device(requested: str, local_rank: int) -> str:
     return f"cuda:{local_rank}"
 
 
+# The bound on the stretches of a run that do work of their own between collectives, and may
+# take minutes where a training step takes a second: start-up up to the end of the first step
+# (compilation), each evaluation (HellaSwag included; the first one compiles again) and each
+# checkpoint (a 1558M one with AdamW state is ~19 GB for a shared file system). A training step
+# is bounded by collective_timeout_s (Watchdog).
+SLOW_PHASE_TIMEOUT_S = 1800.0
+
+
+def slow_phase_timeout_s(timeout_s: float) -> float:
+    return max(timeout_s, SLOW_PHASE_TIMEOUT_S)
+
+
 def backend_timeout_s(timeout_s: float) -> float:
-    """The process group's own timeout: a little past collective_timeout_s, so that the trainer's
-    Watchdog (which prints one clear line) fires before NCCL's watchdog aborts the process."""
-    return timeout_s * 1.1 + 10
+    """The process group's own timeout: a little past the longest bound the trainer's Watchdog sets
+    (slow_phase_timeout_s), so that the Watchdog, which prints one clear line naming what hung, always
+    fires first; NCCL's own watchdog, which aborts with a page of C++ log, is the last resort. A
+    collective that outlives a healthy checkpoint on a slow rank therefore never times out."""
+    return slow_phase_timeout_s(timeout_s) * 1.1 + 10
 
 
 RESTART_FIX = (
@@ -203,13 +217,14 @@ def hang_message(error: BaseException, timeout_s: float) -> str | None:
     timed_out = isinstance(error, dist.DistError) or "Timed out" in text or "timed out" in text
     if not isinstance(error, RuntimeError) or not timed_out:
         return None
-    return _hang_sentence(timeout_s, f" ({first_line(error)})")
+    within = f"the process group's timeout ({backend_timeout_s(timeout_s):g} s)"
+    return _hang_sentence(within, f" ({first_line(error)})")
 
 
-def _hang_sentence(timeout_s: float, detail: str = "") -> str:
+def _hang_sentence(within: str, detail: str = "") -> str:
     return (
-        f"a collective did not complete within collective_timeout_s={timeout_s:g} s, so a rank is hung or dead"
-        f"{detail}; restart the job (torchrun --max-restarts or Slurm requeue) to resume from the last checkpoint."
+        f"a collective did not complete within {within}, so a rank is hung or dead{detail}; restart the job "
+        "(torchrun --max-restarts or Slurm requeue) to resume from the last checkpoint."
     )
 
 
@@ -239,18 +254,23 @@ def print_error(message: object, info: DistInfo | None) -> None:
 
 
 class Watchdog:
-    """Ends this process with one clear line when the training loop makes no progress for
-    timeout_s (armed by the first beat, so start-up and the first compile are not timed).
+    """Ends this process with one clear line when a stretch of the run outlives its bound.
+
+    After each beat, the next training step must end (beat again) within timeout_s: a step does
+    little but compute and collectives, so a long silence means a rank is hung or dead. The
+    stretches that do long work of their own (`with watchdog.slow("..."):` start-up, evaluation,
+    checkpoints) have the longer slow_phase_timeout_s, and the message names them. Not armed
+    before the first beat or slow stretch.
 
     NCCL's own watchdog would abort the process with a C++ exception and a page of log
-    instead; the process group's timeout is set a little longer (backend_timeout_s), so this
-    one speaks first. A blocked collective or GPU sync releases the GIL, so this thread runs.
+    instead; the process group's timeout is longer than every bound here (backend_timeout_s),
+    so this one speaks first. A blocked collective or GPU sync releases the GIL, so this thread runs.
     """
 
     def __init__(self, timeout_s: float, info: DistInfo, message: str | None = None):
         self.timeout_s, self.info = timeout_s, info
-        self.message = message or _hang_sentence(timeout_s)
-        self._last = None
+        self.message = message or _hang_sentence(f"collective_timeout_s={timeout_s:g} s")
+        self._deadline: tuple[float, str] | None = None  # (monotonic time, the line to print then)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="gpt2repro-watchdog", daemon=True)
 
@@ -263,40 +283,69 @@ class Watchdog:
         self._stopped.set()
 
     def beat(self) -> None:
-        self._last = time.monotonic()
+        """Progress: the next step starts now, and has timeout_s."""
+        self._deadline = (time.monotonic() + self.timeout_s, self.message)
+
+    @contextmanager
+    def slow(self, what: str):
+        """A stretch of long work (`what`: "the checkpoint of step 2000") under the slow bound; a beat after it."""
+        bound = slow_phase_timeout_s(self.timeout_s)
+        self._deadline = (
+            time.monotonic() + bound,
+            f"{what} did not finish within {bound:g} s (the bound for start-up, evaluation and checkpoints), so a "
+            "rank is hung or dead, or the file system stalled; restart the job (torchrun --max-restarts or Slurm "
+            "requeue) to resume from the last checkpoint.",
+        )
+        try:
+            yield
+        finally:
+            self.beat()
 
     def _watch(self) -> None:
         while not self._stopped.wait(min(1.0, self.timeout_s / 10)):
-            if self._last is not None and time.monotonic() - self._last > self.timeout_s:
-                print_error(self.message, self.info)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline[0]:
+                print_error(deadline[1], self.info)
                 os._exit(1)
 
 
 class StopVote:
-    """Agree on a stop request (a signal that reached some ranks) at the same step on every
-    rank, checked every step without a GPU sync: each rank's request is MAX-reduced on the
-    CPU (gloo) while the next step runs, and read one step later."""
+    """Agree on a stop request (a signal that reached some ranks only) at the same step on every
+    rank, on the job's own backend and without a new host sync.
 
-    def __init__(self, info: DistInfo):
-        self.info = info
-        self.group = dist.new_group(backend="gloo") if info.is_distributed else None
-        self._pending = None
+    Each step's loss is averaged over ranks anyway: the requests ride in that all-reduce, as one
+    count per signal beside the loss (so every rank also learns which signal came). The counts are
+    copied to the host asynchronously and read one step later, once the next step is queued: the
+    read waits only for work that is a step old, so the GPU queue never runs dry, and every rank
+    reads the same sums after the same step.
+    """
 
-    def poll(self, request: int) -> int:
-        """Called by every rank once per step: the largest request of all ranks at the previous call (0 at first)."""
-        if not self.info.is_distributed:
-            return request
-        agreed = 0
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()
-            agreed = int(flag)
-        flag = torch.tensor([request], dtype=torch.int64)
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
-        return agreed
+    def __init__(self, info: DistInfo, signals: tuple[int, ...]):
+        self.info, self.signals = info, signals
+        cuda = info.device_type == "cuda"
+        self._counts = torch.zeros(len(signals), pin_memory=cuda)  # the last reduce's counts, on the host
+        self._copied = torch.cuda.Event() if cuda else None
+        self._pending = False
 
-    def close(self) -> None:
-        """Wait for the last request in flight, so that no rank leaves with a collective half done."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+    def mean_loss(self, loss: torch.Tensor, request: int) -> torch.Tensor:
+        """The loss averaged over all ranks (on the device); this rank's request (a signal, or 0) joins
+        the same all-reduce."""
+        packed = torch.zeros(1 + len(self.signals), device=loss.device)
+        packed[0] = loss
+        if request in self.signals:  # a fill with a host scalar: no copy, no sync
+            packed[1 + self.signals.index(request)] = 1.0
+        all_reduce_sum(packed, self.info)
+        self._counts.copy_(packed[1:], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self._pending = True
+        return packed[0] / self.info.world_size
+
+    def agreed(self) -> int:
+        """The signal all ranks stop on, from the previous step's all-reduce (0: none, or no step yet)."""
+        if not self._pending:
+            return 0
+        if self._copied is not None:
+            self._copied.synchronize()
+        counts = self._counts.tolist()
+        return next((s for s, n in zip(self.signals, counts, strict=True) if n > 0), 0)

@@ -127,13 +127,16 @@ def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo) -> dict
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=info.device)  # (correct, correct_norm, n)
     padded = math.ceil(len(examples) / info.world_size) * info.world_size  # same forwards on every rank (FSDP)
-    for i in range(info.rank, padded, info.world_size):
-        ex = examples[i % len(examples)]
-        summed, mean = hellaswag_losses(model, enc, ex, info.device)
-        if i < len(examples):
-            counts[0] += int(min(range(len(summed)), key=summed.__getitem__) == ex.label)
-            counts[1] += int(min(range(len(mean)), key=mean.__getitem__) == ex.label)
-            counts[2] += 1
+    # Every example has rows of its own length: a compiled module (FSDP compiles each block in place)
+    # would recompile for each new one, so HellaSwag runs the modules eagerly.
+    with torch.compiler.set_stance("force_eager"):
+        for i in range(info.rank, padded, info.world_size):
+            ex = examples[i % len(examples)]
+            summed, mean = hellaswag_losses(model, enc, ex, info.device)
+            if i < len(examples):
+                counts[0] += int(min(range(len(summed)), key=summed.__getitem__) == ex.label)
+                counts[1] += int(min(range(len(mean)), key=mean.__getitem__) == ex.label)
+                counts[2] += 1
     D.all_reduce_sum(counts, info)
     model.train(was_training)
     n = int(counts[2])

@@ -114,7 +114,9 @@ def format_line(record: dict, max_steps: int, eta_s: float | None) -> str:
     if "hellaswag_acc_norm" in record:
         parts.append(f"hellaswag {record['hellaswag_acc_norm']:.4f}")
     if "loss" in record:
-        parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}", f"{record['tokens_per_s']:,.0f} tok/s"]
+        parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}"]
+        if record.get("tokens_per_s") is not None:  # none at a run's first step (compilation)
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         if record.get("mfu") is not None:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
     parts += [f"{key} {record[f'{key}_s']:.1f}s" for key in ("eval", "ckpt") if f"{key}_s" in record]

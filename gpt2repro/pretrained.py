@@ -2,6 +2,9 @@
 Hugging Face GPT-2 directory, a file from launch/export.py, or a checkpoint (or run directory)
 of this trainer. The new run starts at step 0 with a fresh optimizer; the network's shape is
 the source's, and block_size may only crop it (as nanoGPT's crop_block_size).
+
+One rank per job reads the source (its shape, then its weights) and hands the rest what they
+need over the process group: at 64 ranks of 1558M, reading it everywhere would be terabytes.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import json
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from gpt2repro import checkpoint
+from gpt2repro import distributed as D
 from gpt2repro.config import TrainConfig
 from gpt2repro.errors import first_line
 from gpt2repro.model import GPT, HF_NAMES, PRESETS, GPTConfig, _read_hf_config
@@ -38,7 +43,8 @@ def _kind(init_from: str) -> str:
 
 
 def source_config(init_from: str) -> GPTConfig:
-    """The source's network shape, read without loading its weights (except from a single exported file)."""
+    """The source's network shape from its small files (meta.json, config.json; an exported file's
+    pickled config, memory-mapped): no weights read, nothing hashed."""
     kind = _kind(init_from)
     if kind == "export":
         return GPTConfig(**checkpoint.read_export(Path(init_from))["config"])
@@ -46,13 +52,32 @@ def source_config(init_from: str) -> GPTConfig:
         hf = _read_hf_config(Path(init_from))
         return GPTConfig(hf["vocab_size"], hf["n_positions"], hf["n_layer"], hf["n_head"], hf["n_embd"])
     if kind == "checkpoint":
-        return GPTConfig(**checkpoint.read_meta(checkpoint.resolve_path(init_from))["model"])
+        return GPTConfig(**checkpoint.read_meta(checkpoint.newest_complete(init_from))["model"])
     return PRESETS[HF_NAMES[init_from]]
 
 
-def with_source_shape(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> TrainConfig:
-    """cfg with the network shape of cfg.init_from; a typed shape flag that disagrees is an error."""
-    source = source_config(cfg.init_from)
+def _on_rank0(fn, info: D.DistInfo | None, *args, share: bool = True):
+    """fn(*args) on rank 0 alone. Its ValueError is raised on every rank; its result is returned on
+    every rank when `share` (a small object, broadcast), else on rank 0 only (None elsewhere)."""
+    result = error = None
+    if info is None or info.is_main:
+        try:
+            result = fn(*args)
+        except ValueError as e:
+            error = str(e)
+    if info is not None and info.is_distributed:
+        shared, error = D.broadcast_object((result if share else None, error), info)
+        result = shared if share else result
+    if error:
+        raise ValueError(error)
+    return result
+
+
+def with_source_shape(cfg: TrainConfig, given: frozenset[str] = frozenset(), info: D.DistInfo | None = None
+                      ) -> TrainConfig:  # fmt: skip
+    """cfg with the network shape of cfg.init_from (read by rank 0 only, given info); a typed shape
+    flag that disagrees is an error."""
+    source = _on_rank0(source_config, info, cfg.init_from)
     conflicts = [f"--{f} {getattr(cfg, f)} (the source has {getattr(source, f)})"
                  for f in SHAPE_FIELDS if f in given and getattr(cfg, f) != getattr(source, f)]  # fmt: skip
     if "block_size" in given and cfg.block_size > source.block_size:
@@ -61,6 +86,15 @@ def with_source_shape(cfg: TrainConfig, given: frozenset[str] = frozenset()) -> 
         raise ValueError(f"--init_from {cfg.init_from} fixes the model's shape: drop {', '.join(conflicts)}.")
     block_size = cfg.block_size if "block_size" in given else source.block_size
     return cfg.replace(**{f: getattr(source, f) for f in SHAPE_FIELDS}, block_size=block_size)
+
+
+def load_into(model: GPT, init_from: str, info: D.DistInfo) -> None:
+    """Fill `model` (whole, or this rank's shards under FSDP) with the source's weights. Rank 0 alone
+    reads the source and holds its full state dict on the CPU; the other ranks receive theirs by
+    broadcast, each keeping only its shards."""
+    weights = _on_rank0(load_weights, info, init_from, model.config, share=False)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.is_distributed)
+    set_model_state_dict(model, weights or {}, options=options)
 
 
 def load_weights(init_from: str, config: GPTConfig) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ finite without a host sync (fused AdamW reads its found-inf flag on the device).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,9 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 
@@ -74,8 +73,8 @@ class TrainState:
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a
-    clean exit after the next optimizer step (all ranks agree through D.StopVote); a second
-    signal exits at once."""
+    clean exit after the next optimizer step (all ranks agree through D.StopVote, in the loss's
+    all-reduce); a second signal exits at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -218,9 +217,8 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
     resumed_from = load_resume_point(cfg, run_dir, raw_model, optimizer, scaler, state, info)
     if resumed_from is None:
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
-        if cfg.init_from:  # full weights on every rank; FSDP keeps each rank's shards
-            weights = pretrained.load_weights(cfg.init_from, raw_model.config)
-            set_model_state_dict(raw_model, weights, options=StateDictOptions(full_state_dict=True))
+        if cfg.init_from:  # read by rank 0, broadcast: FSDP ranks keep their shards
+            pretrained.load_into(raw_model, cfg.init_from, info)
 
     model = parallel.wrap(raw_model, strategy, info, compile_on)
     eval_model = parallel.for_eval(model)
@@ -250,34 +248,40 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
 
     consecutive_bad = torch.zeros((), dtype=torch.long, device=info.device)
     skipped = torch.full((), state.skipped_steps, dtype=torch.long, device=info.device)
-    window = ThroughputWindow(state.step)
-    vote = D.StopVote(info)
+    throughput = Throughput(state.step)
+    vote = D.StopVote(info, StopSignals.SIGNALS)
+    first_step = state.step + 1
     try:
         with StopSignals() as signals, D.Watchdog(cfg.collective_timeout_s, info) as watchdog:
             while state.step < cfg.max_steps:
-                loss, grad_norm = train_step(state.step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
+                starting = state.step + 1 == first_step
+                with watchdog.slow("start-up (the first step, compilation)") if starting else contextlib.nullcontext():
+                    loss, grad_norm = train_step(state.step, model, raw_model, optimizer, scaler, loader, cfg, autocast)
+                    if starting:  # compilation and warm-up stay out of tokens/s, MFU and the ETA
+                        synchronize(info.device)
+                        throughput.restart(first_step)
+                # A signal may reach some ranks only: all of them stop at the same step, the next one.
+                stop = vote.agreed()  # read one step late, while this step runs
                 # Mean over ranks every step (queued on the device, no host sync), so that every
                 # rank sees the same loss and takes the same non-finite decisions.
-                loss = D.all_reduce_mean(loss, info)
+                loss = vote.mean_loss(loss, signals.received)
                 consecutive_bad = torch.where(torch.isfinite(loss), 0, consecutive_bad + 1)
                 skipped += (~torch.isfinite(grad_norm)).long()
                 state.step += 1
                 state.tokens += tokens_per_step
                 done = state.step == cfg.max_steps
-                # A signal may reach some ranks only: all of them stop at the same step, the next one.
-                stop = vote.poll(signals.received)
                 record = {}
                 if state.step % cfg.log_interval == 0 or done:
                     loss_mean = loss.item()  # host sync: only at log steps
-                    train_s, steps = window.close(state.step)
-                    tok_s = tokens_per_step * steps / max(train_s, 1e-9)
+                    train_s, steps = throughput.close(state.step)
+                    tok_s = tokens_per_step * steps / train_s if steps else None  # none yet: the first step
                     state.skipped_steps = int(skipped)
                     record = {
                         "step": state.step, "tokens": state.tokens, "loss": loss_mean, "lr": lr_at(state.step - 1, cfg),
                         "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
-                        "mfu": mfu(flops_per_token, tok_s / info.world_size, peak),
+                        "mfu": mfu(flops_per_token, tok_s / info.world_size, peak) if tok_s else None,
                         "elapsed_s": None, "skipped_steps": state.skipped_steps,
-                        "eta_s": (cfg.max_steps - state.step) * train_s / max(1, steps),
+                        "eta_s": throughput.eta_s(cfg.max_steps - state.step),
                     }  # fmt: skip
                     if int(consecutive_bad) >= cfg.max_nonfinite_steps:
                         good = last_good(run_dir, state.step, int(consecutive_bad), resumed_from)
@@ -287,26 +291,28 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                             f"{where}. Lower --lr or check the data, then resume from it (--resume PATH)."
                         )
                 if state.step % cfg.eval_interval == 0 or done:
-                    val_loss, eval_s = timed(info.device, evaluate.val_loss, eval_model, val_windows, cfg.batch_size,
-                                             info, autocast)  # fmt: skip
-                    record.update(step=state.step, tokens=state.tokens, val_loss=val_loss)
-                    if hellaswag_examples:  # uncompiled: its rows vary in length
-                        scores, hellaswag_s = timed(
-                            info.device, evaluate.hellaswag, raw_model, hellaswag_examples, info
-                        )
-                        record["hellaswag_acc_norm"] = scores["acc_norm"]
-                        eval_s += hellaswag_s
+                    with watchdog.slow(f"the evaluation at step {state.step}"):
+                        val_loss, eval_s = timed(info.device, evaluate.val_loss, eval_model, val_windows,
+                                                 cfg.batch_size, info, autocast)  # fmt: skip
+                        record.update(step=state.step, tokens=state.tokens, val_loss=val_loss)
+                        if hellaswag_examples:
+                            scores, hellaswag_s = timed(
+                                info.device, evaluate.hellaswag, raw_model, hellaswag_examples, info
+                            )
+                            record["hellaswag_acc_norm"] = scores["acc_norm"]
+                            eval_s += hellaswag_s
                     record["eval_s"] = eval_s
-                    window.pause(eval_s)
+                    throughput.pause(eval_s)
                 # The step's record goes out before its checkpoint: a crash between the two must not
                 # leave a checkpoint whose step has no record (a resume never logs that step again).
                 if record and info.is_main:
                     emit(record, log, sink, cfg, started)
                 if state.step % cfg.ckpt_interval == 0 or done or stop:
                     good = last_good(run_dir, state.step, int(consecutive_bad), resumed_from)
-                    saved, ckpt_s = timed(info.device, save_checkpoint, run_dir, cfg, raw_model, optimizer, scaler,
-                                          state, info, keep_also=good)  # fmt: skip
-                    window.pause(ckpt_s)
+                    with watchdog.slow(f"the checkpoint of step {state.step}"):
+                        saved, ckpt_s = timed(info.device, save_checkpoint, run_dir, cfg, raw_model, optimizer,
+                                              scaler, state, info, keep_also=good)  # fmt: skip
+                    throughput.pause(ckpt_s)
                     if info.is_main:  # a record of its own, at the same step
                         emit({"step": state.step, "tokens": state.tokens, "ckpt_s": ckpt_s}, log, sink, cfg, started)
                 watchdog.beat()
@@ -316,7 +322,6 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
                               "is written; rerun the same command to resume", flush=True)  # fmt: skip
                     state.preempted = True
                     break
-            vote.close()
     finally:
         if log is not None:
             log.close()
@@ -342,22 +347,40 @@ def emit(record: dict, log: MetricsLog, sink, cfg: TrainConfig, started: float) 
     print(format_line(record, cfg.max_steps, eta), flush=True)
 
 
-class ThroughputWindow:
-    """Training time and steps since the last log line, with eval and checkpoint time left out,
-    so that tokens/s and MFU measure training steps only."""
+class Throughput:
+    """Training time per step, for tokens/s, MFU and the ETA.
+
+    Each log line's window counts training steps only: eval and checkpoint time is paused out,
+    and so is this process's first step (compilation, warm-up). The ETA adds eval and checkpoint
+    time back at the share of the run's time they took so far.
+    """
 
     def __init__(self, step: int):
+        self.start_s, self.start_step, self.paused_s = time.perf_counter(), step, 0.0
+        self.train_s = self.other_s = 0.0  # since the first step, for the ETA
+        self.steps = 0
+
+    def restart(self, step: int) -> None:
+        """The window starts again now, at `step` (what came before is left out)."""
         self.start_s, self.start_step, self.paused_s = time.perf_counter(), step, 0.0
 
     def pause(self, seconds: float) -> None:
         self.paused_s += seconds
+        self.other_s += seconds
 
     def close(self, step: int) -> tuple[float, int]:
         """(training seconds, steps) of the window ending now; the next one starts."""
         now = time.perf_counter()
         train_s, steps = now - self.start_s - self.paused_s, step - self.start_step
         self.start_s, self.start_step, self.paused_s = now, step, 0.0
+        self.train_s += train_s
+        self.steps += steps
         return train_s, steps
+
+    def eta_s(self, remaining_steps: int) -> float | None:
+        if not self.steps:
+            return None
+        return remaining_steps * (self.train_s + self.other_s) / self.steps
 
 
 def timed(device: str, fn, *args, **kwargs):

@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     info = asked = None
     try:
         args, asked, given = parse(sys.argv[1:] if argv is None else argv)
-        if asked.init_from:  # the network's shape is the source's
-            asked = with_source_shape(asked, given)
         with D.distributed_context(asked.device, asked.collective_timeout_s) as info:
+            if asked.init_from:  # the network's shape is the source's (read by rank 0 alone)
+                asked = with_source_shape(asked, given, info)
             if asked.dry_run:
                 if info.is_main:
                     print(dry_run(asked, given, args.world_size or info.world_size, info.device))

@@ -1,5 +1,6 @@
 """Surviving the cluster with real processes: signals, killed workers, hung ranks."""
 
+import json
 import os
 import signal
 import subprocess
@@ -84,16 +85,24 @@ def test_a_second_signal_exits_at_once(shakespeare_data, tmp_path):
 
 
 def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path):
+    # Nothing logged in between: the request travels in the loss's all-reduce (no gloo group beside the backend).
     out = tmp_path / "usr1"
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, "--max_steps", 200, nproc=2), env=env(),
+    args = ["--max_steps", 100000, "--log_interval", 1000, "--ckpt_interval", 3]
+    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    wait_for(lambda: logged_steps(out) >= 3)
-    os.kill(workers_of(proc)[1], signal.SIGUSR1)  # rank 1 only
+    rank1 = workers_of(proc)[1]
+    wait_for(lambda: (out / "checkpoints" / "step_00000003").exists())
+    os.kill(rank1, signal.SIGUSR1)  # rank 1 only
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
-    stopped_at = max(losses(out))
-    assert stopped_at < 200 and "stopping on SIGUSR1" in output
-    assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").exists()
+    stopped_at = int(output.split("stopping on SIGUSR1 at step ")[1].split(":")[0])
+    assert 3 < stopped_at < 1000
+    # Both ranks wrote their part of the checkpoint at that step: they stopped after the same step.
+    meta = json.loads((out / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").read_text())
+    assert sorted(name for name in meta["files"] if name.endswith(".distcp")) == [
+        "state/__0_0.distcp",
+        "state/__1_0.distcp",
+    ]
 
 
 def test_killed_worker_under_max_restarts_resumes_and_matches(two_rank_reference, shakespeare_data, tmp_path):
@@ -148,6 +157,27 @@ def test_a_signal_is_acted_on_at_the_next_step_whatever_log_interval(shakespeare
     assert 5 < stopped_at < 1000
     assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").exists()
     assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()
+
+
+# A file system where every fsync takes a second (a slow shared one): rank 0's checkpoint commit
+# then takes seconds while rank 1 waits for it in a collective.
+SLOW_FSYNC = "import os, time\n_fsync = os.fsync\nos.fsync = lambda fd: (time.sleep(1.0), _fsync(fd))[1]\n"
+
+
+def test_an_eval_and_a_checkpoint_longer_than_the_collective_timeout_are_no_hang(shakespeare_data, tmp_path):
+    site = tmp_path / "slow_fs"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_FSYNC)
+    out = tmp_path / "slow"
+    args = ["--max_steps", 6, "--eval_interval", 3, "--ckpt_interval", 3, "--eval_tokens", 98304,
+            "--collective_timeout_s", 2]  # fmt: skip
+    proc = subprocess.run(train_cmd(shakespeare_data, out, *args, nproc=2), capture_output=True, text=True,
+                          env={**env(), "PYTHONPATH": str(site)}, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["step"]: r for r in metrics(out)}
+    assert max(records) == 6
+    for step in (3, 6):  # each took longer than a step may: the watchdog bounds them separately
+        assert records[step]["eval_s"] > 2 and records[step]["ckpt_s"] > 2, records[step]
 
 
 def test_a_hung_rank_fails_the_job_with_one_clear_line(shakespeare_data, tmp_path):

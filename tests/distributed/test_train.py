@@ -11,7 +11,16 @@ import time
 import pytest
 import torch
 
-from tests.distributed.helpers import TINY, TRAIN, env, free_port, losses, metrics, run, train_cmd
+from tests.distributed.helpers import REPO, TINY, TRAIN, env, free_port, losses, metrics, run, train_cmd
+
+# Imported first by every Python process started with it on PYTHONPATH: logs which rank opens source.pt.
+AUDIT_OPENS = """import os, sys
+def _audit(event, args):
+    if event == "open" and str(args[0]).endswith("source.pt"):
+        with open(os.environ["OPENS_LOG"], "a") as f:
+            f.write(os.environ.get("RANK", "no rank") + "\\n")
+sys.addaudithook(_audit)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +74,25 @@ def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shake
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "---submod_1 graph---" in proc.stderr, "the compiled graph was not split into DDP buckets"
     assert_close_losses(losses(reference), losses(out))
+    first, second = metrics(out)[:2]
+    assert first["tokens_per_s"] is None and second["tokens_per_s"] > 0  # compilation is not a training step
+
+
+def test_init_from_is_read_by_one_rank_and_trains_as_one_process(reference, shakespeare_data, tmp_path):
+    source = tmp_path / "source.pt"
+    run([sys.executable, str(REPO / "launch" / "export.py"), "--ckpt", str(reference), "--pt", str(source)])
+    site, opens = tmp_path / "audit", tmp_path / "opens.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AUDIT_OPENS)
+    two = tmp_path / "two"
+    cmd = train_cmd(shakespeare_data, two, "--max_steps", 4, "--init_from", source, nproc=2)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**env(), "PYTHONPATH": str(site), "OPENS_LOG": str(opens)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(opens.read_text().split()) == {"0"}, "a rank other than 0 opened the weights file"
+    one = tmp_path / "one"  # the oracle: one process reads it all, nothing is broadcast
+    run(train_cmd(shakespeare_data, one, "--max_steps", 4, "--grad_accum_steps", 2, "--init_from", source))
+    assert_close_losses(losses(one), losses(two))
 
 
 def test_two_node_launch_equals_one_node(reference, shakespeare_data, tmp_path):

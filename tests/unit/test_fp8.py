@@ -55,3 +55,48 @@ def test_fp8_training_follows_bf16_from_the_same_weights():
 def test_fp8_needs_an_fp8_gpu():
     with pytest.raises(ValueError, match="compute capability 8.9 or newer"):
         fp8.check_supported("cpu")
+
+
+def _one_step(model, cfg, optimizer):
+    batch = torch.randint(0, CONFIG.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(batch[:, :-1], batch[:, 1:], return_logits=False)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_checkpoints_resume_across_fp8_both_ways(tmp_path):
+    """fp8 changes no parameter name: a bf16 run's checkpoint resumes in an fp8 run, and back."""
+    from gpt2repro import distributed as D
+    from gpt2repro import train
+    from gpt2repro.config import TrainConfig
+    from gpt2repro.shards import write_json_atomic
+
+    shape = {f: getattr(CONFIG, f) for f in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    cfg = TrainConfig(**shape, dtype="bfloat16", batch_size=4)
+    info = D.DistInfo()
+    for saved_fp8 in (False, True):
+        run_dir = tmp_path / f"from_fp8_{saved_fp8}"
+        run_dir.mkdir()
+        write_json_atomic(run_dir / "config.json", {**cfg.replace(fp8=saved_fp8).to_dict(), "world_size": 1})
+        models = []
+        for use_fp8 in (saved_fp8, not saved_fp8):
+            torch.manual_seed(0)
+            model = GPT(CONFIG)
+            if use_fp8:
+                fp8.convert(model)
+            models.append((model, train.make_optimizer(model, cfg), train.make_scaler("bfloat16", "cpu")))
+        (source, source_opt, scaler), (target, target_opt, target_scaler) = models
+        _one_step(source, cfg, source_opt)  # AdamW state to carry over
+        train.save_checkpoint(run_dir, cfg, source, source_opt, scaler, train.TrainState(step=1, tokens=128), info)
+        resumed = cfg.replace(fp8=not saved_fp8)
+        train.check_run_dir(run_dir, resumed, 1)  # the run dir accepts the change
+        state = train.TrainState()
+        assert train.load_resume_point(resumed, run_dir, target, target_opt, target_scaler, state, info)
+        assert state.step == 1
+        for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+        for a, b in zip(source_opt.state.values(), target_opt.state.values(), strict=True):
+            assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        _one_step(target, cfg, target_opt)  # and it trains on

@@ -98,6 +98,17 @@ def test_fields_typed_on_the_command_line_beat_what_the_preset_derives():
     assert "grad_accum_steps given" in _dry_run("--config", "gpt2-124m", "--batch_size", "8", "--grad_accum_steps", "2")
 
 
+def test_a_typed_batch_size_that_moves_the_step_much_gets_its_own_warning_line():
+    base = C.PRESETS["gpt2-124m"]  # 524,288 tokens per step
+    cfg, given = C.parse_overrides(base, ["--batch_size", "64"])
+    text = C.describe_batch(cfg, C.resolve(cfg, 16, given), 16, given)
+    warning = text.splitlines()[1]
+    assert warning.startswith("warning: --batch_size 64 on 16 rank(s) makes each step 1,048,576 tokens, 2.00x")
+    for ok in (["--batch_size", "8"], ["--batch_size", "64", "--total_batch_tokens", "1048576"]):
+        cfg, given = C.parse_overrides(base, ok)
+        assert "warning" not in C.describe_batch(cfg, C.resolve(cfg, 16, given), 16, given)
+
+
 def test_overrides_parse_both_forms_and_types():
     cfg, given = C.parse_overrides(C.PRESETS["gpt2-124m"], ["--lr=3e-4", "--max_steps", "5e3", "--bias", "false"])
     assert (cfg.lr, cfg.max_steps, cfg.bias) == (3e-4, 5000, False)
@@ -164,5 +175,5 @@ def test_a_run_from_before_a_field_existed_still_resumes(tmp_path):
         del written[added_since]
     (tmp_path / "config.json").write_text(json.dumps(written))
     check_run_dir(tmp_path, cfg, 1)  # the run had the defaults: the same run
-    with pytest.raises(ValueError, match=r"fp8: False -> True"):
-        check_run_dir(tmp_path, cfg.replace(fp8=True), 1)
+    with pytest.raises(ValueError, match=r"init_from: '' -> 'gpt2'"):
+        check_run_dir(tmp_path, cfg.replace(init_from="gpt2"), 1)
