@@ -27,14 +27,14 @@ def expand_nodelist(spec: str) -> list[str]:
 
 
 def torchrun_command(
-    nodes: list[str], node_rank: int, gpus_per_node: int, job_id: str, train_args: list[str],
-    port: int = 29500, max_restarts: int = 3,
-) -> list[str]:  # fmt: skip
+    nodes: list[str], gpus_per_node: int, job_id: str, train_args: list[str], port: int = 29500, max_restarts: int = 3,
+) -> list[str]:
+    """The same command on every node: the c10d rendezvous assigns the node ranks (torchrun warns that
+    --node-rank is ignored with it)."""
     return [
         "torchrun",
         f"--nnodes={len(nodes)}",
         f"--nproc_per_node={gpus_per_node}",
-        f"--node-rank={node_rank}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={nodes[0]}:{port}",
         f"--rdzv-id={job_id}",

@@ -74,18 +74,27 @@ class TrainState:
 class StopSignals:
     """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a
     clean exit after the next optimizer step (all ranks agree through D.StopVote, in the loss's
-    all-reduce); a second signal exits at once."""
+    all-reduce); a second signal exits at once.
+
+    Under Slurm one request often arrives twice: Slurm signals every process of the job step,
+    and torchrun forwards the SIGTERM it got to its workers. The same signal again within
+    DUPLICATE_S of the first is that duplicate, not a second request.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    DUPLICATE_S = 10.0
 
     def __init__(self):
         self.received = 0
+        self._received_at = 0.0
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.received:
+            if signum == self.received and time.monotonic() - self._received_at < self.DUPLICATE_S:
+                return
             os._exit(128 + signum)
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

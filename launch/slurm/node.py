@@ -3,7 +3,7 @@
     python launch/slurm/node.py --config gpt2-124m --data DIR --out RUN_DIR       (inside a Slurm job)
     python launch/slurm/node.py --dry-run --config ...                           (prints every node's command)
 
-Reads SLURM_JOB_NODELIST, SLURM_NODEID and SLURM_JOB_ID; GPUS_PER_NODE (default 8),
+Reads SLURM_JOB_NODELIST and SLURM_JOB_ID; GPUS_PER_NODE (default 8),
 RDZV_PORT (29500) and MAX_RESTARTS (3) from the environment.
 """
 
@@ -15,6 +15,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gpt2repro.slurm import expand_nodelist, torchrun_command  # noqa: E402
+
+
+def run_torchrun(cmd: list[str]) -> int:
+    """torchrun's own agent, in this process. A clean stop (Slurm's SIGTERM on requeue or time limit,
+    after which the workers checkpoint) ends in one line, not torchrun's SignalException traceback;
+    failed workers in torchrun's summary of them, without the agent's traceback below it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    node = os.environ.get("SLURMD_NODENAME", "this node")
+    try:
+        run(get_args_parser().parse_args(cmd[1:]))
+    except SignalException as e:
+        print(f"{node}: torchrun stopped on {e.sigval.name} (its workers checkpoint first)", file=sys.stderr)
+        return 128 + e.sigval
+    except ChildFailedError as e:
+        print(f"{node}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -32,11 +52,10 @@ def main(argv: list[str]) -> int:
         max_restarts=int(os.environ.get("MAX_RESTARTS", "3")),
     )
     if dry_run:
-        for rank, node in enumerate(nodes):
-            print(f"{node}: {shlex.join(torchrun_command(nodes, rank, train_args=train_args, **options))}")
+        for node in nodes:
+            print(f"{node}: {shlex.join(torchrun_command(nodes, train_args=train_args, **options))}")
         return 0
-    cmd = torchrun_command(nodes, int(os.environ["SLURM_NODEID"]), train_args=train_args, **options)
-    os.execvp(cmd[0], cmd)
+    return run_torchrun(torchrun_command(nodes, train_args=train_args, **options))
 
 
 if __name__ == "__main__":

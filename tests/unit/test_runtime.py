@@ -41,8 +41,8 @@ def test_sbatch_dry_run_prints_one_torchrun_per_node():
                           "--out", "r"], env=env, capture_output=True, text=True, check=True)  # fmt: skip
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2
-    for rank, (line, node) in enumerate(zip(lines, ("gpu07", "gpu08"), strict=True)):
-        assert line.startswith(f"{node}: torchrun --nnodes=2 --nproc_per_node=8 --node-rank={rank} ")
+    for line, node in zip(lines, ("gpu07", "gpu08"), strict=True):
+        assert line.startswith(f"{node}: torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d ")
         assert "--rdzv-backend=c10d --rdzv-endpoint=gpu07:29500 --rdzv-id=4242" in line
         assert line.endswith("launch/train.py --config gpt2-124m --data d --out r")
 
