@@ -27,7 +27,12 @@ def expand_nodelist(spec: str) -> list[str]:
 
 
 def torchrun_command(
-    nodes: list[str], gpus_per_node: int, job_id: str, train_args: list[str], port: int = 29500, max_restarts: int = 3,
+    nodes: list[str],
+    gpus_per_node: int,
+    job_id: str,
+    train_args: list[str],
+    port: int = 29500,
+    max_restarts: int = 3,
 ) -> list[str]:
     """The same command on every node: the c10d rendezvous assigns the node ranks (torchrun warns that
     --node-rank is ignored with it)."""
