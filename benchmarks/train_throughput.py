@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--grad_accum_steps", type=int, default=1)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--compile", default="auto")
-    p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp"))
+    p.add_argument("--strategy", default="auto", choices=("auto", "ddp", "fsdp", "hsdp"))
     p.add_argument("--activation_checkpointing", default="false", choices=("true", "false"))
     p.add_argument("--fused_loss", default="auto", choices=("auto", "true", "false"), help="the 'ours' row's")
     p.add_argument(
@@ -145,7 +145,8 @@ def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     dtype, autocast = precision(cfg, info.device_type)  # as the trainer: TF32 for fp32 matmuls on CUDA
     compile_on = compile_on_for(cfg, info.device_type)
     plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, parallel.gpu_memory_bytes(cfg, device),
-                         compiled=compile_on, device_type=info.device_type)  # fmt: skip
+                         compiled=compile_on, device_type=info.device_type,
+                         ranks_per_node=info.local_world_size)  # fmt: skip
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -153,7 +154,9 @@ def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     else:
         reset_peak_host_bytes()
 
-    raw = parallel.build_model(model_config(cfg), plan.strategy, dtype, device, seed=0, fp8=cfg.fp8)
+    raw = parallel.build_model(
+        model_config(cfg), plan.strategy, dtype, device, seed=0, fp8=cfg.fp8, ranks_per_node=info.local_world_size
+    )
     raw.activation_checkpointing = cfg.activation_checkpointing
     raw.fused_loss = fused_loss_on(cfg.fused_loss, info.device_type)
     optimizer, scaler = make_optimizer(raw, cfg), make_scaler(dtype, info.device_type)

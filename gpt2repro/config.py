@@ -46,7 +46,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: str = "auto"  # auto (on for CUDA) | true | false
     device: str = "auto"  # auto | cpu | cuda
-    strategy: str = "auto"  # auto (fsdp when the planner says ddp does not fit) | ddp | fsdp
+    strategy: str = "auto"  # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp)
     activation_checkpointing: bool = False
     # auto | true | false: the loss without the full logits (gpt2repro/loss.py); auto: on a CPU only
     fused_loss: str = "auto"
@@ -358,7 +358,7 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         "compile": ("auto", "true", "false"),
         "fused_loss": ("auto", "true", "false"),
         "device": ("auto", "cpu", "cuda"),
-        "strategy": ("auto", "ddp", "fsdp"),
+        "strategy": ("auto", "ddp", "fsdp", "hsdp"),
         "lr_schedule": ("cosine", "constant", "wsd"),
         "wandb": ("online", "offline", "disabled"),
     }

@@ -27,6 +27,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -84,7 +85,9 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     chosen = _pick_device(device, local_rank)
     if chosen.startswith("cuda"):
         torch.cuda.set_device(chosen)
-    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen,
+                    local_world_size=local_world_size)  # fmt: skip
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.startswith("cuda") else "gloo"
         # A hung NCCL collective then tears the process down after `timeout`, so that torchrun or

@@ -74,18 +74,22 @@ def estimate(
     grad_accum_steps: int = 1,
     fused_loss: bool = True,
     compiled: bool = False,
+    ranks_per_node: int = 0,
 ) -> MemoryPlan:
-    """Peak bytes per GPU for training `config` (dtype float32|bfloat16|float16; strategy ddp|fsdp)."""
-    if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
+    """Peak bytes per GPU for training `config` (dtype float32|bfloat16|float16; strategy ddp|fsdp|hsdp).
+
+    hsdp shards within a node of ranks_per_node GPUs (0: all of world_size) and replicates across
+    nodes: per GPU, it is fsdp on one node's ranks."""
+    if strategy not in ("ddp", "fsdp", "hsdp"):
+        raise ValueError(f"strategy must be ddp, fsdp or hsdp, got {strategy!r}")
     C, L, T, V = config.n_embd, config.n_layer, config.block_size, config.padded_vocab_size
     half = 2 if dtype in ("bfloat16", "float16") else 4  # bytes of the compute dtype
     block_params = 12 * C * C + 13 * C if config.bias else 12 * C * C + 2 * C
     root_params = V * C + T * C + 2 * C
     N = L * block_params + root_params
     tokens = batch_size * T
-    fsdp = strategy == "fsdp"
-    W = world_size if fsdp else 1
+    fsdp = strategy in ("fsdp", "hsdp")
+    W = 1 if not fsdp else (min(ranks_per_node or world_size, world_size) if strategy == "hsdp" else world_size)
 
     weights = 4 * N // W
     optimizer = 8 * N // W
@@ -129,10 +133,12 @@ def _loss_bytes(tokens: int, V: int, C: int, half: int, fused: bool, compiled: b
     return 4 * V * C + max(chunk_bytes, 4 * V * C)
 
 
-def choose_strategy(ddp_plan: MemoryPlan, gpu_memory_bytes: float) -> str:
-    """auto: DDP while it fits (it is simpler and communicates less), FSDP when it does not."""
+def choose_strategy(ddp_plan: MemoryPlan, gpu_memory_bytes: float, hsdp_plan: MemoryPlan | None = None) -> str:
+    """auto: DDP while it fits (it is simpler and communicates less); when it does not, HSDP on several
+    nodes (hsdp_plan given) if sharding within a node fits, so that the per-block all-gathers stay on
+    the node's fast links; FSDP otherwise."""
     if ddp_plan.world_size > 1 and gpu_memory_bytes > 0 and not ddp_plan.fits(gpu_memory_bytes):
-        return "fsdp"
+        return "hsdp" if hsdp_plan is not None and hsdp_plan.fits(gpu_memory_bytes) else "fsdp"
     return "ddp"
 
 

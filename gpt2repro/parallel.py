@@ -7,6 +7,9 @@ pieces of a step that differ between them (gradient sync during accumulation, th
            (embeddings, ln_f, the tied lm_head): parameters, gradients and AdamW state are
            sharded across ranks, blocks are all-gathered in 16-bit just before they run,
            gradients are reduce-scattered in fp32. Needed from GPT-2 1558M on 40 GB GPUs.
+    hsdp : fsdp within each node, replicated across nodes (a 2-D device mesh): the per-block
+           all-gathers and reduce-scatters stay on a node's fast links, and only one gradient
+           all-reduce per step crosses nodes. For multi-node jobs that need sharding.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -40,35 +44,40 @@ def gpu_memory_bytes(cfg: TrainConfig, device: str) -> float:
 
 def plan(
     cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_bytes: float, compiled: bool,
-    device_type: str,
+    device_type: str, ranks_per_node: int = 0,
 ) -> memory.MemoryPlan:  # fmt: skip
-    """The memory plan of cfg's layout on device_type, with strategy auto resolved (to ddp or fsdp)."""
+    """The memory plan of cfg's layout on device_type, with strategy auto resolved (to ddp, fsdp, or
+    hsdp when the ranks span several nodes of ranks_per_node; 0: one node)."""
 
     def estimate(strategy: str) -> memory.MemoryPlan:
         return memory.estimate(
             config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
             activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
-            fused_loss=fused_loss_on(cfg.fused_loss, device_type), compiled=compiled,
+            fused_loss=fused_loss_on(cfg.fused_loss, device_type), compiled=compiled, ranks_per_node=ranks_per_node,
         )  # fmt: skip
 
     if cfg.strategy != "auto":
         return estimate(cfg.strategy)
-    return estimate(memory.choose_strategy(estimate("ddp"), gpu_bytes))
+    several_nodes = 0 < ranks_per_node < world_size
+    return estimate(memory.choose_strategy(estimate("ddp"), gpu_bytes, estimate("hsdp") if several_nodes else None))
 
 
-def build_model(config: GPTConfig, strategy: str, dtype: str, device: str, seed: int, fp8: bool = False) -> GPT:
+def build_model(
+    config: GPTConfig, strategy: str, dtype: str, device: str, seed: int, fp8: bool = False, ranks_per_node: int = 0
+) -> GPT:
     """The model laid out for `strategy` on `device`, with the weights GPT(config) gets after
     torch.manual_seed(seed) on the CPU, whatever the layout; fp8: the blocks' Linear layers
     train in float8 (gpt2repro/fp8.py), converted before sharding (ValueError where unsupported).
 
-    ddp: built whole on the CPU, then moved. fsdp: built on the meta device (no memory),
+    ddp: built whole on the CPU, then moved. fsdp, hsdp: built on the meta device (no memory),
     sharded, and only then given memory: each rank holds just its shards (1558M: ~6 GB of fp32
-    weights per rank otherwise, 48 GB per 8-GPU node, before any sharding).
+    weights per rank otherwise, 48 GB per 8-GPU node, before any sharding). hsdp shards within
+    nodes of ranks_per_node ranks and replicates across them.
     """
     if fp8:
         fp8_training.check_supported(device)  # before any memory is spent
     torch.manual_seed(seed)
-    if strategy != "fsdp":
+    if strategy == "ddp":
         model = GPT(config).to(device)
         if fp8:
             fp8_training.convert(model)
@@ -77,7 +86,7 @@ def build_model(config: GPTConfig, strategy: str, dtype: str, device: str, seed:
         model = GPT(config)
     if fp8:
         fp8_training.convert(model)
-    shard(model, dtype)
+    shard(model, dtype, hsdp_mesh(device, ranks_per_node) if strategy == "hsdp" else None)
     model.to_empty(device=device)
     _replay_init(model, seed)
     return model
@@ -124,8 +133,19 @@ def _plain_twin(module: nn.Module) -> tuple[type[nn.Module], tuple]:
     raise TypeError(f"no meta-device init for {type(module).__name__}")
 
 
-def shard(model: GPT, dtype: str) -> None:
-    """FSDP2 in place: one group per block, the root group holds the rest (so the tied weight once)."""
+def hsdp_mesh(device: str, ranks_per_node: int) -> DeviceMesh:
+    """(nodes, ranks per node): torchrun numbers each node's ranks contiguously, so a row is one node.
+    FSDP2 on a 2-D mesh replicates along the first dimension and shards along the second."""
+    world_size = torch.distributed.get_world_size()
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        raise ValueError(f"--strategy hsdp needs whole nodes: {world_size} ranks in nodes of {ranks_per_node}.")
+    shape = (world_size // ranks_per_node, ranks_per_node)
+    return init_device_mesh(torch.device(device).type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: GPT, dtype: str, mesh: DeviceMesh | None = None) -> None:
+    """FSDP2 in place: one group per block, the root group holds the rest (so the tied weight once).
+    mesh: a 2-D (replicate, shard) mesh for HSDP; None shards over all ranks."""
     compute = PTDTYPE[dtype] if dtype != "float32" else None
     # Compute in 16-bit, keep fp32 master weights, reduce gradients in fp32.
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
@@ -134,8 +154,9 @@ def shard(model: GPT, dtype: str) -> None:
     blocks = model.transformer.h
     for i, block in enumerate(blocks):
         # Backward starts with the last block: keeping it gathered after forward saves an all-gather.
-        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.hsdp = mesh is not None  # for strategy_of
 
 
 def wrap(model: GPT, strategy: str, info: DistInfo, compile_on: bool) -> torch.nn.Module:
@@ -144,7 +165,7 @@ def wrap(model: GPT, strategy: str, info: DistInfo, compile_on: bool) -> torch.n
     For fsdp, `shard` must already have run (before the optimizer is built); each block is
     compiled on its own, which keeps FSDP's hooks between compiled regions.
     """
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "hsdp"):
         if compile_on:
             for block in model.transformer.h:
                 block.compile()
@@ -158,7 +179,9 @@ def wrap(model: GPT, strategy: str, info: DistInfo, compile_on: bool) -> torch.n
 
 
 def strategy_of(model: torch.nn.Module) -> str:
-    return "fsdp" if isinstance(model, FSDPModule) else "ddp"
+    if not isinstance(model, FSDPModule):
+        return "ddp"
+    return "hsdp" if getattr(model, "hsdp", False) else "fsdp"
 
 
 def for_eval(model: torch.nn.Module) -> torch.nn.Module:

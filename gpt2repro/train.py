@@ -209,15 +209,18 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
 
     gpu_bytes = parallel.gpu_memory_bytes(cfg, info.device)
     compile_on = compile_on_for(cfg, device_type)
-    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes, compile_on, device_type)
+    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes, compile_on, device_type,
+                         ranks_per_node=info.local_world_size)  # fmt: skip
     strategy = plan.strategy
-    if strategy == "fsdp" and not info.is_distributed:
+    if strategy in ("fsdp", "hsdp") and not info.is_distributed:
         raise ValueError(
-            "--strategy fsdp shards the model across ranks: launch 2 or more with torchrun, or use --strategy ddp."
+            f"--strategy {strategy} shards the model across ranks: launch 2 or more with torchrun, or use "
+            "--strategy ddp."
         )
 
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
-    raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed, fp8=cfg.fp8)
+    raw_model = parallel.build_model(model_config(cfg), strategy, dtype, info.device, cfg.seed, fp8=cfg.fp8,
+                                     ranks_per_node=info.local_world_size)  # fmt: skip
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.fused_loss = fused_loss_on(cfg.fused_loss, device_type)
     optimizer = make_optimizer(raw_model, cfg)

@@ -39,8 +39,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset
     p.add_argument("--config", required=True, help="preset name or JSON file")
     p.add_argument("--data", help="prepared dataset directory (data_prep/prepare.py)")
     p.add_argument("--out", help="run directory: config, metrics.jsonl, checkpoints")
-    p.add_argument("--world_size", type=int, default=0,
-                   help="with --dry_run true: plan for this many GPUs (default: this launch's ranks)")  # fmt: skip
+    p.add_argument(
+        "--world_size",
+        type=int,
+        default=0,
+        help="with --dry_run true: plan for this many GPUs (default: this launch's ranks)",
+    )
+    p.add_argument("--gpus_per_node", type=int, default=0,
+                   help="with --dry_run true: GPUs per node, for hsdp (default: --world_size, one node)")  # fmt: skip
     args, rest = p.parse_known_args(argv)
     cfg, given = C.parse_overrides(C.load_base(args.config), rest)
     if not cfg.dry_run and not (args.data and args.out):
@@ -48,8 +54,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset
     return args, cfg, given
 
 
-def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device: str) -> str:
-    """The batch and memory plan of this configuration on world_size GPUs; nothing is allocated."""
+def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device: str, gpus_per_node: int = 0) -> str:
+    """The batch and memory plan of this configuration on world_size GPUs (in nodes of gpus_per_node);
+    nothing is allocated."""
     cfg = C.resolve(asked, world_size, given)
     gpu_bytes = gpu_memory_bytes(cfg, device)
     dtype = cfg.dtype
@@ -57,7 +64,8 @@ def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device
         dtype = "bfloat16" if gpu_bytes else "float32"
     device_type = "cuda" if gpu_bytes else "cpu"  # a plan for GPUs, given their memory
     compiled = C.compile_on_for(cfg, device_type)
-    plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes, compiled, device_type)
+    plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes, compiled, device_type,
+                         ranks_per_node=gpus_per_node or world_size)  # fmt: skip
     strategy = f"strategy {cfg.strategy}" + (f" -> {plan.strategy}" if cfg.strategy == "auto" else "")
     batch = C.describe_batch(asked, cfg, world_size, given)
     return f"dry run: {strategy} on {world_size} rank(s), nothing trained\n{batch}\n{format_plan(plan, gpu_bytes)}"
@@ -72,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 asked = with_source_shape(asked, given, info)
             if asked.dry_run:
                 if info.is_main:
-                    print(dry_run(asked, given, args.world_size or info.world_size, info.device))
+                    world_size = args.world_size or info.world_size
+                    per_node = args.gpus_per_node or (info.local_world_size if not args.world_size else world_size)
+                    print(dry_run(asked, given, world_size, info.device, per_node))
                 return 0
             cfg = C.resolve(asked, info.world_size, given)
             if info.is_main:

@@ -114,3 +114,17 @@ def test_dry_run_prints_the_plan_and_auto_picks_fsdp_when_ddp_does_not_fit(train
 
     forced = dry_run("--config", "gpt2-1558m", "--world_size", "8", "--gpu_memory_gb", "24", "--strategy", "ddp")
     assert "does NOT fit in 24.0 GiB" in forced and "--strategy fsdp" in forced
+
+    # Two nodes of 8: sharding within a node fits, so the all-gathers stay inside the nodes.
+    nodes = dry_run("--config", "gpt2-1558m", "--world_size", "16", "--gpus_per_node", "8", "--gpu_memory_gb", "24")
+    assert "strategy auto -> hsdp" in nodes and "fits in 24.0 GiB" in nodes
+
+
+def test_hsdp_holds_per_gpu_what_fsdp_on_one_node_holds():
+    config = model_config(resolve(PRESETS["gpt2-1558m"], 16))
+    common = dict(batch_size=2, dtype="bfloat16", grad_accum_steps=2, fused_loss=False, compiled=True)
+    hsdp = memory.estimate(config, world_size=16, ranks_per_node=8, strategy="hsdp", **common)
+    fsdp_node = memory.estimate(config, world_size=8, strategy="fsdp", **common)
+    fsdp_all = memory.estimate(config, world_size=16, strategy="fsdp", **common)
+    assert hsdp.total == fsdp_node.total  # sharded over a node's 8 GPUs, replicated across nodes
+    assert fsdp_all.weights < hsdp.weights and fsdp_all.optimizer < hsdp.optimizer
