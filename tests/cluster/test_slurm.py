@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.helpers import REPO, TINY, env, losses, run, train_cmd
+from tests.distributed.helpers import REPO, TINY, env, logged_steps, losses, run, train_cmd, wait_for
 
 SLURM_SH = str(REPO / "tests" / "cluster" / "slurm.sh")
 SBATCH = str(REPO / "launch" / "slurm" / "train.sbatch")
@@ -74,18 +74,6 @@ def wait_for_end(job: str, timeout: float = 180) -> str:
     raise AssertionError(f"job {job} did not end within {timeout} s")
 
 
-def wait_for(predicate, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.2)
-
-
-def logged(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def kill_node_step(node: str) -> list[int]:
     """kill -9 every process of this node's job step (its torchrun agent and workers), as a lost node."""
     pids = subprocess.run(["ip", "netns", "pids", f"g2r-{node}"], capture_output=True, text=True).stdout.split()
@@ -132,7 +120,7 @@ def assert_same_losses(out: Path, reference: Path, rel: float = 1e-5) -> None:
 def test_requeue_mid_run_checkpoints_and_resumes(uninterrupted, shakespeare_data, tmp_path):
     out = tmp_path / "requeued"
     job, log = submit(shakespeare_data, out)
-    wait_for(lambda: logged(out) >= 8)
+    wait_for(lambda: logged_steps(out) >= 8)
     slurm("run", "scontrol", "requeue", job)
     assert wait_for_end(job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
@@ -146,7 +134,7 @@ def test_time_limit_warning_checkpoints_and_requeues(uninterrupted, shakespeare_
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", Path(SBATCH).read_text(), re.M)  # asked of Slurm
     out = tmp_path / "time_limit"
     job, log = submit(shakespeare_data, out)
-    wait_for(lambda: logged(out) >= 8)
+    wait_for(lambda: logged_steps(out) >= 8)
     slurm("run", "scancel", "--signal=USR1", "--batch", job)  # what Slurm sends before the limit
     assert wait_for_end(job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
@@ -173,7 +161,7 @@ def test_a_lost_node_requeues_the_job_which_resumes(uninterrupted, shakespeare_d
 def test_a_lost_node_past_the_requeue_limit_fails_with_one_line(cluster, shakespeare_data, tmp_path):
     out = tmp_path / "no_more"
     job, log = submit(shakespeare_data, out, sbatch_env={"MAX_REQUEUES": "0"})
-    wait_for(lambda: logged(out) >= 3)
+    wait_for(lambda: logged_steps(out) >= 3)
     assert kill_node_step("n2")
     assert wait_for_end(job) == "FAILED"
     errors = [line for line in log.read_text().splitlines() if line.startswith("error: node")]

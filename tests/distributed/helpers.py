@@ -8,6 +8,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,3 +71,17 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def logged_steps(run_dir: Path) -> int:
+    """Lines in metrics.jsonl so far (0 before it exists)."""
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(predicate, timeout: float = 120) -> None:
+    """Poll until predicate() holds; fail the test after timeout seconds."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.02)

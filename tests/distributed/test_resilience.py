@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,18 @@ import pytest
 
 from gpt2repro import shards
 from gpt2repro.data import BatchSpec, ShardLoader
-from tests.distributed.helpers import TINY, TRAIN, env, free_port, losses, metrics, run, train_cmd
+from tests.distributed.helpers import (
+    TINY,
+    TRAIN,
+    env,
+    free_port,
+    logged_steps,
+    losses,
+    metrics,
+    run,
+    train_cmd,
+    wait_for,
+)
 
 LONG = ["--max_steps", 12, "--ckpt_interval", 4]
 
@@ -23,18 +33,6 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except FileNotFoundError:
         return []
-
-
-def wait_for(predicate, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
-def logged_steps(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 @pytest.fixture(scope="module")
