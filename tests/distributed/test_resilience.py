@@ -82,11 +82,35 @@ def test_a_second_signal_exits_at_once(shakespeare_data, tmp_path):
     assert "stopping on" not in stdout and not (out / "checkpoints").exists()
 
 
+# Imported first by every Python process started with it on PYTHONPATH: torch.distributed.new_group
+# raises, so a trainer that opens a second process group (a gloo one beside NCCL, say) fails.
+ONE_PROCESS_GROUP = """import importlib.abc, importlib.util, sys
+class _NoNewGroup(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "torch.distributed.distributed_c10d":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+        def exec_module(module):
+            run_module(module)
+            def new_group(*args, **kwargs):
+                raise RuntimeError("the trainer opened a second process group")
+            module.new_group = new_group
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, _NoNewGroup())
+"""
+
+
 def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path):
-    # Nothing logged in between: the request travels in the loss's all-reduce (no gloo group beside the backend).
+    # Nothing logged in between: the request travels in the loss's all-reduce, on the job's one process group.
+    site = tmp_path / "one_group"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(ONE_PROCESS_GROUP)
     out = tmp_path / "usr1"
     args = ["--max_steps", 100000, "--log_interval", 1000, "--ckpt_interval", 3]
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env=env(),
+    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env={**env(), "PYTHONPATH": str(site)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     rank1 = workers_of(proc)[1]
     wait_for(lambda: (out / "checkpoints" / "step_00000003").exists())
