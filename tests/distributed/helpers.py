@@ -56,7 +56,9 @@ def train_cmd(data: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
 def run(cmd: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
     if check:
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        # The first errors too: under torchrun the rank that failed first is often far above the tail.
+        errors = "\n".join([line for line in proc.stderr.splitlines() if "Error" in line][:5])
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{errors}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
