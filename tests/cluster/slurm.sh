@@ -73,8 +73,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# A requeued job waits cred_expire + 1 s before it runs again (121 s by default).
-AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
+# A requeued job waits cred_expire + 1 s (121 s by default) and up to sched_interval before it runs again.
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -89,7 +89,7 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=5
+SchedulerParameters=sched_interval=2
 ReturnToService=2
 SlurmdTimeout=30
 KillWait=30

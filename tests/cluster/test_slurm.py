@@ -117,56 +117,47 @@ def assert_same_losses(out: Path, reference: Path, rel: float = 1e-5) -> None:
         assert a[step] == pytest.approx(b[step], rel=rel, abs=0), step
 
 
-def test_requeue_mid_run_checkpoints_and_resumes(uninterrupted, shakespeare_data, tmp_path):
+def stops(text: str) -> list[int]:
+    return [int(step) for step in re.findall(r"stopping on SIGTERM at step (\d+)", text)]
+
+
+def test_requeue_and_the_time_limit_warning_checkpoint_and_resume(uninterrupted, shakespeare_data, tmp_path):
+    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", Path(SBATCH).read_text(), re.M)  # asked of Slurm
     out = tmp_path / "requeued"
     job, log = submit(shakespeare_data, out)
-    wait_for(lambda: logged_steps(out) >= 8)
-    slurm("run", "scontrol", "requeue", job)
+    wait_for(lambda: logged_steps(out) >= 6)
+    slurm("run", "scontrol", "requeue", job)  # preemption: Slurm signals the steps and requeues the job
+    wait_for(lambda: "resumed from" in log.read_text() and logged_steps(out) >= stops(log.read_text())[0] + 4)
+    slurm("run", "scancel", "--signal=USR1", "--batch", job)  # what Slurm sends before the time limit
     assert wait_for_end(job) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
-    stopped_at = int(re.search(r"stopping on SIGTERM at step (\d+)", text).group(1))
-    assert 8 <= stopped_at < STEPS and f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in text
-    assert job_state(job)[1] == 1 and "Traceback" not in text, text[-3000:]
+    first, second = stops(text)
+    assert 6 <= first < second < STEPS and "time limit near: checkpointing, then requeueing" in text
+    for step in (first, second):  # every rank checkpointed that step, and the job came back from it
+        assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in text
+    assert job_state(job)[1] == 2 and "Traceback" not in text, text[-3000:]
     assert_same_losses(out, uninterrupted[0])
 
 
-def test_time_limit_warning_checkpoints_and_requeues(uninterrupted, shakespeare_data, tmp_path):
-    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", Path(SBATCH).read_text(), re.M)  # asked of Slurm
-    out = tmp_path / "time_limit"
-    job, log = submit(shakespeare_data, out)
-    wait_for(lambda: logged_steps(out) >= 8)
-    slurm("run", "scancel", "--signal=USR1", "--batch", job)  # what Slurm sends before the limit
-    assert wait_for_end(job) == "COMPLETED", log.read_text()[-3000:]
-    text = log.read_text()
-    assert "time limit near: checkpointing, then requeueing" in text
-    stopped_at = int(re.search(r"stopping on SIGTERM at step (\d+)", text).group(1))
-    assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in text and "Traceback" not in text
-    assert_same_losses(out, uninterrupted[0])
-
-
-def test_a_lost_node_requeues_the_job_which_resumes(uninterrupted, shakespeare_data, tmp_path):
+def test_a_lost_node_requeues_the_job_until_the_limit(uninterrupted, shakespeare_data, tmp_path):
     out = tmp_path / "node_lost"
-    job, log = submit(shakespeare_data, out, "--ckpt_interval", 5)
-    wait_for(lambda: (out / "checkpoints" / "step_00000010").exists())
+    job, log = submit(shakespeare_data, out, "--ckpt_interval", 5, sbatch_env={"MAX_REQUEUES": "1"})
+    wait_for(lambda: (out / "checkpoints" / "step_00000005").exists())
     assert kill_node_step("n2"), "no process of the job on n2"
-    assert wait_for_end(job) == "COMPLETED", log.read_text()[-3000:]
+    wait_for(lambda: (out / "checkpoints" / "step_00000015").exists())
     text = log.read_text()
-    lines = [line for line in text.splitlines() if "was lost" in line]
-    assert lines == ["node n2 (srun task 1, 2 ranks) was lost; requeueing job " + job + " (1 of 3) to resume from "
-                     "the newest checkpoint"], text[-3000:]  # fmt: skip
-    assert re.search(r"resumed from .*step_000000(10|15)", text), text[-3000:]
-    assert_same_losses(out, uninterrupted[0])
-
-
-def test_a_lost_node_past_the_requeue_limit_fails_with_one_line(cluster, shakespeare_data, tmp_path):
-    out = tmp_path / "no_more"
-    job, log = submit(shakespeare_data, out, sbatch_env={"MAX_REQUEUES": "0"})
-    wait_for(lambda: logged_steps(out) >= 3)
-    assert kill_node_step("n2")
+    lost = [line for line in text.splitlines() if "was lost" in line]
+    assert lost == [f"node n2 (srun task 1, 2 ranks) was lost; requeueing job {job} (1 of 1) to resume from the "
+                    "newest checkpoint"], text[-3000:]  # fmt: skip
+    assert re.search(r"resumed from .*step_0000000(5|10)", text), text[-3000:]
+    assert kill_node_step("n2")  # once more: past MAX_REQUEUES
     assert wait_for_end(job) == "FAILED"
     errors = [line for line in log.read_text().splitlines() if line.startswith("error: node")]
-    assert errors == [f"error: node n2 (srun task 1, 2 ranks) was lost, and job {job} was already requeued 0 time(s) "
-                      "(MAX_REQUEUES=0); resubmit it to resume from the newest checkpoint"]  # fmt: skip
+    assert errors == [f"error: node n2 (srun task 1, 2 ranks) was lost, and job {job} was already requeued 1 time(s) "
+                      "(MAX_REQUEUES=1); resubmit it to resume from the newest checkpoint"]  # fmt: skip
+    reference = losses(uninterrupted[0])  # every step it logged is the uninterrupted run's
+    for step, loss in losses(out).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
 
 
 def test_hsdp_across_the_nodes_trains_as_ddp_and_resumes_on_one_process(uninterrupted, shakespeare_data, tmp_path):
