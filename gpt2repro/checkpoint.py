@@ -226,9 +226,9 @@ def step_of(path: Path) -> int:
 
 def prune(run_dir: Path, keep: int, keep_also: Path | None = None) -> None:
     """Keep the newest `keep` complete checkpoints and keep_also; never delete the newest one."""
-    # Complete = renamed into place with its meta.json; hashing every one at each save would cost
-    # minutes for the big models, so full integrity checks are left to resume.
-    intact = [p for p in list_steps(run_dir) if (p / META_NAME).is_file()]
+    # Hashing every one at each save would cost minutes for the big models, so full integrity
+    # checks are left to resume.
+    intact = complete_steps(run_dir)
     for path in intact[: max(0, len(intact) - max(1, keep))]:
         if path != keep_also:
             shutil.rmtree(path, ignore_errors=True)
@@ -248,13 +248,18 @@ def resolve_path(run_dir_or_ckpt: str | os.PathLike) -> Path:
     return newest
 
 
+def complete_steps(run_dir: Path) -> list[Path]:
+    """Checkpoints renamed into place with their meta.json, oldest first; not hashed."""
+    return [p for p in list_steps(run_dir) if (p / META_NAME).is_file()]
+
+
 def newest_complete(run_dir_or_ckpt: str | os.PathLike) -> Path:
-    """A checkpoint directory as given, or the newest complete one (renamed into place, meta.json
-    written) of a run directory, without hashing anything: for reading its meta.json alone."""
+    """A checkpoint directory as given, or the newest complete one of a run directory, without
+    hashing anything: for reading its meta.json alone."""
     path = Path(run_dir_or_ckpt)
     if (path / META_NAME).is_file():
         return path
-    complete = [p for p in list_steps(path) if (p / META_NAME).is_file()]
+    complete = complete_steps(path)
     if not complete:
         raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint.")
     return complete[-1]

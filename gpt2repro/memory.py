@@ -89,7 +89,8 @@ def estimate(
     N = L * block_params + root_params
     tokens = batch_size * T
     fsdp = strategy in ("fsdp", "hsdp")
-    W = 1 if not fsdp else (min(ranks_per_node or world_size, world_size) if strategy == "hsdp" else world_size)
+    # The ranks each parameter is sharded over.
+    W = {"ddp": 1, "fsdp": world_size, "hsdp": min(ranks_per_node or world_size, world_size)}[strategy]
 
     weights = 4 * N // W
     optimizer = 8 * N // W

@@ -54,7 +54,7 @@ def parse(argv):
     return args
 
 
-def load_model(args) -> tuple[GPT, str, int, Path | None, str]:
+def load_model(args, device_type: str) -> tuple[GPT, str, int, Path | None, str]:
     """(model, label, default eval tokens, default result file, the dtype it trained in or "auto")."""
     if args.hf:
         return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS, None, "auto"
@@ -74,7 +74,8 @@ def load_model(args) -> tuple[GPT, str, int, Path | None, str]:
     eval_tokens = meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
     trained_in = meta.get("dtype", meta["config"].get("dtype", "auto"))
     model = checkpoint.model_from(path)
-    model.fused_loss = meta["config"].get("fused_loss", "auto")  # the loss the run's val_loss used: see main
+    # The loss the run's val_loss used, resolved for this device as training resolves it.
+    model.fused_loss = fused_loss_on(meta["config"].get("fused_loss", "auto"), device_type)
     return model, str(path), eval_tokens, path / f"eval_{args.split}.json", trained_in
 
 
@@ -100,10 +101,8 @@ def main(argv=None) -> int:
     try:
         args = parse(argv)
         with D.distributed_context(args.device) as info:
-            model, label, default_tokens, result_file, trained_in = load_model(args)
+            model, label, default_tokens, result_file, trained_in = load_model(args, info.device_type)
             model.to(info.device)
-            if isinstance(model.fused_loss, str):  # a run's setting, resolved for this device as training did
-                model.fused_loss = fused_loss_on(model.fused_loss, info.device_type)
             dtype = eval_dtype(args.dtype, trained_in, info.device_type)
             autocast = torch.autocast(info.device_type, dtype=dtype, enabled=dtype != torch.float32)
             result = {"model": label}

@@ -54,7 +54,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset
     return args, cfg, given
 
 
-def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device: str, gpus_per_node: int = 0) -> str:
+def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device: str, gpus_per_node: int) -> str:
     """The batch and memory plan of this configuration on world_size GPUs (in nodes of gpus_per_node);
     nothing is allocated."""
     cfg = C.resolve(asked, world_size, given)
@@ -65,7 +65,7 @@ def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device
     device_type = "cuda" if gpu_bytes else "cpu"  # a plan for GPUs, given their memory
     compiled = C.compile_on_for(cfg, device_type)
     plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes, compiled, device_type,
-                         ranks_per_node=gpus_per_node or world_size)  # fmt: skip
+                         ranks_per_node=gpus_per_node)  # fmt: skip
     strategy = f"strategy {cfg.strategy}" + (f" -> {plan.strategy}" if cfg.strategy == "auto" else "")
     batch = C.describe_batch(asked, cfg, world_size, given)
     return f"dry run: {strategy} on {world_size} rank(s), nothing trained\n{batch}\n{format_plan(plan, gpu_bytes)}"
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             if asked.dry_run:
                 if info.is_main:
                     world_size = args.world_size or info.world_size
-                    per_node = args.gpus_per_node or (info.local_world_size if not args.world_size else world_size)
+                    # Planning another world size: one node of it, unless told otherwise.
+                    per_node = args.gpus_per_node or (world_size if args.world_size else info.local_world_size)
                     print(dry_run(asked, given, world_size, info.device, per_node))
                 return 0
             cfg = C.resolve(asked, info.world_size, given)

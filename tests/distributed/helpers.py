@@ -30,6 +30,14 @@ def env(fresh_rendezvous_store: bool = False) -> dict:
     return e
 
 
+def env_with_sitecustomize(directory: Path, code: str) -> dict:
+    """env() where every Python process (torchrun's agents, its workers) first runs `code`, as the
+    sitecustomize.py it imports from directory (put on PYTHONPATH)."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(code)
+    return {**env(), "PYTHONPATH": str(directory)}
+
+
 def free_port() -> int:
     """A free port for a rendezvous that several agents must agree on. It is picked below the
     kernel's ephemeral range (32768 and up), so that no outgoing connection or port-0 bind can

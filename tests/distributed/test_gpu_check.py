@@ -3,7 +3,7 @@ as on a bare GPU image: only torch, numpy and tiktoken importable."""
 
 import subprocess
 
-from tests.distributed.helpers import REPO, env
+from tests.distributed.helpers import REPO, env_with_sitecustomize
 
 # Imported first by every Python process started with it on PYTHONPATH: these packages then fail to import.
 MISSING = ["tqdm", "datasets", "pyarrow", "wandb", "transformers", "safetensors", "matplotlib", "torchao"]
@@ -11,12 +11,10 @@ BARE_IMAGE = f"import sys; sys.modules.update(dict.fromkeys({MISSING!r}))\n"
 
 
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "sitecustomize.py").write_text(BARE_IMAGE)
+    bare = env_with_sitecustomize(tmp_path / "bare", BARE_IMAGE)
     work = tmp_path / "work"
     cmd = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--work", str(work)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env(), "PYTHONPATH": str(bare)}, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=bare, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     table = proc.stdout
     stages = [line.split()[0] for line in table.splitlines()[1:] if line[:1].strip()]

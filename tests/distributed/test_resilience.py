@@ -16,6 +16,7 @@ from tests.distributed.helpers import (
     TINY,
     TRAIN,
     env,
+    env_with_sitecustomize,
     free_port,
     logged_steps,
     losses,
@@ -105,12 +106,10 @@ sys.meta_path.insert(0, _NoNewGroup())
 
 def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path):
     # Nothing logged in between: the request travels in the loss's all-reduce, on the job's one process group.
-    site = tmp_path / "one_group"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(ONE_PROCESS_GROUP)
+    one_group = env_with_sitecustomize(tmp_path / "one_group", ONE_PROCESS_GROUP)
     out = tmp_path / "usr1"
     args = ["--max_steps", 100000, "--log_interval", 1000, "--ckpt_interval", 3]
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env={**env(), "PYTHONPATH": str(site)},
+    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env=one_group,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     rank1 = workers_of(proc)[1]
     wait_for(lambda: (out / "checkpoints" / "step_00000003").exists())
@@ -187,14 +186,12 @@ SLOW_FSYNC = "import os, time\n_fsync = os.fsync\nos.fsync = lambda fd: (time.sl
 
 
 def test_an_eval_and_a_checkpoint_longer_than_the_collective_timeout_are_no_hang(shakespeare_data, tmp_path):
-    site = tmp_path / "slow_fs"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SLOW_FSYNC)
+    slow_fs = env_with_sitecustomize(tmp_path / "slow_fs", SLOW_FSYNC)
     out = tmp_path / "slow"
     args = ["--max_steps", 6, "--eval_interval", 3, "--ckpt_interval", 3, "--eval_tokens", 98304,
             "--collective_timeout_s", 2]  # fmt: skip
     proc = subprocess.run(train_cmd(shakespeare_data, out, *args, nproc=2), capture_output=True, text=True,
-                          env={**env(), "PYTHONPATH": str(site)}, timeout=300)  # fmt: skip
+                          env=slow_fs, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {r["step"]: r for r in metrics(out)}
     assert max(records) == 6

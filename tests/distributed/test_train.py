@@ -11,7 +11,18 @@ import time
 import pytest
 import torch
 
-from tests.distributed.helpers import REPO, TINY, TRAIN, env, free_port, losses, metrics, run, train_cmd
+from tests.distributed.helpers import (
+    REPO,
+    TINY,
+    TRAIN,
+    env,
+    env_with_sitecustomize,
+    free_port,
+    losses,
+    metrics,
+    run,
+    train_cmd,
+)
 
 # Imported first by every Python process started with it on PYTHONPATH: logs which rank opens source.pt.
 AUDIT_OPENS = """import os, sys
@@ -81,13 +92,12 @@ def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shake
 def test_init_from_is_read_by_one_rank_and_trains_as_one_process(reference, shakespeare_data, tmp_path):
     source = tmp_path / "source.pt"
     run([sys.executable, str(REPO / "launch" / "export.py"), "--ckpt", str(reference), "--pt", str(source)])
-    site, opens = tmp_path / "audit", tmp_path / "opens.log"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(AUDIT_OPENS)
+    opens = tmp_path / "opens.log"
+    audited = {**env_with_sitecustomize(tmp_path / "audit", AUDIT_OPENS), "OPENS_LOG": str(opens)}
     two = tmp_path / "two"
     cmd = train_cmd(shakespeare_data, two, "--max_steps", 4, "--init_from", source, nproc=2)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**env(), "PYTHONPATH": str(site), "OPENS_LOG": str(opens)})  # fmt: skip
+                          env=audited)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(opens.read_text().split()) == {"0"}, "a rank other than 0 opened the weights file"
     one = tmp_path / "one"  # the oracle: one process reads it all, nothing is broadcast
