@@ -108,18 +108,25 @@ def _replay_init(model: GPT, seed: int) -> None:
         elif isinstance(module, nn.Embedding):
             nn.Embedding(module.num_embeddings, module.embedding_dim)
     for name, module in model.named_modules():  # GPT.__init__'s order
-        params = dict(module.named_parameters(recurse=False))
-        if not params:
-            continue
-        cls, args = _plain_twin(module)
-        shadow = torch.nn.utils.skip_init(cls, *args, device="cpu")
-        model._init_weights(shadow, name)  # by name: the same std whatever the module's class
-        with torch.no_grad():
-            for param_name, param in params.items():
-                full = getattr(shadow, param_name).detach()
-                # Every rank computed the same full tensor: each just keeps its slice (no communication).
-                mine = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(mine.to_local())
+        _init_shards(model, name, module)
+
+
+def _init_shards(model: GPT, name: str, module: nn.Module) -> None:
+    """module's parameters, initialised as GPT._init_weights does on full CPU tensors, each rank keeping
+    its slice. A function of its own so that one module's full tensors are freed before the next's
+    exist (the meta build's peak is one full module, not two)."""
+    params = dict(module.named_parameters(recurse=False))
+    if not params:
+        return
+    cls, args = _plain_twin(module)
+    shadow = torch.nn.utils.skip_init(cls, *args, device="cpu")
+    model._init_weights(shadow, name)  # by name: the same std whatever the module's class
+    with torch.no_grad():
+        for param_name, param in params.items():
+            full = getattr(shadow, param_name).detach()
+            # Every rank computed the same full tensor: each just keeps its slice (no communication).
+            mine = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(mine.to_local())
 
 
 def _plain_twin(module: nn.Module) -> tuple[type[nn.Module], tuple]:
