@@ -1,13 +1,18 @@
 """Tokenise a corpus with GPT-2's BPE into llm.c-compatible uint16 shards plus a manifest.
 
     python data_prep/prepare.py --out data/owt                       # OpenWebText from the hub
+    python data_prep/prepare.py --dataset fineweb10B --out data/fineweb10B    # llm.c's data and val split
     python data_prep/prepare.py --out data/shakespeare --files examples/tinyshakespeare.txt
+    python data_prep/prepare.py --dataset fineweb10B --files sample/*.parquet --out data/fw   # a local copy
     python data_prep/prepare.py --verify data/owt
 
 Every document becomes <|endoftext|> followed by tiktoken's encode_ordinary(text), in
 corpus order; the stream is cut into fixed-size shards (documents may cross shards).
 A seeded random draw of whole documents forms the val split; a corpus that is a single
-document keeps its last 10% as val, as nanoGPT's Shakespeare prep does.
+document keeps its last 10% as val, as nanoGPT's Shakespeare prep does. The FineWeb
+datasets (--dataset fineweb10B, fineweb-edu10B, ...) split as llm.c does instead: the
+first 100M tokens of the stream are val (--val-first-tokens), the document that crosses
+that point is cut there, and the rest is train.
 
 Tokenisation runs on --num-proc processes with a bounded number of batches in flight,
 so memory stays flat (about two shard buffers) at any corpus size. After each shard the
@@ -32,7 +37,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.sources import OWT_DATASET, OWT_PARQUET_REVISION, FilesSource, HubSource, PrepareError  # noqa: E402
+from data_prep.sources import DATASETS, FilesSource, HubSource, PrepareError  # noqa: E402
 from gpt2repro import shards  # noqa: E402
 
 TOKENIZER = "gpt2"
@@ -108,6 +113,10 @@ class SplitWriter:
         self.wrote_shard = True
 
     @property
+    def total_tokens(self) -> int:
+        return sum(e["num_tokens"] for e in self.done) + self.fill
+
+    @property
     def partial(self) -> np.ndarray:
         return self.buffer[: self.fill]
 
@@ -161,6 +170,11 @@ def remove_temp_files(out_dir: Path) -> None:
         stale.unlink()
 
 
+def same_build(old: dict, new: dict) -> bool:
+    """The same preparation; a key a newer version added counts as None in an older build."""
+    return all(old.get(k) == new.get(k) for k in set(old) | set(new))
+
+
 def _differences(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
@@ -178,20 +192,22 @@ def choose_val_docs(num_docs: int, val_docs: int | None, seed: int) -> np.ndarra
     return np.sort(np.random.default_rng(seed).choice(num_docs, size=val_docs, replace=False))
 
 
-def document_batches(source, num_docs: int, val_idx: np.ndarray, skip_docs: int):
-    """(texts, is_val, docs consumed) batches in corpus order, starting after skip_docs documents."""
+def document_batches(source, num_docs: int, val_idx: np.ndarray | None, skip_docs: int):
+    """(texts, is_val, docs consumed) batches in corpus order, starting after skip_docs documents.
+    val_idx None: no document is val as a whole (the val split is the stream's first tokens)."""
     seen = 0
     for texts in source.iter_texts():
         start, seen = seen, seen + len(texts)
         if seen <= skip_docs:
             continue
-        if num_docs == 1:  # one document (e.g. tiny Shakespeare): its tail becomes val
+        if num_docs == 1 and val_idx is not None:  # one document (e.g. tiny Shakespeare): its tail becomes val
             cut = int(0.9 * len(texts[0]))
             yield [texts[0][:cut], texts[0][cut:]], [False, True], seen
             continue
         keep = max(0, skip_docs - start)
         indices = np.arange(start + keep, seen)
-        yield texts[keep:], np.isin(indices, val_idx).tolist(), seen
+        is_val = np.isin(indices, val_idx).tolist() if val_idx is not None else [False] * len(indices)
+        yield texts[keep:], is_val, seen
 
 
 def make_writers(out_dir: Path, shard_tokens: int, state: dict | None) -> dict[str, SplitWriter]:
@@ -234,7 +250,11 @@ def tokenize_all(pool, num_proc, source, num_docs, val_idx, writers, out_dir, bu
     def consume() -> None:
         nonlocal next_doc, num_tokens, generation
         result, docs_end = in_flight.popleft()
-        for split, tokens in zip(shards.SPLITS, result.get(), strict=True):
+        train, val = result.get()
+        if build["val_first_tokens"] is not None:  # llm.c's split: the stream's first tokens are val
+            need = max(0, build["val_first_tokens"] - writers["val"].total_tokens)
+            train, val = train[need:], train[:need]
+        for split, tokens in zip(shards.SPLITS, (train, val), strict=True):
             writers[split].add(tokens)
             num_tokens += tokens.size
         bar.update(docs_end - next_doc)
@@ -263,10 +283,10 @@ def prepare(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     build = {"tokenizer": TOKENIZER, "source": source.describe(), "shard_tokens": args.shard_tokens,
-             "val_docs": args.val_docs, "seed": args.seed}  # fmt: skip
+             "val_docs": args.val_docs, "seed": args.seed, "val_first_tokens": val_first_tokens(args)}  # fmt: skip
     manifest = shards.read_manifest(out_dir)
     if manifest is not None:
-        if manifest.get("build") != build:
+        if not same_build(manifest.get("build", {}), build):
             raise PrepareError(
                 f"{out_dir} already holds a different prepared dataset "
                 f"({_differences(manifest.get('build', {}), build)}); choose another --out."
@@ -289,7 +309,9 @@ def prepare(args: argparse.Namespace) -> int:
                 f"{out_dir} holds an unfinished preparation of {state['num_docs']} documents, but the input now "
                 f"has {num_docs}; rerun with the original input or choose another --out."
             )
-        val_idx = choose_val_docs(num_docs, args.val_docs, args.seed) if num_docs > 1 else np.empty(0, np.int64)
+        val_idx = None if build["val_first_tokens"] is not None else np.empty(0, np.int64)
+        if val_idx is not None and num_docs > 1:
+            val_idx = choose_val_docs(num_docs, args.val_docs, args.seed)
         writers = make_writers(out_dir, args.shard_tokens, state)
         if state is None:  # from now on a state file always exists beside our shard files
             save_state(out_dir, build, num_docs, 0, writers, generation=0)
@@ -301,6 +323,11 @@ def prepare(args: argparse.Namespace) -> int:
 
     for writer in writers.values():
         writer.flush()
+    if writers["train"].total_tokens == 0:
+        raise PrepareError(
+            f"--val-first-tokens {build['val_first_tokens']:,} takes the whole corpus "
+            f"({writers['val'].total_tokens:,} tokens) and leaves no training tokens; choose fewer."
+        )
     manifest = make_manifest(build, writers)
     shards.write_json_atomic(out_dir / shards.MANIFEST_NAME, manifest)  # last: marks the directory complete
     (out_dir / STATE_NAME).unlink(missing_ok=True)
@@ -339,26 +366,39 @@ def make_manifest(build: dict, writers: dict[str, SplitWriter]) -> dict:
 
 
 def make_source(args: argparse.Namespace):
+    """Local files (of a named dataset, with --dataset), a named dataset's hub copy, or any hub dataset."""
     if args.files:
-        return FilesSource(tuple(args.files), args.text_field)
-    revision = args.revision
-    if revision is None and args.dataset == OWT_DATASET:
-        revision = OWT_PARQUET_REVISION
-    return HubSource(args.dataset, args.name, args.split, revision, args.text_field)
+        return FilesSource(tuple(args.files), args.text_field, args.dataset)
+    named = DATASETS.get(args.dataset)
+    if named is not None:
+        return HubSource(named.hub, named.name, args.split, args.revision or named.revision, args.text_field)
+    return HubSource(args.dataset, args.name, args.split, args.revision, args.text_field)
+
+
+def val_first_tokens(args: argparse.Namespace) -> int | None:
+    """How many of the stream's first tokens are val (llm.c's split), or None (nanoGPT's: whole documents)."""
+    if args.val_first_tokens is not None:
+        return args.val_first_tokens
+    named = DATASETS.get(args.dataset)
+    return named.val_first_tokens if named is not None and args.val_docs is None else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="output directory for shards and manifest.json")
     p.add_argument("--verify", metavar="DIR", help="re-hash every shard of DIR against its manifest, then exit")
-    p.add_argument("--dataset", default=OWT_DATASET, help=f"Hugging Face dataset (default {OWT_DATASET})")
+    p.add_argument("--dataset", default=None,
+                   help=f"{', '.join(DATASETS)}, or a Hugging Face dataset id (default openwebtext); with --files: "
+                   "which of those names the files hold (a local copy)")  # fmt: skip
     p.add_argument("--name", default=None, help="dataset configuration name")
     p.add_argument("--split", default="train", help="dataset split to read (default train)")
-    p.add_argument("--revision", default=None, help=f"dataset revision (OpenWebText: {OWT_PARQUET_REVISION})")
+    p.add_argument("--revision", default=None, help="dataset revision (OpenWebText: its parquet export)")
     p.add_argument("--files", nargs="+", help="local .jsonl/.json/.parquet/.txt files instead of a hub dataset")
     p.add_argument("--text-field", default="text", help="column holding the text (default text)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     p.add_argument("--val-docs", type=int, default=None, help="val documents (default 0.0005 of the corpus)")
+    p.add_argument("--val-first-tokens", type=int, default=None,
+                   help="the first N tokens are val, as llm.c (default for the FineWeb datasets: 100M)")  # fmt: skip
     p.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokeniser processes (default: all cores)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the val draw")
     args = p.parse_args(argv)
@@ -369,6 +409,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.val_docs is not None and args.val_docs < 1:
         p.error("--val-docs must be at least 1")
+    if args.val_first_tokens is not None and args.val_first_tokens < 1:
+        p.error("--val-first-tokens must be at least 1")
+    if args.val_docs is not None and args.val_first_tokens is not None:
+        p.error("pass one of --val-docs (whole documents) or --val-first-tokens (the stream's first tokens)")
+    if args.files and args.dataset is not None and args.dataset not in DATASETS:
+        p.error(f"with --files, --dataset names the dataset the files hold: one of {', '.join(DATASETS)}")
+    if not args.files and args.dataset is None:
+        args.dataset = "openwebtext"
     return args
 
 

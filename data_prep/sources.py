@@ -22,6 +22,35 @@ OWT_DATASET = "Skylion007/openwebtext"
 # ("Dataset scripts are no longer supported"); the hub's parquet export of the same
 # data loads everywhere.
 OWT_PARQUET_REVISION = "refs/convert/parquet"
+# Datasets by name: the hub's copy, and how the trainers that made them famous split off val.
+# nanoGPT draws ~0.05% of OpenWebText's documents; llm.c's dev/data/fineweb.py makes the
+# corpus's first shard of 100M tokens its val split (FineWeb's comes shuffled), so a
+# val_loss here is measured on the same tokens as llm.c's.
+LLMC_VAL_TOKENS = 100_000_000
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    hub: str
+    name: str | None
+    revision: str | None
+    val_first_tokens: int | None  # None: a random draw of documents
+
+
+DATASETS = {
+    "openwebtext": NamedDataset(OWT_DATASET, None, OWT_PARQUET_REVISION, None),
+    "fineweb10B": NamedDataset("HuggingFaceFW/fineweb", "sample-10BT", None, LLMC_VAL_TOKENS),
+    "fineweb-edu10B": NamedDataset("HuggingFaceFW/fineweb-edu", "sample-10BT", None, LLMC_VAL_TOKENS),
+    "fineweb100B": NamedDataset("HuggingFaceFW/fineweb", "sample-100BT", None, LLMC_VAL_TOKENS),
+    "fineweb-edu100B": NamedDataset("HuggingFaceFW/fineweb-edu", "sample-100BT", None, LLMC_VAL_TOKENS),
+}
+
+
+def dataset_name(hub: str, name: str | None) -> str | None:
+    """The DATASETS name of a hub dataset (and configuration), if it has one."""
+    return next((k for k, d in DATASETS.items() if (d.hub, d.name) == (hub, name)), None)
+
+
 BATCH_DOCS = 256
 # datasets imports torch when it is installed (seconds of start-up, and data_prep stays
 # torch-free by design); this keeps it out.
@@ -74,6 +103,7 @@ class HubSource:
 class FilesSource:
     files: tuple[str, ...]
     text_field: str
+    dataset: str | None = None  # the DATASETS name of what the files hold (a local copy), if given
 
     def __post_init__(self) -> None:
         for f in self.files:
@@ -86,7 +116,8 @@ class FilesSource:
 
     def describe(self) -> dict:
         files = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in self.files]
-        return {"kind": "files", "files": files, "text_field": self.text_field}
+        described = {"kind": "files", "files": files, "text_field": self.text_field}
+        return described | ({"dataset": self.dataset} if self.dataset else {})
 
     def _groups(self):
         """Consecutive files of one kind load together, in the order given."""

@@ -238,3 +238,49 @@ def test_local_text_needs_only_the_core_install(tmp_path):
     assert names and names == sorted(p.name for p in (tmp_path / "without").glob("*.bin"))
     for name in names:
         assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes(), name
+
+
+def fineweb_parquet(path: Path, docs: list[str]) -> Path:
+    """A local file in the schema of HuggingFaceFW/fineweb's sample-10BT parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(docs)
+    table = pa.table({
+        "text": docs, "id": [f"<urn:uuid:{i:08d}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
+        "url": [f"https://example.com/{i}" for i in range(n)], "date": ["2024-02-21T08:30:12Z"] * n,
+        "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n, "language": ["en"] * n,
+        "language_score": [0.9] * n, "token_count": [len(ENC.encode_ordinary(d)) for d in docs],
+    })  # fmt: skip
+    pq.write_table(table, path)
+    return path
+
+
+def test_fineweb_splits_off_its_first_tokens_as_val_as_llmc_does(tmp_path):
+    """llm.c's dev/data/fineweb.py: EOT + tokens per document, in corpus order; the first shard of the
+    stream is val, the document crossing its end is cut there, the rest is train."""
+    docs = make_docs(200, seed=3)
+    local = fineweb_parquet(tmp_path / "000_00000.parquet", docs)
+    out = tmp_path / "fw"
+    run_prepare("--dataset", "fineweb10B", "--files", local, "--out", out, "--val-first-tokens", 1500,
+                "--shard-tokens", 1000, "--num-proc", 2)  # fmt: skip
+    stream = np.concatenate([[EOT, *ENC.encode_ordinary(d)] for d in docs]).astype(np.uint16)
+    assert np.array_equal(read_split(out, "val"), stream[:1500])
+    assert np.array_equal(read_split(out, "train"), stream[1500:])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["dataset"] == "fineweb10B"  # what the files hold: the run's references check it
+    assert [e["num_tokens"] for e in manifest["splits"]["val"]["shards"]] == [1000, 500]
+
+
+def test_named_datasets_read_the_hub_copies_llmc_reads():
+    sys.path.insert(0, str(REPO))
+    from data_prep import prepare
+
+    for name, hub, config in [("fineweb10B", "HuggingFaceFW/fineweb", "sample-10BT"),
+                              ("fineweb-edu10B", "HuggingFaceFW/fineweb-edu", "sample-10BT"),
+                              ("openwebtext", "Skylion007/openwebtext", None)]:  # fmt: skip
+        args = prepare.parse_args(["--dataset", name, "--out", "x"])
+        source = prepare.make_source(args).describe()
+        assert (source["dataset"], source["name"], source["split"]) == (hub, config, "train")
+        assert prepare.val_first_tokens(args) == (None if name == "openwebtext" else 100_000_000)
+    assert prepare.make_source(prepare.parse_args(["--out", "x"])).describe()["dataset"] == "Skylion007/openwebtext"
