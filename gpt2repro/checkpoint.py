@@ -1,4 +1,5 @@
-"""Checkpoints: sharded, atomic save; integrity-checked load; newest-valid lookup; retention.
+"""Checkpoints: when to save and what (Checkpointer), sharded atomic save, integrity-checked load,
+resume, newest-valid lookup, retention.
 
 A checkpoint is a directory RUN_DIR/checkpoints/step_XXXXXXXX:
 
@@ -16,19 +17,26 @@ size or hash) is reported and skipped in favour of the previous one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import re
 import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt2repro import distributed as D
+from gpt2repro import parallel
+from gpt2repro.config import MODEL_FIELDS, TrainConfig
 from gpt2repro.errors import first_line
+from gpt2repro.model import GPT, GPTConfig, with_tied, without_tied
 from gpt2repro.shards import sha256_file, write_json_atomic
 
 META_NAME = "meta.json"
@@ -39,6 +47,126 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used."""
+
+
+class Checkpointer:
+    """A run's checkpoints, and when: every ckpt_interval steps, at the last step and at a stop
+    request. It keeps the newest keep_ckpts and, while the newest ones may hold diverged weights,
+    the last good one; and it finds and loads the point a run resumes from.
+
+    What a checkpoint holds: model and AdamW state (sharded under FSDP), and in trainer.pt the
+    step, tokens, skipped steps, GradScaler state and every rank's RNG state.
+    """
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, raw_model: GPT, optimizer, scaler, info: D.DistInfo,
+                 dtype: str):  # fmt: skip
+        self.run_dir, self.cfg, self.info, self.dtype = Path(run_dir), cfg, info, dtype
+        self.raw_model, self.optimizer, self.scaler = raw_model, optimizer, scaler
+        self.resumed_from: Path | None = None
+        self.saved: Path | None = None  # the newest one this process wrote
+
+    def due(self, step: int, stop: int) -> bool:
+        return step % self.cfg.ckpt_interval == 0 or step == self.cfg.max_steps or bool(stop)
+
+    def save(self, state, consecutive_bad: int = 0) -> Path:
+        """Every rank writes its part of the model and optimizer state at once (a collective); retention
+        then keeps the last good checkpoint too while the newest ones follow non-finite losses."""
+        rng_states = D.gather_objects(rng_state(), self.info)  # collective: every rank takes part
+        trainer = {
+            "step": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
+            "scaler": self.scaler.state_dict(), "rng": rng_states,
+        }  # fmt: skip
+        meta = {
+            "config": self.cfg.to_dict(), "model": dataclasses.asdict(self.raw_model.config), "dtype": self.dtype,
+            "world_size": self.info.world_size, "strategy": parallel.strategy_of(self.raw_model),
+            "tokens": state.tokens,
+        }  # fmt: skip
+        good = self.last_good(state.step, consecutive_bad)
+        self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
+        if self.info.is_main:
+            prune(self.run_dir, self.cfg.keep_ckpts, good)
+        return self.saved
+
+    def last_good(self, step: int, consecutive_bad: int) -> Path | None:
+        """The newest checkpoint whose weights still gave a finite loss: checkpoint j holds the weights
+        after update j, which the loss of step j + 1 measures; a streak of consecutive_bad non-finite
+        losses ending at `step` therefore began with the weights of step - consecutive_bad."""
+        candidates = list_steps(self.run_dir) + ([self.resumed_from] if self.resumed_from else [])
+        good = [p for p in candidates if step_of(p) < step - consecutive_bad]
+        return max(good, key=step_of) if good else None
+
+    def training_state(self) -> dict:
+        """Model and AdamW state as DCP saves and loads it: whole tensors (DDP) or this rank's shards
+        (FSDP), keyed by parameter name; the tied output weight once."""
+        model_state, optimizer_state = get_state_dict(self.raw_model, self.optimizer)
+        return {"model": without_tied(model_state), "optimizer": optimizer_state}
+
+    def resume(self, state) -> Path | None:
+        """Restore model, optimizer, scaler, `state` and RNG from the checkpoint cfg.resume asks for
+        (auto: the newest intact one); its path, or None for a fresh run.
+
+        The checkpoint may come from another number of ranks or the other strategy: DCP reshards.
+        """
+        path = self._find_resume_point()
+        if path is None:
+            return None
+        saved = read_meta(path)["config"]
+        mismatched = [f"{f}={saved[f]} (checkpoint) vs {getattr(self.cfg, f)} (config)"
+                      for f in MODEL_FIELDS if saved.get(f) != getattr(self.cfg, f)]  # fmt: skip
+        if mismatched:
+            raise ValueError(f"Checkpoint {path} is for another model shape: {', '.join(mismatched)}.")
+        loaded = self.training_state()
+        load_state(path, loaded, self.info)
+        set_state_dict(self.raw_model, self.optimizer, model_state_dict=with_tied(loaded["model"]),
+                       optim_state_dict=loaded["optimizer"])  # fmt: skip
+        trainer = read_trainer(path)
+        self.scaler.load_state_dict(trainer["scaler"])
+        state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
+        rngs = trainer["rng"]
+        if len(rngs) == self.info.world_size:  # same world: every rank continues its own random stream
+            set_rng_state(rngs[self.info.rank])
+        else:  # another world size: fresh streams, still one per rank (dropout masks must differ)
+            torch.manual_seed(self.cfg.seed + 1_000_003 * state.step + self.info.rank)
+        self.resumed_from = path
+        return path
+
+    def _find_resume_point(self) -> Path | None:
+        """The checkpoint cfg.resume names (auto: the newest intact one), chosen by rank 0 for all ranks."""
+        if self.cfg.resume == "never":
+            if list_steps(self.run_dir):
+                raise ValueError(
+                    f"{self.run_dir} already has checkpoints but --resume never was given; use another --out."
+                )
+            return None
+        found = error = None
+        if self.info.is_main:  # hashing a big checkpoint once is enough
+            try:
+                resume = self.cfg.resume
+                found = latest_valid(self.run_dir) if resume == "auto" else check(Path(resume))
+            except CheckpointError as e:
+                error = str(e)
+        found, error = D.broadcast_object((found, error), self.info)
+        if error:
+            raise CheckpointError(error)
+        return found
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = (kind, keys.tolist(), pos, has_gauss, cached)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -190,6 +318,12 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / META_NAME).read_text())
 
 
+def trained_dtype(meta: dict) -> str:
+    """The dtype a checkpoint's run computed in ("auto" for a checkpoint too old to say):
+    precision.resolve_dtype takes it as the default for evaluating or exporting it."""
+    return meta.get("dtype", meta["config"].get("dtype", "auto"))
+
+
 def read_trainer(path: Path) -> dict:
     """trainer.pt of a checkpoint: step, tokens, GradScaler state, every rank's RNG state."""
     return torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
@@ -277,8 +411,6 @@ def load_model(path_or_run: str | os.PathLike):
 
 def model_from_export(blob: dict):
     """The GPT in a blob read_export returned, in eval mode on the CPU."""
-    from gpt2repro.model import GPT, GPTConfig
-
     model = GPT(GPTConfig(**blob["config"]))
     model.load_state_dict(blob["model"])
     return model.eval()
@@ -298,8 +430,6 @@ def read_export(path: Path) -> dict:
 
 def model_from(path: Path):
     """The GPT of a checkpoint directory that resolve_path has already checked (no second hashing)."""
-    from gpt2repro.model import GPT, GPTConfig, with_tied, without_tied
-
     model = GPT(GPTConfig(**read_meta(path)["model"]))
     weights = without_tied(model.state_dict())
     load_state(path, {"model": weights})

@@ -1,4 +1,4 @@
-"""Loss curves of runs against each other and against GPT-2: a table and a plot.
+"""Loss curves of runs against each other, GPT-2 and the references: tables, a verdict and a plot.
 
 Reads RUN_DIR/metrics.jsonl (works while a run is still writing it). Tokens seen is the
 x axis, so runs with different batch sizes line up.
@@ -12,12 +12,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2repro import references
+from gpt2repro.references import Reference
+
 
 @dataclass
 class Run:
     name: str
     steps: list[dict]  # records with a train loss
     evals: list[dict]  # records with a val_loss
+    dataset: str | None = None  # the dataset it trained on (references.run_dataset)
 
 
 def read_run(run_dir: str | os.PathLike) -> Run:
@@ -34,7 +38,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     evals = [r for r in records if r.get("val_loss") is not None]
     if not steps and not evals:
         raise ValueError(f"{path} holds no logged steps yet.")
-    return Run(Path(run_dir).name, steps, evals)
+    return Run(Path(run_dir).name, steps, evals, references.run_dataset(run_dir))
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -78,7 +82,34 @@ def format_table(rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], baselines: dict[str, dict], names: list[str], out: str, log_x: bool, smoothing: float):
+def verdicts(run: Run, reference: Reference, target: Reference | None) -> tuple[list[dict], str]:
+    """Each eval of the run against the reference curve (references.Comparison's fields), and one sentence:
+    the projection to the target, or why there is none."""
+    comparison = references.Comparison(reference, run.dataset)
+    rows = [{"run": run.name, "step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"],
+             **comparison.fields(r["tokens"], r["val_loss"])} for r in run.evals]  # fmt: skip
+    if references.datasets_differ(run.dataset, reference):
+        return rows, (f"{run.name}: trained on {run.dataset}, {reference.name} on {reference.dataset}: the datasets "
+                      "differ, so there is no verdict or projection")  # fmt: skip
+    if target is None:
+        return rows, f"{run.name}: no target loss is known for {run.dataset or 'its dataset'}; pass --target"
+    evals = [(r["tokens"], r["val_loss"]) for r in run.evals]
+    return rows, f"{run.name}: {references.projection(evals, reference, target).sentence}"
+
+
+def format_verdicts(rows: list[dict], reference: Reference, last: int = 10) -> str:
+    lines = [f"{'step':>8} {'tokens':>15} {'val':>8} {reference.name[:24]:>24} {'gap':>8}  verdict"]
+    if len(rows) > last:
+        lines.append(f"{'...':>8} ({len(rows) - last} earlier evals)")
+    for r in rows[-last:]:
+        ref = "-" if r["ref_val_loss"] is None else f"{r['ref_val_loss']:.4f}"
+        gap = "-" if r["ref_gap"] is None else f"{r['ref_gap']:+.4f}"
+        lines.append(f"{r['step']:>8} {r['tokens']:>15,} {r['val_loss']:>8.4f} {ref:>24} {gap:>8}  {r['verdict']}")
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], baselines: dict[str, dict], names: list[str], out: str, log_x: bool, smoothing: float,
+         refs: list[Reference] = ()):  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +129,14 @@ def plot(runs: list[Run], baselines: dict[str, dict], names: list[str], out: str
         row = baselines[name]
         ax.axhline(row["val_loss"], color="k", ls=["--", ":", "-.", (0, (5, 1))][j % 4], lw=1,
                    label=f"{name} val {row['val_loss']:.3f} ({row.get('source', 'published')})")  # fmt: skip
+    dashes = ["--", ":", "-.", (0, (5, 1))]
+    for j, ref in enumerate(refs):
+        if ref.is_curve:  # from its first eval after step 0 (step 0 has no place on a log axis)
+            ax.plot(ref.tokens[1:], ref.val_losses[1:], color="0.25", lw=1.5, alpha=0.8,
+                    label=f"{ref.name} val ({ref.dataset})")  # fmt: skip
+        else:
+            ax.axhline(ref.val_loss, color="0.45", ls=dashes[j % 4], lw=1,
+                       label=f"{ref.name} val {ref.val_loss:.3f} ({ref.dataset})")  # fmt: skip
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss")
     if log_x:
@@ -105,7 +144,8 @@ def plot(runs: list[Run], baselines: dict[str, dict], names: list[str], out: str
     finite = [r["val_loss"] for run in runs for r in run.evals] + [r["loss"] for run in runs for r in run.steps]
     finite = [v for v in finite if math.isfinite(v)]
     if finite:  # keep the interesting part: from the baselines up to where the curves have settled
-        low = min(finite + [baselines[n]["val_loss"] for n in names])
+        marks = [baselines[n]["val_loss"] for n in names] + [r.val_loss for r in refs if not r.is_curve]
+        low = min(finite + marks + [min(r.val_losses) for r in refs if r.is_curve])
         ax.set_ylim(low - 0.1, min(max(finite), low + 4.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -31,6 +31,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     total_batch_tokens: int = 0
     # optimisation
+    optimizer: str = "adamw"  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (gpt2repro/optim.py)
+    muon_lr: float = 0.02  # --optimizer muon: the Muon matrices' peak lr (lr stays AdamW's); the schedule scales both
     max_steps: int = 600_000
     lr: float = 6e-4
     min_lr: float = 6e-5
@@ -64,9 +66,13 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     init_from: str = ""  # start from these weights (gpt2..gpt2-xl, HF dir, exported .pt, checkpoint): step 0
     hellaswag_file: str = ""
+    reference: str = ""  # a val curve to judge each eval by (gpt2repro/references.py), or a run directory
     wandb: str = "disabled"  # online | offline | disabled
     wandb_project: str = "gpt2repro"
     wandb_run_name: str = ""
+    # profiling (gpt2repro/profiling.py): "A:B" traces steps A..B on every rank; stacks cost more
+    profile_steps: str = ""
+    profile_with_stack: bool = False
     dry_run: bool = False
 
     def replace(self, **changes) -> TrainConfig:
@@ -84,19 +90,55 @@ RESUMABLE_CHANGES = {
     "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",
     "compile", "wandb", "wandb_project", "wandb_run_name", "dry_run", "hellaswag_file", "peak_tflops",
     "max_nonfinite_steps", "device", "collective_timeout_s", "strategy", "activation_checkpointing", "gpu_memory_gb",
-    "fused_loss", "fp8",
+    "fused_loss", "fp8", "profile_steps", "profile_with_stack", "reference",
 }  # fmt: skip
 
 # GPT-2 on OpenWebText as nanoGPT's train_gpt2 config (600k steps, 2000 warmup, lr 6e-4) with
 # GPT-3's 0.5M-token batch: 2**19 = 512 sequences of 1024, which 1 to 512 ranks (any power of
 # two) split evenly; other world sizes get the nearest global batch they can split (resolve_batch).
 _GPT2_124M = TrainConfig(batch_size=16, total_batch_tokens=2**19)
+_LLMC_124M = TrainConfig(batch_size=64, total_batch_tokens=524_288, lr=6e-4, min_lr=0.0, warmup_steps=700,
+                         max_steps=18_865, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
+                         eval_tokens=10 * 2**20, ckpt_interval=5000, reference="llmc-124m-fineweb10B")  # fmt: skip
 PRESETS: dict[str, TrainConfig] = {
     "gpt2-124m": _GPT2_124M,
     # GPT-3 paper, table 2.1: learning rates for the comparable sizes.
     "gpt2-350m": _GPT2_124M.replace(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5, batch_size=8),
     "gpt2-774m": _GPT2_124M.replace(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5, batch_size=4),
     "gpt2-1558m": _GPT2_124M.replace(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5, batch_size=2),
+    # llm.c's recipes, flag for flag (scripts/run_gpt2_*.sh): -b micro-batch, -d tokens per step, -l lr,
+    # -q the lr's final fraction (0: decay to zero; nanoGPT keeps 10%), -u warmup, -x steps, -c weight
+    # decay, -v eval interval, -n checkpoint interval; clip 1.0 and betas (0.9, 0.95) are llm.c's defaults,
+    # val is the first 20 batches of 64 x 1024 x 8 ranks = 10 x 2**20 tokens.
+    # 124M: FineWeb 10B (18,865 steps, 9.9B tokens), its curve is the llmc-124m-fineweb10B reference.
+    "gpt2-124m-llmc": _LLMC_124M,
+    # 350M and 774M: FineWeb 100B, 31.5B and 150B tokens.
+    "gpt2-350m-llmc": _LLMC_124M.replace(
+        n_layer=24, n_head=16, n_embd=1024, lr=3e-4, max_steps=60_000, ckpt_interval=2000, reference=""
+    ),  # fmt: skip
+    "gpt2-774m-llmc": _LLMC_124M.replace(
+        n_layer=36,
+        n_head=20,
+        n_embd=1280,
+        batch_size=32,
+        lr=2.5e-4,
+        max_steps=286_102,
+        ckpt_interval=4000,
+        reference="",
+    ),  # fmt: skip
+    # 1558M: FineWeb-Edu 100B, ~1M tokens per step, 32,000 steps (33.6B tokens), decay to 10%.
+    "gpt2-1558m-llmc": _LLMC_124M.replace(
+        n_layer=48,
+        n_head=25,
+        n_embd=1600,
+        batch_size=16,
+        total_batch_tokens=1_048_576,
+        lr=6e-4,
+        min_lr=6e-5,
+        max_steps=32_000,
+        ckpt_interval=2000,
+        reference="",
+    ),  # fmt: skip
     # nanoGPT's config/finetune_shakespeare.py: OpenAI's weights (the shape comes from them),
     # 32 x 1024 tokens per step, 20 steps at a constant 3e-5. --init_from gpt2-xl as nanoGPT.
     "finetune-shakespeare": TrainConfig(
@@ -295,8 +337,9 @@ def resolve_batch(cfg: TrainConfig, world_size: int, given: frozenset[str] = fro
                 f"= {b} x {t} x {w} = {b * t * w}; batch sizes that divide it: {_divisors(sequences, 4 * b)}"
             )
         return cfg.replace(batch_size=b, grad_accum_steps=sequences // b)
-    # A preset's total: the largest micro-batch whose nearest evenly split global batch is within
-    # 10% of it (throughput wants big micro-batches), else the micro-batch that comes closest.
+    # A preset's total: exactly, with the largest micro-batch down to half the preset's; else the
+    # largest micro-batch whose nearest evenly split global batch is within 10% of it (throughput
+    # wants big micro-batches), else the micro-batch that comes closest.
     sequences = cfg.total_batch_tokens / t
 
     def split(m: int) -> tuple[int, float]:
@@ -304,7 +347,8 @@ def resolve_batch(cfg: TrainConfig, world_size: int, given: frozenset[str] = fro
         return accum, abs(m * w * accum - sequences) / sequences
 
     options = [b] if "batch_size" in given else range(b, 0, -1)
-    best = next((m for m in options if split(m)[1] <= 0.1), None) or min(options, key=lambda m: split(m)[1])
+    exact = next((m for m in options if m >= b / 2 and split(m)[1] == 0), None)
+    best = exact or next((m for m in options if split(m)[1] <= 0.1), None) or min(options, key=lambda m: split(m)[1])
     accum = split(best)[0]
     return cfg.replace(batch_size=best, grad_accum_steps=accum, total_batch_tokens=best * t * w * accum)
 
@@ -360,6 +404,7 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         "device": ("auto", "cpu", "cuda"),
         "strategy": ("auto", "ddp", "fsdp", "hsdp"),
         "lr_schedule": ("cosine", "constant", "wsd"),
+        "optimizer": ("adamw", "muon"),
         "wandb": ("online", "offline", "disabled"),
     }
     for name, valid in choices.items():
@@ -367,6 +412,8 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
             problems.append(f"{name} must be one of {', '.join(valid)}, got {getattr(cfg, name)!r}")
     if not (0 <= cfg.min_lr <= cfg.lr) or not math.isfinite(cfg.lr):
         problems.append(f"need 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
+    if not cfg.muon_lr > 0:
+        problems.append(f"muon_lr must be positive, got {cfg.muon_lr}")
     if cfg.gpu_memory_gb < 0:
         problems.append(f"gpu_memory_gb must be >= 0 (0: this GPU's), got {cfg.gpu_memory_gb}")
     if cfg.collective_timeout_s <= 0:
@@ -377,9 +424,27 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         problems.append(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.eval_tokens < cfg.block_size:
         problems.append(f"eval_tokens ({cfg.eval_tokens}) must be at least block_size ({cfg.block_size})")
+    try:
+        profile_range(cfg.profile_steps)
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
         raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
     return cfg
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """--profile_steps "A:B" -> (A, B), the first and last step profiled (as logged); "" -> None."""
+    if not spec:
+        return None
+    first, _, last = spec.partition(":")
+    try:
+        steps = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"profile_steps takes FIRST:LAST step numbers, e.g. 10:12, got {spec!r}") from None
+    if not 1 <= steps[0] <= steps[1]:
+        raise ValueError(f"profile_steps needs 1 <= FIRST <= LAST, got {spec!r}")
+    return steps
 
 
 def compile_on_for(cfg: TrainConfig, device_type: str) -> bool:

@@ -8,17 +8,18 @@ distributed state explicitly; rank-0-only effects sit behind `info.is_main`.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
-import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from gpt2repro.errors import first_line
+from gpt2repro.errors import first_line, hang_sentence, print_error
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,14 @@ def distributed_context(device: str = "auto", timeout_s: float = 600.0):
     try:
         yield init(device, timeout_s)
         ok = True
+    except BaseException as error:
+        # Free what the failed code still holds through the traceback (a DDP model's reducer keeps the
+        # process group alive) while the group is registered. Freed after teardown instead, the reducer
+        # would destroy the group holding the GIL, which deadlocks against a gloo thread that needs the
+        # GIL to finish a collective (pytorch/pytorch#56297): the failed rank would hang, not exit.
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        raise
     finally:
         teardown(wait_for_all=ok)  # after an error, do not wait on ranks that may be gone
 
@@ -214,48 +223,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def hang_message(error: BaseException, timeout_s: float) -> str | None:
-    """One clear sentence when `error` is a collective that timed out (a rank hung or died), else None."""
-    text = str(error)
-    timed_out = isinstance(error, dist.DistError) or "Timed out" in text or "timed out" in text
-    if not isinstance(error, RuntimeError) or not timed_out:
-        return None
-    within = f"the process group's timeout ({backend_timeout_s(timeout_s):g} s)"
-    return _hang_sentence(within, f" ({first_line(error)})")
-
-
-def _hang_sentence(within: str, detail: str = "") -> str:
-    return (
-        f"a collective did not complete within {within}, so a rank is hung or dead{detail}; restart the job "
-        "(torchrun --max-restarts or Slurm requeue) to resume from the last checkpoint."
-    )
-
-
-# What gloo (and NCCL, once torchrun tears a group down) say when the rank at the other end is gone.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-              "NCCL communicator was aborted", "ProcessGroup abort", "has been destroyed")  # fmt: skip
-
-
-def failure_message(error: BaseException, timeout_s: float) -> str | None:
-    """One line for a distributed failure this rank did not cause (a hang, a lost peer), else None."""
-    if message := hang_message(error, timeout_s):
-        return message
-    text = str(error)
-    if isinstance(error, (RuntimeError, ConnectionError)) and any(s in text for s in _PEER_GONE):
-        return (
-            f"lost contact with another rank, which failed or was killed ({first_line(error)}); its own error is above."
-        )
-    return None
-
-
-def print_error(message: object, info: DistInfo | None) -> None:
-    """`error: ...` on stderr, from whichever rank failed: prefixed with the rank under torchrun."""
-    rank = info.rank if info is not None else int(os.environ.get("RANK", "0"))
-    world_size = info.world_size if info is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    prefix = f"rank {rank}: " if world_size > 1 else ""
-    print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
-
-
 class Watchdog:
     """Ends this process with one clear line when a stretch of the run outlives its bound.
 
@@ -272,7 +239,7 @@ class Watchdog:
 
     def __init__(self, timeout_s: float, info: DistInfo, message: str | None = None):
         self.timeout_s, self.info = timeout_s, info
-        self.message = message or _hang_sentence(f"collective_timeout_s={timeout_s:g} s")
+        self.message = message or hang_sentence(f"collective_timeout_s={timeout_s:g} s")
         self._deadline: tuple[float, str] | None = None  # (monotonic time, the line to print then)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="gpt2repro-watchdog", daemon=True)

@@ -40,6 +40,25 @@ def load_baselines(path: str | os.PathLike | None) -> dict[str, dict]:
     return table
 
 
+class Evaluator:
+    """Evaluation during training, and when: every eval_interval steps and at the last step. The val
+    loss over the fixed windows, and HellaSwag's acc_norm when a HellaSwag file is given."""
+
+    def __init__(self, cfg, windows: EvalWindows, hellaswag_examples: list | None, model, raw_model,
+                 info: D.DistInfo, autocast):  # fmt: skip
+        self.cfg, self.windows, self.hellaswag_examples = cfg, windows, hellaswag_examples
+        self.model, self.raw_model, self.info, self.autocast = model, raw_model, info, autocast
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
+
+    def __call__(self) -> dict:
+        results = {"val_loss": val_loss(self.model, self.windows, self.cfg.batch_size, self.info, self.autocast)}
+        if self.hellaswag_examples:
+            results["hellaswag_acc_norm"] = hellaswag(self.raw_model, self.hellaswag_examples, self.info)["acc_norm"]
+        return results
+
+
 @torch.no_grad()
 def val_loss(model, windows: EvalWindows, batch_size: int, info: D.DistInfo, autocast) -> float:
     """Mean loss over the fixed eval windows, across all ranks."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpt2repro.errors import first_line
 from gpt2repro.loss import default_chunk_size
 from gpt2repro.model import GPTConfig
 
@@ -53,6 +52,7 @@ class MemoryPlan:
     gradients: int
     optimizer: int
     activations: int
+    optimizer_kind: str = "adamw"
 
     @property
     def total(self) -> int:
@@ -75,6 +75,7 @@ def estimate(
     fused_loss: bool = True,
     compiled: bool = False,
     ranks_per_node: int = 0,
+    optimizer: str = "adamw",
 ) -> MemoryPlan:
     """Peak bytes per GPU for training `config` (dtype float32|bfloat16|float16; strategy ddp|fsdp|hsdp).
 
@@ -93,7 +94,10 @@ def estimate(
     W = {"ddp": 1, "fsdp": world_size, "hsdp": min(ranks_per_node or world_size, world_size)}[strategy]
 
     weights = 4 * N // W
-    optimizer = 8 * N // W
+    # AdamW: two fp32 moments per parameter. Muon: one fp32 momentum for the blocks' matrices (12 C^2 per
+    # layer), AdamW's two for the rest; its Newton-Schulz works on one matrix at a time (small beside these).
+    muon_params = L * 12 * C * C if optimizer == "muon" else 0
+    optimizer_bytes = (4 * muon_params + 8 * (N - muon_params)) // W
     if fsdp:
         weights += half * (root_params + 2 * block_params)
         gradients = 4 * N if grad_accum_steps > 1 else 4 * N // W
@@ -118,7 +122,8 @@ def estimate(
         num_params=N, world_size=world_size, batch_size=batch_size, block_size=T,
         grad_accum_steps=grad_accum_steps, dtype=dtype, strategy=strategy,
         activation_checkpointing=activation_checkpointing, fused_loss=fused_loss, compiled=compiled,
-        weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+        weights=weights, gradients=gradients, optimizer=optimizer_bytes, activations=activations,
+        optimizer_kind=optimizer,
     )  # fmt: skip
 
 
@@ -155,7 +160,12 @@ def format_plan(plan: MemoryPlan, gpu_memory_bytes: float) -> str:
         f"fused loss {'on' if plan.fused_loss else 'off'}, compile {'on' if plan.compiled else 'off'}",
         f"weights     {gib(plan.weights)}",
         f"gradients   {gib(plan.gradients)}",
-        f"optimizer   {gib(plan.optimizer)}   (AdamW, fp32 moments)",
+        f"optimizer   {gib(plan.optimizer)}   "
+        + (
+            "(AdamW, fp32 moments)"
+            if plan.optimizer_kind == "adamw"
+            else "(Muon momentum for the blocks' matrices, AdamW for the rest)"
+        ),
         f"activations {gib(plan.activations)}   (one micro-batch)",
         f"total       {gib(plan.total)}   per GPU",
     ]
@@ -172,18 +182,3 @@ def format_plan(plan: MemoryPlan, gpu_memory_bytes: float) -> str:
     else:
         lines.append("verdict     not checked: no GPU here; pass --gpu_memory_gb (e.g. 40 or 80)")
     return "\n".join(lines)
-
-
-def out_of_memory_message(error: BaseException) -> str | None:
-    """One line for a failed allocation (CUDA out of memory, or the host's), else None."""
-    text = str(error)
-    on_gpu = type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text
-    on_host = "can't allocate memory" in text or isinstance(error, MemoryError)
-    if not (on_gpu or on_host):
-        return None
-    where = "GPU" if on_gpu else "host"
-    return (
-        f"out of {where} memory ({first_line(error)}); "
-        "see what fits with --dry_run true (the memory planner), then lower --batch_size (accumulation keeps "
-        "the global batch) or add --activation_checkpointing true."
-    )

@@ -6,10 +6,12 @@ import json
 import math
 import os
 import secrets
+import time
 from pathlib import Path
 
 import torch
 
+from gpt2repro.config import lr_at
 from gpt2repro.shards import atomic_file, write_json_atomic
 
 # Dense peaks in TFLOP/s (no sparsity), matched against the device name, the more specific
@@ -104,8 +106,9 @@ class WandbSink:
         self.run.finish()
 
 
-def format_line(record: dict, max_steps: int, eta_s: float | None) -> str:
-    """One console line: the training numbers of a log step, then eval and checkpoint costs if any."""
+def format_line(record: dict, max_steps: int, eta_s: float | None, reference: str | None = None) -> str:
+    """One console line: the training numbers of a log step, then eval and checkpoint costs if any; with
+    a reference, the eval's verdict against it."""
     parts = [f"step {record['step']:>6}/{max_steps}"]
     if "loss" in record:
         parts.append("loss " + ("nan" if record["loss"] is None else f"{record['loss']:.4f}"))
@@ -113,6 +116,9 @@ def format_line(record: dict, max_steps: int, eta_s: float | None) -> str:
         parts.append(f"val {record['val_loss']:.4f}")
     if "hellaswag_acc_norm" in record:
         parts.append(f"hellaswag {record['hellaswag_acc_norm']:.4f}")
+    if "verdict" in record:
+        gap = "" if record["ref_val_loss"] is None else f" {record['ref_val_loss']:.4f} ({record['ref_gap']:+.4f})"
+        parts.append(f"vs {reference}{gap}: {record['verdict']}")
     if "loss" in record:
         parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}"]
         if record.get("tokens_per_s") is not None:  # none at a run's first step (compilation)
@@ -124,3 +130,142 @@ def format_line(record: dict, max_steps: int, eta_s: float | None) -> str:
         h, rem = divmod(int(eta_s), 3600)
         parts.append(f"eta {h}:{rem // 60:02d}:{rem % 60:02d}")
     return " | ".join(parts)
+
+
+class RunLog:
+    """The loop's numbers, and when they go out: a training record every log_interval steps and at
+    the last step, the evaluation's results at their step (in the same record when both fall on
+    it), each checkpoint's time in a record of its own. The main rank writes them to
+    metrics.jsonl, W&B and the console; every rank keeps the throughput (Throughput)."""
+
+    def __init__(self, run):
+        self.cfg, self.info, self.comparison = run.cfg, run.info, run.comparison
+        self.first_step, self.tokens_per_step = run.state.step + 1, run.tokens_per_step
+        self.flops_per_token = run.raw_model.flops_per_token(run.cfg.block_size)
+        self.peak = peak_flops(run.info.device, run.cfg.peak_tflops, run.dtype)
+        self.throughput = Throughput(run.state.step)
+        self.record: dict = {}
+        self.file = self.sink = None
+        if run.info.is_main:
+            self.started = _started(run.run_dir)
+            self.file = MetricsLog(run.run_dir / "metrics.jsonl", run.state.step)
+            if run.cfg.wandb != "disabled":
+                self.sink = WandbSink(run.cfg.wandb, run.run_dir, run.cfg.wandb_project, run.cfg.wandb_run_name,
+                                      run.cfg.to_dict())  # fmt: skip
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for out in (self.file, self.sink):
+            if out is not None:
+                out.close()
+
+    def step_done(self, step: int) -> None:
+        """After each training step: this process's first one (compilation, warm-up) stays out of
+        tokens/s, MFU and the ETA."""
+        if step == self.first_step:
+            synchronize(self.info.device)
+            self.throughput.restart(step)
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
+
+    def training(self, state, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """The training numbers of a log step (host syncs: only here)."""
+        train_s, steps = self.throughput.close(state.step)
+        tok_s = self.tokens_per_step * steps / train_s if steps else None  # none yet: the first step
+        self.record = {
+            "step": state.step, "tokens": state.tokens, "loss": loss.item(), "lr": lr_at(state.step - 1, self.cfg),
+            "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
+            "mfu": mfu(self.flops_per_token, tok_s / self.info.world_size, self.peak) if tok_s else None,
+            "elapsed_s": None, "skipped_steps": state.skipped_steps,
+            "eta_s": self.throughput.eta_s(self.cfg.max_steps - state.step),
+        }  # fmt: skip
+
+    def evaluation(self, state, results: dict, seconds: float) -> None:
+        """The evaluation's results, judged against the run's reference curve (--reference) if it has one."""
+        self.record.update(step=state.step, tokens=state.tokens, **results)
+        if self.comparison is not None:
+            self.record.update(self.comparison.fields(state.tokens, results["val_loss"]))
+        self.record["eval_s"] = seconds
+        self.throughput.pause(seconds)
+
+    def flush(self) -> None:
+        """Writes the step's record, if it has one."""
+        if self.record and self.info.is_main:
+            self._emit(self.record)
+        self.record = {}
+
+    def checkpoint(self, state, seconds: float) -> None:
+        self.throughput.pause(seconds)
+        if self.info.is_main:
+            self._emit({"step": state.step, "tokens": state.tokens, "ckpt_s": seconds})
+
+    def _emit(self, record: dict) -> None:
+        record["elapsed_s"] = time.time() - self.started
+        eta = record.pop("eta_s", None)
+        self.file.write(record)
+        if self.sink is not None:
+            self.sink.log(record)
+        reference = self.comparison.short if self.comparison else None
+        print(format_line(record, self.cfg.max_steps, eta, reference), flush=True)
+
+
+def _started(run_dir: Path) -> float:
+    """Wall-clock start of the run, kept across resumes (for elapsed_s)."""
+    path = run_dir / "started_at"
+    if not path.exists():
+        path.write_text(f"{time.time()}\n")
+    return float(path.read_text())
+
+
+class Throughput:
+    """Training time per step, for tokens/s, MFU and the ETA.
+
+    Each log line's window counts training steps only: eval and checkpoint time is paused out,
+    and so is this process's first step (compilation, warm-up). The ETA adds eval and checkpoint
+    time back at the share of the run's time they took so far.
+    """
+
+    def __init__(self, step: int):
+        self.start_s, self.start_step, self.paused_s = time.perf_counter(), step, 0.0
+        self.train_s = self.other_s = 0.0  # since the first step, for the ETA
+        self.steps = 0
+
+    def restart(self, step: int) -> None:
+        """The window starts again now, at `step` (what came before is left out)."""
+        self.start_s, self.start_step, self.paused_s = time.perf_counter(), step, 0.0
+
+    def pause(self, seconds: float) -> None:
+        self.paused_s += seconds
+        self.other_s += seconds
+
+    def close(self, step: int) -> tuple[float, int]:
+        """(training seconds, steps) of the window ending now; the next one starts."""
+        now = time.perf_counter()
+        train_s, steps = now - self.start_s - self.paused_s, step - self.start_step
+        self.start_s, self.start_step, self.paused_s = now, step, 0.0
+        self.train_s += train_s
+        self.steps += steps
+        return train_s, steps
+
+    def eta_s(self, remaining_steps: int) -> float | None:
+        if not self.steps:
+            return None
+        return remaining_steps * (self.train_s + self.other_s) / self.steps
+
+
+def timed(device: str, fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds), with the device's queued work finished before and after (so neither the
+    training steps before it nor fn's own kernels are misattributed)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    synchronize(device)
+    return result, time.perf_counter() - t0
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

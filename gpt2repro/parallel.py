@@ -29,8 +29,7 @@ from gpt2repro import memory
 from gpt2repro.config import TrainConfig, fused_loss_on
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT, GPTConfig
-
-PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from gpt2repro.precision import PTDTYPE
 
 
 def gpu_memory_bytes(cfg: TrainConfig, device: str) -> float:
@@ -54,6 +53,7 @@ def plan(
             config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
             activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
             fused_loss=fused_loss_on(cfg.fused_loss, device_type), compiled=compiled, ranks_per_node=ranks_per_node,
+            optimizer=cfg.optimizer,
         )  # fmt: skip
 
     if cfg.strategy != "auto":

@@ -20,14 +20,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 from gpt2repro import checkpoint, evaluate  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.config import fused_loss_on  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
+from gpt2repro.errors import failure_message, print_error  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
-from gpt2repro.parallel import PTDTYPE  # noqa: E402
+from gpt2repro.precision import precision  # noqa: E402
 from gpt2repro.shards import ShardError, read_manifest, write_json_atomic  # noqa: E402
 
 DEFAULT_EVAL_TOKENS = 10_485_760
@@ -72,19 +71,11 @@ def load_model(args, device_type: str) -> tuple[GPT, str, int, Path | None, str]
     path = checkpoint.resolve_path(ckpt)  # checked once here
     meta = checkpoint.read_meta(path)
     eval_tokens = meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
-    trained_in = meta.get("dtype", meta["config"].get("dtype", "auto"))
+    trained_in = checkpoint.trained_dtype(meta)
     model = checkpoint.model_from(path)
     # The loss the run's val_loss used, resolved for this device as training resolves it.
     model.fused_loss = fused_loss_on(meta["config"].get("fused_loss", "auto"), device_type)
     return model, str(path), eval_tokens, path / f"eval_{args.split}.json", trained_in
-
-
-def eval_dtype(asked: str, trained_in: str, device_type: str) -> torch.dtype:
-    """The autocast dtype: as asked, else the run's own, else bfloat16 on a GPU and float32 on a CPU."""
-    name = asked if asked != "auto" else trained_in
-    if name == "auto":
-        name = "bfloat16" if device_type == "cuda" else "float32"
-    return PTDTYPE[name]
 
 
 def check_vocab(model: GPT, data_dir: str) -> None:
@@ -103,8 +94,7 @@ def main(argv=None) -> int:
         with D.distributed_context(args.device) as info:
             model, label, default_tokens, result_file, trained_in = load_model(args, info.device_type)
             model.to(info.device)
-            dtype = eval_dtype(args.dtype, trained_in, info.device_type)
-            autocast = torch.autocast(info.device_type, dtype=dtype, enabled=dtype != torch.float32)
+            _, autocast = precision(args.dtype, info.device_type, trained_in)  # as asked, else the run's own
             result = {"model": label}
             if args.data:
                 check_vocab(model, args.data)
@@ -120,13 +110,13 @@ def main(argv=None) -> int:
                 report(args, result, args.out or result_file)
         return 0
     except (ValueError, DataError, ShardError, checkpoint.CheckpointError) as e:
-        D.print_error(e, info)  # from every rank that fails, not only rank 0
+        print_error(e, info)  # from every rank that fails, not only rank 0
         return 1
     except RuntimeError as e:
-        message = D.failure_message(e, timeout_s=600.0)
+        message = failure_message(e, D.backend_timeout_s(600.0))
         if message is None:
             raise
-        D.print_error(message, info)
+        print_error(message, info)
         return 1
 
 

@@ -32,7 +32,7 @@ def write_single_file(model, meta: dict, out: Path) -> None:
         "model": model.state_dict(),
         "step": meta["step"],
         "tokens": meta["tokens"],
-        "dtype": meta.get("dtype", "float32"),  # what it trained in: launch/eval.py evaluates in the same
+        "dtype": checkpoint.trained_dtype(meta),  # what it trained in: launch/eval.py evaluates in the same
     }
     with atomic_file(out, "wb") as f:
         torch.save(blob, f)

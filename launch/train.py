@@ -24,10 +24,13 @@ if __name__ == "__main__":  # before torch is imported: the re-exec would otherw
 from gpt2repro import config as C  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.checkpoint import CheckpointError  # noqa: E402
-from gpt2repro.memory import format_plan, out_of_memory_message  # noqa: E402
+from gpt2repro.errors import failure_message, out_of_memory_message, print_error  # noqa: E402
+from gpt2repro.memory import format_plan  # noqa: E402
 from gpt2repro.parallel import gpu_memory_bytes  # noqa: E402
 from gpt2repro.parallel import plan as parallel_plan  # noqa: E402
+from gpt2repro.precision import resolve_dtype  # noqa: E402
 from gpt2repro.pretrained import with_source_shape  # noqa: E402
+from gpt2repro.profiling import memory_snapshot_on_oom  # noqa: E402
 from gpt2repro.shards import ShardError  # noqa: E402
 from gpt2repro.train import TrainingError, fit, model_config  # noqa: E402
 
@@ -59,10 +62,8 @@ def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device
     nothing is allocated."""
     cfg = C.resolve(asked, world_size, given)
     gpu_bytes = gpu_memory_bytes(cfg, device)
-    dtype = cfg.dtype
-    if dtype == "auto":  # as the run would pick it on a GPU
-        dtype = "bfloat16" if gpu_bytes else "float32"
     device_type = "cuda" if gpu_bytes else "cpu"  # a plan for GPUs, given their memory
+    dtype = resolve_dtype(cfg.dtype, device_type)  # as the run would pick it there
     compiled = C.compile_on_for(cfg, device_type)
     plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes, compiled, device_type,
                          ranks_per_node=gpus_per_node)  # fmt: skip
@@ -88,17 +89,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = C.resolve(asked, info.world_size, given)
             if info.is_main:
                 print(C.describe_batch(asked, cfg, info.world_size, given), flush=True)
-            fit(cfg, args.data, args.out, info)  # also returns early, after a checkpoint, on SIGTERM/SIGUSR1
+            with memory_snapshot_on_oom(args.out, info):
+                fit(cfg, args.data, args.out, info)  # also returns early, after a checkpoint, on SIGTERM/SIGUSR1
         return 0
     except (ValueError, TrainingError, CheckpointError, ShardError) as e:
-        D.print_error(e, info)  # from every rank that fails, not only rank 0
+        print_error(e, info)  # from every rank that fails, not only rank 0
         return 1
     except (RuntimeError, MemoryError) as e:
         timeout_s = asked.collective_timeout_s if asked else C.TrainConfig.collective_timeout_s
-        message = out_of_memory_message(e) or D.failure_message(e, timeout_s)
+        message = out_of_memory_message(e) or failure_message(e, D.backend_timeout_s(timeout_s))
         if message is None:
             raise
-        D.print_error(message, info)
+        print_error(message, info)
         return 1
 
 

@@ -132,3 +132,16 @@ def test_fsdp_builds_on_the_meta_device_with_the_plain_init():
     assert "meta init equals the plain init" in proc.stdout
     if importlib.util.find_spec("torchao") is not None:
         assert "fp8 meta init equals the plain init" in proc.stdout
+
+
+def test_muon_under_fsdp_equals_muon_on_one_process_and_its_checkpoint_reshards(shakespeare_data, tmp_path):
+    muon = ["--optimizer", "muon", "--muon_lr", "0.02"]
+    oracle = tmp_path / "oracle"
+    run(train_cmd(shakespeare_data, oracle, *STEPS, *muon, "--grad_accum_steps", 4))
+    sharded = tmp_path / "fsdp"  # each matrix gathered, orthogonalised by its owner rank, scattered back
+    run(train_cmd(shakespeare_data, sharded, *STEPS, *muon, "--grad_accum_steps", 2, "--strategy", "fsdp", nproc=2))
+    assert_same_run(metrics(oracle), metrics(sharded))
+    assert metrics(oracle)[-1]["loss"] < metrics(oracle)[0]["loss"] - 0.5  # it trains
+    out = resumable_copy(sharded, tmp_path / "one_rank")  # the 2-rank Muon state of step 3, on one process
+    run(train_cmd(shakespeare_data, out, *STEPS, *muon, "--grad_accum_steps", 4))
+    assert_same_run(metrics(oracle), metrics(out))

@@ -213,3 +213,28 @@ def test_throughput_leaves_eval_and_checkpoint_time_out(shakespeare_data, tmp_pa
                                        - records[4]["ckpt_s"]), "the eval should dwarf a step"  # fmt: skip
     steady = sorted(records[s]["tokens_per_s"] for s in (2, 3, 7, 8))
     assert records[5]["tokens_per_s"] > 0.3 * steady[1]  # the window right after eval + checkpoint
+
+
+def test_profile_steps_write_one_trace_per_rank_of_the_chosen_steps_only(shakespeare_data, tmp_path):
+    out = tmp_path / "profiled"
+    proc = run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--profile_steps", "2:3", nproc=2))
+    assert f"profile of steps 2-3: {out / 'profile'}/rank{{0..1}}/steps_2-3.pt.trace.json" in proc.stdout
+    for rank in (0, 1):
+        events = json.loads((out / "profile" / f"rank{rank}" / "steps_2-3.pt.trace.json").read_text())["traceEvents"]
+        steps = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name", "").startswith("step ")}
+        assert sorted(steps) == ["step 2", "step 3"], sorted(steps)
+        # The model's matmuls (forward and backward), with their shapes, inside those steps.
+        matmuls = [e for e in events if e.get("name") in ("aten::addmm", "aten::mm")]
+        inside = [e for e in matmuls if any(a <= e["ts"] <= b for a, b in steps.values())]
+        assert len(inside) >= 2 * 2 * 4, len(inside)  # 2 layers x (attention + MLP) x 2 steps, and more
+        assert all("Input Dims" in e["args"] for e in inside)
+
+
+def test_a_run_judged_against_its_twin_is_on_track_at_every_eval(reference, shakespeare_data, tmp_path):
+    out = tmp_path / "judged"  # the reference fixture's run again, judged against that run's val curve
+    proc = run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--grad_accum_steps", 2, "--reference", reference))
+    evals = [r for r in metrics(out) if "val_loss" in r]
+    assert evals and all(r["ref_val_loss"] == r["val_loss"] and r["ref_gap"] == 0.0 for r in evals), evals
+    assert all(r["verdict"] == "on track" for r in evals)
+    assert f"vs run {evals[-1]['val_loss']:.4f} (+0.0000): on track" in proc.stdout
+    assert f"evals are judged against {reference} (dataset unknown)" in proc.stdout

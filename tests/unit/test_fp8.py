@@ -68,8 +68,8 @@ def _one_step(model, cfg, optimizer):
 
 def test_checkpoints_resume_across_fp8_both_ways(tmp_path):
     """fp8 changes no parameter name: a bf16 run's checkpoint resumes in an fp8 run, and back."""
+    from gpt2repro import checkpoint, train
     from gpt2repro import distributed as D
-    from gpt2repro import train
     from gpt2repro.config import TrainConfig
     from gpt2repro.shards import write_json_atomic
 
@@ -89,11 +89,13 @@ def test_checkpoints_resume_across_fp8_both_ways(tmp_path):
             models.append((model, train.make_optimizer(model, cfg), train.make_scaler("bfloat16", "cpu")))
         (source, source_opt, scaler), (target, target_opt, target_scaler) = models
         _one_step(source, cfg, source_opt)  # AdamW state to carry over
-        train.save_checkpoint(run_dir, cfg, source, source_opt, scaler, train.TrainState(step=1, tokens=128), info)
+        saver = checkpoint.Checkpointer(run_dir, cfg, source, source_opt, scaler, info, "bfloat16")
+        saver.save(train.TrainState(step=1, tokens=128))
         resumed = cfg.replace(fp8=not saved_fp8)
         train.check_run_dir(run_dir, resumed, 1)  # the run dir accepts the change
         state = train.TrainState()
-        assert train.load_resume_point(resumed, run_dir, target, target_opt, target_scaler, state, info)
+        loader = checkpoint.Checkpointer(run_dir, resumed, target, target_opt, target_scaler, info, "bfloat16")
+        assert loader.resume(state)
         assert state.step == 1
         for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
             assert torch.equal(a, b), name

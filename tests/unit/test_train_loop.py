@@ -5,7 +5,7 @@ from torch.overrides import TorchFunctionMode
 
 from gpt2repro import config as C
 from gpt2repro import distributed as D
-from gpt2repro import train
+from gpt2repro import metrics, train
 
 # Each of these copies a value from the device to the host and waits for it: a host sync on a GPU.
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__}
@@ -52,8 +52,8 @@ def test_between_log_steps_a_step_reads_one_step_old_value_only(shakespeare_data
 
 def test_throughput_leaves_the_first_step_out_and_the_eta_counts_eval_time_at_its_share(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
-    throughput = train.Throughput(step=0)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    throughput = metrics.Throughput(step=0)
     clock[0] = 100.0  # the first step: 100 s of compilation
     throughput.restart(1)
     clock[0] = 115.0  # steps 2-11: 10 s of training and a 5 s eval

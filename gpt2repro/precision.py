@@ -1,0 +1,35 @@
+"""The one place that turns a dtype setting into the run's dtype and its autocast context:
+training, evaluation, the benchmark, export and the dry run all ask here."""
+
+from __future__ import annotations
+
+import torch
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(setting: str, device_type: str, trained_in: str = "auto") -> str:
+    """The dtype a run computes in: the setting when given, else the one its checkpoint trained in
+    (eval, export), else bfloat16 on a GPU (float16 on one without bfloat16) and float32 on a CPU.
+    A GPU that is planned for but not present (a dry run on a laptop) is taken to have bfloat16."""
+    name = setting if setting != "auto" else trained_in
+    if name != "auto":
+        return name
+    if device_type == "cuda":
+        old_gpu = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+        return "float16" if old_gpu else "bfloat16"
+    return "float32"
+
+
+def autocast(dtype: str, device_type: str) -> torch.autocast:
+    """Matmuls in dtype, reductions and softmax in float32; a no-op for float32."""
+    return torch.autocast(device_type, dtype=PTDTYPE[dtype], enabled=dtype != "float32")
+
+
+def precision(setting: str, device_type: str, trained_in: str = "auto") -> tuple[str, torch.autocast]:
+    """(the run's dtype, its autocast context). On CUDA, float32 matmuls and convolutions use TF32."""
+    dtype = resolve_dtype(setting, device_type, trained_in)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype, autocast(dtype, device_type)
