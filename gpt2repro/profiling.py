@@ -67,7 +67,7 @@ class StepProfiler:
         self.with_stack, self.run_dir, self.info, self.watchdog = with_stack, Path(run_dir), info, watchdog
         self._profile: profile | None = None
         self._first_step = True
-        self._last_recorded = 0
+        self._recorded: list[int] = []  # the steps in the trace so far (a resumed run may start inside the range)
 
     @contextlib.contextmanager
     def step(self, step: int):
@@ -77,13 +77,14 @@ class StepProfiler:
             self._start()
         with record_function(f"step {step}") if inside else contextlib.nullcontext():
             yield
-        self._last_recorded = step if inside else self._last_recorded
+        if inside:
+            self._recorded.append(step)
         if self._first_step:
             self._first_step = False
             if self.info.device_type == "cuda":
                 torch.cuda.memory._record_memory_history(enabled=None)
         if inside and step == self.steps[1]:
-            self._stop(step)
+            self._stop()
 
     def _start(self) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.info.device_type == "cuda" else [])
@@ -91,14 +92,14 @@ class StepProfiler:
                                 with_stack=self.with_stack)  # fmt: skip
         self._profile.__enter__()
 
-    def _stop(self, last: int) -> None:
-        first = self.steps[0]
+    def _stop(self) -> None:
+        first, last = self._recorded[0], self._recorded[-1]
         with self.watchdog.slow(f"writing the profile of steps {first}-{last}"):
             self._profile.__exit__(None, None, None)
             path = rank_dir(self.run_dir, self.info.rank) / f"steps_{first}-{last}.pt.trace.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             self._profile.export_chrome_trace(str(path))
-        self._profile = None
+        self._profile, self._recorded = None, []
         if self.info.is_main:
             where = self.run_dir / "profile"
             ranks = f"rank{{0..{self.info.world_size - 1}}}" if self.info.is_distributed else "rank0"
@@ -112,6 +113,6 @@ class StepProfiler:
         if self._profile is None:
             return
         if exc_type is None:  # the run ended inside the range (a stop, or max_steps): what was recorded
-            self._stop(self._last_recorded)
+            self._stop()
         else:
             self._profile.__exit__(None, None, None)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from data_prep.sources import dataset_name
 from gpt2repro import shards
 from gpt2repro.evaluate import PUBLISHED_BASELINES
 
@@ -33,14 +34,6 @@ DIFFERENT_DATASETS = "datasets differ"
 LLMC = "github.com/karpathy/llm.c, scripts/run_gpt2_124M.sh; log: github.com/KellerJordan/modded-nanogpt records/track_1_short/2024-10-13_llmc/main.log"  # noqa: E501
 VISLOG = "llm.c dev/vislog.ipynb (OpenAI's checkpoints on FineWeb val)"
 NANOGPT = "nanoGPT README, baselines (OpenAI's checkpoints on OpenWebText val)"
-# Hub datasets by the names data_prep/prepare.py gives them (see data_prep/sources.py).
-HUB_NAMES = {
-    ("Skylion007/openwebtext", None): "openwebtext",
-    ("HuggingFaceFW/fineweb", "sample-10BT"): "fineweb10B",
-    ("HuggingFaceFW/fineweb-edu", "sample-10BT"): "fineweb-edu10B",
-    ("HuggingFaceFW/fineweb", "sample-100BT"): "fineweb100B",
-    ("HuggingFaceFW/fineweb-edu", "sample-100BT"): "fineweb-edu100B",
-}
 
 
 @dataclass(frozen=True)
@@ -155,7 +148,7 @@ def dataset_of(data_dir: str | os.PathLike) -> str | None:
     if manifest is not None:
         source = manifest.get("source", {})
         if source.get("kind") == "hub":
-            return HUB_NAMES.get((source.get("dataset"), source.get("name")))
+            return dataset_name(source.get("dataset"), source.get("name"))
         return source.get("dataset")
     names = [p.name for p in data_dir.glob("*.bin")] if data_dir.is_dir() else []
     if any(n.startswith("edu_fineweb_") for n in names):
