@@ -16,7 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.helpers import REPO, TINY, env, logged_steps, losses, run, train_cmd, wait_for
+from tests.distributed.helpers import (
+    REPO,
+    SLOW_STEPS,
+    TINY,
+    env,
+    env_with_sitecustomize,
+    logged_steps,
+    losses,
+    run,
+    train_cmd,
+    wait_for,
+)
 
 SLURM_SH = str(REPO / "tests" / "cluster" / "slurm.sh")
 SBATCH = str(REPO / "launch" / "slurm" / "train.sbatch")
@@ -117,6 +128,11 @@ def assert_same_losses(out: Path, reference: Path, rel: float = 1e-5) -> None:
         assert a[step] == pytest.approx(b[step], rel=rel, abs=0), step
 
 
+def slow_steps(tmp_path: Path) -> dict:
+    """The job's environment additions for training steps of SLOW_STEP_S at least."""
+    return {"PYTHONPATH": env_with_sitecustomize(tmp_path / "slow_steps", SLOW_STEPS)["PYTHONPATH"]}
+
+
 def stops(text: str) -> list[int]:
     return [int(step) for step in re.findall(r"stopping on SIGTERM at step (\d+)", text)]
 
@@ -124,7 +140,8 @@ def stops(text: str) -> list[int]:
 def test_requeue_and_the_time_limit_warning_checkpoint_and_resume(uninterrupted, shakespeare_data, tmp_path):
     assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", Path(SBATCH).read_text(), re.M)  # asked of Slurm
     out = tmp_path / "requeued"
-    job, log = submit(shakespeare_data, out)
+    # Slow steps: each signal lands with steps still to run, however fast the machine.
+    job, log = submit(shakespeare_data, out, sbatch_env=slow_steps(tmp_path))
     wait_for(lambda: logged_steps(out) >= 6)
     slurm("run", "scontrol", "requeue", job)  # preemption: Slurm signals the steps and requeues the job
     wait_for(lambda: "resumed from" in log.read_text() and logged_steps(out) >= stops(log.read_text())[0] + 4)
@@ -141,7 +158,8 @@ def test_requeue_and_the_time_limit_warning_checkpoint_and_resume(uninterrupted,
 
 def test_a_lost_node_requeues_the_job_until_the_limit(uninterrupted, shakespeare_data, tmp_path):
     out = tmp_path / "node_lost"
-    job, log = submit(shakespeare_data, out, "--ckpt_interval", 5, sbatch_env={"MAX_REQUEUES": "1"})
+    slow = slow_steps(tmp_path)  # each kill lands with steps still to run, however fast the machine
+    job, log = submit(shakespeare_data, out, "--ckpt_interval", 5, sbatch_env={**slow, "MAX_REQUEUES": "1"})
     wait_for(lambda: (out / "checkpoints" / "step_00000005").exists())
     assert kill_node_step("n2"), "no process of the job on n2"
     wait_for(lambda: (out / "checkpoints" / "step_00000015").exists())

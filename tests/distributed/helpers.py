@@ -30,12 +30,58 @@ def env(fresh_rendezvous_store: bool = False) -> dict:
     return e
 
 
-def env_with_sitecustomize(directory: Path, code: str) -> dict:
-    """env() where every Python process (torchrun's agents, its workers) first runs `code`, as the
-    sitecustomize.py it imports from directory (put on PYTHONPATH)."""
+def env_with_sitecustomize(directory: Path, *codes: str, fresh_rendezvous_store: bool = False) -> dict:
+    """env() where every Python process (torchrun's agents, its workers, a Slurm job's tasks) first runs
+    `codes`, as the sitecustomize.py it imports from directory (put on PYTHONPATH)."""
     directory.mkdir()
-    (directory / "sitecustomize.py").write_text(code)
-    return {**env(), "PYTHONPATH": str(directory)}
+    (directory / "sitecustomize.py").write_text("\n".join(codes))
+    return {**env(fresh_rendezvous_store), "PYTHONPATH": str(directory)}
+
+
+# sitecustomize code: runs PATCH with `module` bound to MODULE, right after MODULE is first imported
+# (before any `from MODULE import name` elsewhere binds the old name).
+_AFTER_IMPORT = """import importlib.abc, importlib.util, sys
+class _Patch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != {module!r}:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+        def exec_module(module):
+            run_module(module)
+            exec({patch!r}, {{"module": module}})
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, _Patch())
+"""
+
+
+def after_import(module: str, patch: str) -> str:
+    """sitecustomize code that runs `patch` (Python, with `module` bound) once `module` has been imported."""
+    return _AFTER_IMPORT.format(module=module, patch=patch)
+
+
+def slowed(module: str, function: str, seconds: float, ranks: str = "") -> str:
+    """sitecustomize code that makes module.function sleep `seconds` before it runs, on every rank (or only
+    on the ranks listed in `ranks`, as "1" or "0,1"): a premise (a slow eval, slow steps) forced, whatever
+    the machine's speed."""
+    patch = f"""import functools, os, time
+_original = module.{function}
+@functools.wraps(_original)
+def _slowed(*args, **kwargs):
+    if not {ranks!r} or os.environ.get("RANK", "0") in {ranks!r}.split(","):
+        time.sleep({seconds!r})
+    return _original(*args, **kwargs)
+module.{function} = _slowed
+"""
+    return after_import(module, patch)
+
+
+# A training step of at least this long: whatever a test does between two steps (read a file, send a
+# signal) lands before the run ends, on a fast machine too.
+SLOW_STEP_S = 0.5
+SLOW_STEPS = slowed("gpt2repro.train", "train_step", SLOW_STEP_S)
 
 
 def free_port() -> int:
@@ -61,8 +107,9 @@ def train_cmd(data: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
 
 
-def run(cmd: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout)
+def run(cmd: list[str], check: bool = True, timeout: float = 300, environ: dict | None = None):
+    """cmd's completed process, in env() (or `environ`); check: it must have exited 0."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=environ or env(), timeout=timeout)
     if check:
         # The first errors too: under torchrun the rank that failed first is often far above the tail.
         errors = "\n".join([line for line in proc.stderr.splitlines() if "Error" in line][:5])

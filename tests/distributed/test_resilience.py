@@ -13,8 +13,10 @@ import pytest
 from gpt2repro import shards
 from gpt2repro.data import BatchSpec, ShardLoader
 from tests.distributed.helpers import (
+    SLOW_STEPS,
     TINY,
     TRAIN,
+    after_import,
     env,
     env_with_sitecustomize,
     free_port,
@@ -22,6 +24,7 @@ from tests.distributed.helpers import (
     losses,
     metrics,
     run,
+    slowed,
     train_cmd,
     wait_for,
 )
@@ -50,17 +53,19 @@ def assert_close(a: dict, b: dict):
 
 
 def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(shakespeare_data, tmp_path):
-    args = ["--max_steps", 30, "--ckpt_interval", 1000]
+    args = ["--max_steps", 20, "--ckpt_interval", 1000]
     full = tmp_path / "full"
     run(train_cmd(shakespeare_data, full, *args))
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args), env=env(), stdout=subprocess.PIPE, text=True)
+    # Slow steps: the signal lands with most of the run still ahead, however fast the machine.
+    slow = env_with_sitecustomize(tmp_path / "slow", SLOW_STEPS)
+    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args), env=slow, stdout=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(out) >= 3)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout
     stopped_at = max(losses(out))
-    assert stopped_at < 30 and f"stopping on SIGTERM at step {stopped_at}" in stdout
+    assert stopped_at < 20 and f"stopping on SIGTERM at step {stopped_at}" in stdout
     assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").exists()
     rerun = run(train_cmd(shakespeare_data, out, *args))
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in rerun.stdout
@@ -83,25 +88,15 @@ def test_a_second_signal_exits_at_once(shakespeare_data, tmp_path):
     assert "stopping on" not in stdout and not (out / "checkpoints").exists()
 
 
-# Imported first by every Python process started with it on PYTHONPATH: torch.distributed.new_group
-# raises, so a trainer that opens a second process group (a gloo one beside NCCL, say) fails.
-ONE_PROCESS_GROUP = """import importlib.abc, importlib.util, sys
-class _NoNewGroup(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "torch.distributed.distributed_c10d":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run_module = spec.loader.exec_module
-        def exec_module(module):
-            run_module(module)
-            def new_group(*args, **kwargs):
-                raise RuntimeError("the trainer opened a second process group")
-            module.new_group = new_group
-        spec.loader.exec_module = exec_module
-        return spec
-sys.meta_path.insert(0, _NoNewGroup())
-"""
+# torch.distributed.new_group raises, in every Python process started with it on PYTHONPATH: a trainer
+# that opens a second process group (a gloo one beside NCCL, say) fails.
+ONE_PROCESS_GROUP = after_import(
+    "torch.distributed.distributed_c10d",
+    """def new_group(*args, **kwargs):
+    raise RuntimeError("the trainer opened a second process group")
+module.new_group = new_group
+""",
+)
 
 
 def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path):
@@ -131,7 +126,8 @@ def test_killed_worker_under_max_restarts_resumes_and_matches(two_rank_reference
     out = tmp_path / "elastic"
     cmd = train_cmd(shakespeare_data, out, *LONG, nproc=2)
     cmd.insert(cmd.index(TRAIN), "--max-restarts=1")
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    slow = env_with_sitecustomize(tmp_path / "slow", SLOW_STEPS)  # the kill lands with steps still to run
+    proc = subprocess.Popen(cmd, env=slow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: (out / "checkpoints" / "step_00000004").exists())
     os.kill(workers_of(proc)[1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=240)
@@ -147,8 +143,10 @@ def test_two_agents_survive_one_killed_worker(two_rank_reference, shakespeare_da
     rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=survive", "--max-restarts=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", *rdzv, TRAIN, *args]
     # Several nodes: with the fresh rendezvous store README asks for (restart counts are per node).
-    agents = [subprocess.Popen(cmd, env=env(fresh_rendezvous_store=True), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    # Slow steps: the kill lands with steps still to run.
+    slow = env_with_sitecustomize(tmp_path / "slow", SLOW_STEPS, fresh_rendezvous_store=True)
+    agents = [subprocess.Popen(cmd, env=slow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]  # fmt: skip
     wait_for(lambda: (out / "checkpoints" / "step_00000004").exists())
     os.kill(children(agents[1].pid)[0], signal.SIGKILL)
     outputs = [a.communicate(timeout=240)[0] for a in agents]
@@ -183,20 +181,25 @@ def test_a_signal_is_acted_on_at_the_next_step_whatever_log_interval(shakespeare
 # A file system where every fsync takes a second (a slow shared one): rank 0's checkpoint commit
 # then takes seconds while rank 1 waits for it in a collective.
 SLOW_FSYNC = "import os, time\n_fsync = os.fsync\nos.fsync = lambda fd: (time.sleep(1.0), _fsync(fd))[1]\n"
+COLLECTIVE_TIMEOUT_S = 3
+# An evaluation longer than a step may take, on every rank: made so, not left to the machine's speed.
+SLOW_EVAL = slowed("gpt2repro.evaluate", "val_loss", COLLECTIVE_TIMEOUT_S + 1)
 
 
 def test_an_eval_and_a_checkpoint_longer_than_the_collective_timeout_are_no_hang(shakespeare_data, tmp_path):
-    slow_fs = env_with_sitecustomize(tmp_path / "slow_fs", SLOW_FSYNC)
+    slow = env_with_sitecustomize(tmp_path / "slow", SLOW_FSYNC, SLOW_EVAL)
     out = tmp_path / "slow"
-    args = ["--max_steps", 6, "--eval_interval", 3, "--ckpt_interval", 3, "--eval_tokens", 98304,
-            "--collective_timeout_s", 2]  # fmt: skip
+    args = ["--max_steps", 6, "--eval_interval", 3, "--ckpt_interval", 3, "--collective_timeout_s",
+            COLLECTIVE_TIMEOUT_S]  # fmt: skip
     proc = subprocess.run(train_cmd(shakespeare_data, out, *args, nproc=2), capture_output=True, text=True,
-                          env=slow_fs, timeout=300)  # fmt: skip
+                          env=slow, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {r["step"]: r for r in metrics(out)}
     assert max(records) == 6
     for step in (3, 6):  # each took longer than a step may: the watchdog bounds them separately
-        assert records[step]["eval_s"] > 2 and records[step]["ckpt_s"] > 2, records[step]
+        assert records[step]["eval_s"] > COLLECTIVE_TIMEOUT_S and records[step]["ckpt_s"] > COLLECTIVE_TIMEOUT_S, (
+            records[step]
+        )
 
 
 def test_a_hung_rank_fails_the_job_with_one_clear_line(shakespeare_data, tmp_path):

@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from gpt2repro import shards
 from gpt2repro.tokenizer import gpt2
+from tests.distributed.helpers import after_import, env_with_sitecustomize, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PREPARE = REPO / "data_prep" / "prepare.py"
@@ -100,6 +100,25 @@ def test_parquet_and_txt_files_load_like_jsonl(tmp_path):
     assert sorted(got) == sorted(ENC.encode_ordinary(d) for d in docs)
 
 
+# prepare.py sleeps for good right after the state save that first records 3 train shards.
+STALL_AFTER_3_TRAIN_SHARDS = after_import(
+    "gpt2repro.shards",
+    """import json, time
+_write_json_atomic = module.write_json_atomic
+def write_json_atomic(path, obj, *args, **kwargs):
+    result = _write_json_atomic(path, obj, *args, **kwargs)
+    if str(path).endswith(".prepare_state.json") and len(obj["shards"]["train"]) >= 3:
+        time.sleep(3600)
+    return result
+module.write_json_atomic = write_json_atomic
+""",
+)
+
+
+def recorded_train_shards(state_file: Path) -> int:
+    return len(json.loads(state_file.read_text())["shards"]["train"]) if state_file.exists() else 0
+
+
 def test_resume_after_kill_is_byte_identical(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(6000, seed=2))
     # Many small shards: the kill after shard 2 lands with dozens still to write, far more work
@@ -111,16 +130,17 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     assert n_train_shards >= 24
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(PREPARE), "--out", str(out), *map(str, args)],
+    # The run stalls once its state file records 3 train shards, with dozens still to write: the kill
+    # lands mid-run however fast the machine.
+    stall = env_with_sitecustomize(tmp_path / "stall", STALL_AFTER_3_TRAIN_SHARDS)
+    proc = subprocess.Popen([sys.executable, str(PREPARE), "--out", str(out), *map(str, args)], env=stall,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 60
-    while not (out / "train_000002.bin").exists() and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: recorded_train_shards(out / ".prepare_state.json") >= 3, timeout=60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "an interrupted run must not look complete"
     written = len(list(out.glob("train_*.bin")))
-    assert 2 < written < n_train_shards, "the kill should land mid-run"
+    assert 3 <= written < n_train_shards, "the kill should land mid-run"
     # Shards the state file records are kept; any written after its last save are redone.
     state = json.loads((out / ".prepare_state.json").read_text())
     recorded = {e["file"]: (out / e["file"]).stat().st_ino for e in state["shards"]["train"]}
