@@ -1,7 +1,8 @@
 """One prepared check of a GPU machine: throughput, memory, and a real training run with resume and eval.
 
-    bash benchmarks/gpu_check.sh                  # on a GPU: under 8 minutes on an H100/H200
-    bash benchmarks/gpu_check.sh --smoke          # the same stages at toy sizes, on a CPU, in about 2 minutes
+    bash benchmarks/gpu_check.sh                  # on a GPU: sized for one 10-minute call (unmeasured since the
+                                                  # stages below were added; --budget_s stops it in time)
+    bash benchmarks/gpu_check.sh --smoke          # the same stages at toy sizes, on a CPU, in about 3 minutes
 
 Needs only torch, numpy and tiktoken (no datasets, no wandb, no network); FP8 rows need
 torchao (a carried wheel will do) and say why they were skipped otherwise. Stages, each a
@@ -11,21 +12,30 @@ fresh process as users run them:
   2. speed      benchmarks/train_throughput.py rows: the plain step (full logits + F.cross_entropy,
                 its compiled forward outputting the logits, as nanoGPT's), unfused (ours with the
                 plain loss: the default on CUDA), fused (the fused loss: flip the CUDA default to it
-                if it is at least as fast), fp8 (the default + FP8 matmuls), at GPT-2 sizes
-  3. memory     the planner's estimate against the measured peak, for each row of stage 2 and
-                the layouts it must get right (774M without compile, 1558M FSDP + checkpointing)
+                if it is at least as fast), fp8 (the default + FP8 matmuls), muon (the default with
+                --optimizer muon: its step beside AdamW's), at GPT-2 sizes. A row that fails is a
+                FAILED cell; the other rows still run.
+  3. memory     the planner's estimate against the measured peak (max_memory_allocated), for each
+                row of stage 2 and the layouts it must get right (774M without compile, 1558M FSDP +
+                checkpointing)
   4. train      torchrun --nproc_per_node=1 launch/train.py, 40 steps from the shards
-  5. resume     the same command with --max_steps 60: must resume from step 40
-  6. eval       launch/eval.py on the newest checkpoint: must equal the val_loss logged at step 60
+  5. profile    steps 31-32 of that run, traced (--profile_steps): the CUDA kernels in the trace
+  6. resume     the same command with --max_steps 60: must resume from step 40
+  7. eval       launch/eval.py on the newest checkpoint, evaluated as training evaluates (its micro-batch;
+                compiled on a GPU): must equal the val_loss logged at step 60
+  8. oom        a micro-batch that cannot fit: one `error: out of GPU memory` line naming the allocator
+                snapshot it wrote (on a CPU: the host's line; the snapshot is CUDA's)
 
 Prints one table; exits 1 if a stage failed (a skipped row is not a failure). --skip speed,memory
-reruns only what is left (e.g. after a failure, on a device budget).
+reruns only what is left (e.g. after a failure, on a device budget). Past --budget_s the stages not
+yet started are skipped, so the table always comes out inside one call.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -53,13 +63,14 @@ class Sizes:
     memory: list[tuple[str, list[str]]]  # (label, torchrun benchmark arguments): one 'ours' row each
     train: list[str]
     bench: list[str]
+    eval: list[str]  # launch/eval.py's arguments that make it evaluate as training does
+    oom: list[str]  # launch/train.py's arguments for a micro-batch that cannot fit
     cuda: bool = True
 
 
 GPU = Sizes(
     speed=[
-        ("124M bf16 b16", ["--preset", "gpt2-124m", "--batch_size", "16"], "plain,unfused,fused,fp8"),
-        ("124M bf16 b32", ["--preset", "gpt2-124m", "--batch_size", "32"], "plain,unfused,fused"),
+        ("124M bf16 b16", ["--preset", "gpt2-124m", "--batch_size", "16"], "plain,unfused,fused,fp8,muon"),
         ("774M bf16 b8", ["--preset", "gpt2-774m", "--batch_size", "8"], "unfused,fused,fp8"),
     ],
     memory=[
@@ -84,11 +95,14 @@ GPU = Sizes(
         "bfloat16",
     ],  # fmt: skip
     bench=["--dtype", "bfloat16", "--compile", "true", "--steps", "10", "--warmup", "3"],
+    eval=["--batch-size", "16", "--compile", "true"],  # training's micro-batch, compiled as its evaluations
+    # 4096 x 1024 tokens of 50304 fp32 logits: 800 GiB, on any GPU.
+    oom=["--config", "gpt2-124m", "--batch_size", "4096", "--compile", "false", "--fused_loss", "false"],
 )
 _TOY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]
 SMOKE = Sizes(
     speed=[
-        ("toy b4", [*_TOY, "--batch_size", "4"], "plain,unfused,fused,fp8"),
+        ("toy b4", [*_TOY, "--batch_size", "4"], "plain,unfused,fused,fp8,muon"),
         ("toy b8", [*_TOY, "--batch_size", "8"], "plain,unfused,fused"),
     ],
     memory=[
@@ -116,12 +130,35 @@ SMOKE = Sizes(
         "cpu",
     ],  # fmt: skip
     bench=["--dtype", "float32", "--compile", "false", "--steps", "3", "--warmup", "1"],
+    eval=["--batch-size", "8", "--compile", "false"],  # as training evaluates on a CPU
+    # 20000 x 64 tokens of 50304 fp32 logits at once: 240 GiB, more than any CPU host here will allocate.
+    oom=["--config", "shakespeare-cpu", *_TOY, "--batch_size", "20000", "--fused_loss", "false", "--device", "cpu"],
     cuda=False,
 )
 
 
-def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+class Budget:
+    """The check's time: each subprocess gets what is left (at most its own bound), and a stage that would
+    start past the budget is skipped, so that the table comes out inside one call."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
+def run(cmd: list[str], timeout: float, budget: Budget) -> subprocess.CompletedProcess:
+    """cmd's completed process; one that outlives the budget (or `timeout`) is killed and reported as such."""
+    limit = max(1.0, min(timeout, budget.left()))
+    try:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return subprocess.CompletedProcess(cmd, 124, out, f"killed after {limit:.0f} s (the check's budget)")
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
@@ -133,12 +170,12 @@ def torchrun(script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script, *args]
 
 
-def prepare(data: Path, stage: Stage) -> None:
+def prepare(data: Path, stage: Stage, budget: Budget) -> None:
     if (data / "manifest.json").exists():
         stage.lines.append(f"using the prepared shards in {data}")
         return
     cmd = [sys.executable, "data_prep/prepare.py", "--out", str(data), "--files", "examples/tinyshakespeare.txt"]
-    proc = run(cmd, timeout=300)
+    proc = run(cmd, 300, budget)
     if proc.returncode:
         stage.ok, stage.lines = False, [failure(proc)]
         return
@@ -147,36 +184,39 @@ def prepare(data: Path, stage: Stage) -> None:
     stage.lines.append(f"tiny Shakespeare: {tokens['train']:,} train and {tokens['val']:,} val tokens in {data}")
 
 
-def benchmark(label: str, args: list[str], rows: str, sizes: Sizes, work: Path) -> tuple[list[dict], str]:
-    """The rows of one train_throughput.py run, or an error line."""
+def benchmark(label: str, args: list[str], rows: str, sizes: Sizes, work: Path, budget: Budget):
+    """(the rows of one train_throughput.py run, or an error line)."""
     out = work / f"bench_{len(list(work.glob('bench_*')))}.json"
     cmd = torchrun("benchmarks/train_throughput.py", *args, *sizes.bench, "--rows", rows, "--json", str(out))
-    proc = run(cmd, timeout=600)
+    proc = run(cmd, 600, budget)
     if proc.returncode:
         return [], f"{label}: {failure(proc)}"
     return json.loads(out.read_text()), ""
 
 
-def speed_and_memory(sizes: Sizes, work: Path, skip: set[str]) -> list[Stage]:
+def speed_and_memory(sizes: Sizes, work: Path, skip: set[str], budget: Budget) -> list[Stage]:
     """The speed rows (and their memory lines), then the memory-only layouts; skipped stages are left out."""
     speed, memory = Stage("speed"), Stage("memory")
     runs = [(label, args, rows) for label, args, rows in sizes.speed if "speed" not in skip]
     n_speed = len(runs)
     runs += [(label, args, "ours") for label, args in sizes.memory if "memory" not in skip]
     for i, (label, args, rows) in enumerate(runs):
+        stage = speed if i < n_speed else memory
+        if budget.spent():
+            stage.lines.append(f"{label}: skipped (past the check's budget)")
+            continue
         started = time.perf_counter()
-        results, error = benchmark(label, args, rows, sizes, work)
+        results, error = benchmark(label, args, rows, sizes, work, budget)
+        stage.seconds += time.perf_counter() - started
         if error:
-            stage = speed if i < n_speed else memory
             stage.ok = False
             stage.lines.append(error)
             continue
-        ran = [r for r in results if not r["skipped"]]
+        if any(r.get("failed") for r in results):  # a row that broke: the others still ran
+            stage.ok = False
+        ran = [r for r in results if not (r["skipped"] or r.get("failed"))]
         if i < n_speed:
             speed.lines.append(f"{label}: " + " | ".join(_speed_cell(r, ran[0] if ran else None) for r in results))
-            speed.seconds += time.perf_counter() - started
-        else:
-            memory.seconds += time.perf_counter() - started
         if i == 0 and not sizes.cuda:
             memory.lines.append("(a CPU: measured is the whole process's peak RSS, Python and torch included; "
                                 "the planner counts tensors)")  # fmt: skip
@@ -188,6 +228,8 @@ def speed_and_memory(sizes: Sizes, work: Path, skip: set[str]) -> list[Stage]:
 
 
 def _speed_cell(row: dict, base: dict | None) -> str:
+    if row.get("failed"):
+        return f"{row['name']} FAILED ({row['failed']})"
     if row["skipped"]:
         return f"{row['name']} skipped ({row['skipped'].split(';')[0]})"
     ratio = f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base is not row else ""
@@ -195,17 +237,24 @@ def _speed_cell(row: dict, base: dict | None) -> str:
     return f"{row['name']} {row['tokens_per_s']:,.0f} tok/s{ratio}{mfu}"
 
 
-def train_resume_eval(sizes: Sizes, data: Path, work: Path) -> list[Stage]:
+PROFILED = (31, 32)  # steps of the train stage that are traced
+
+
+def train_resume_eval(sizes: Sizes, data: Path, work: Path, budget: Budget) -> list[Stage]:
     run_dir = work / "run"
     common = [*sizes.train, "--data", str(data), "--out", str(run_dir), "--log_interval", "10",
               "--eval_interval", "20", "--ckpt_interval", "20"]  # fmt: skip
     stages = []
     for name, steps in (("train", 40), ("resume", 60)):
         stage = Stage(name)
-        started = time.perf_counter()
-        proc = run(torchrun("launch/train.py", *common, "--max_steps", str(steps)), timeout=600)
-        stage.seconds = time.perf_counter() - started
         stages.append(stage)
+        if budget.spent():
+            stage.lines.append("skipped (past the check's budget)")
+            return stages
+        profiled = ["--profile_steps", "{}:{}".format(*PROFILED)] if name == "train" else []
+        started = time.perf_counter()
+        proc = run(torchrun("launch/train.py", *common, "--max_steps", str(steps), *profiled), 600, budget)
+        stage.seconds = time.perf_counter() - started
         if proc.returncode:
             stage.ok, stage.lines = False, [failure(proc)]
             return stages
@@ -222,21 +271,78 @@ def train_resume_eval(sizes: Sizes, data: Path, work: Path) -> list[Stage]:
             stage.ok = last == 40
         rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
         stage.lines.append(summary + (f", {rates[-1]:,.0f} tokens/s at the last log" if rates else ""))
+        if name == "train":
+            stages.append(profile_stage(run_dir, sizes))
+    stages.append(eval_stage(sizes, data, run_dir, work, vals[60], budget))
+    return stages
+
+
+def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:
+    """What the train stage's trace holds: CUDA kernels on a GPU (CPU ops on a CPU), inside the traced steps."""
+    stage = Stage("profile")
+    trace = run_dir / "profile" / "rank0" / "steps_{}-{}.pt.trace.json".format(*PROFILED)
+    if not trace.exists():
+        stage.ok, stage.lines = False, [f"FAILED: no trace at {trace}"]
+        return stage
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = sorted(e["name"] for e in events if e.get("name", "").startswith("step "))
+    kind = "kernel" if sizes.cuda else "cpu_op"
+    found = sum(1 for e in events if e.get("cat") == kind)
+    stage.ok = steps == [f"step {n}" for n in PROFILED] and found > 0
+    what = "CUDA kernels" if sizes.cuda else "CPU ops (a CPU has no CUDA kernels)"
+    stage.lines.append(f"{', '.join(steps) or 'no steps'} traced: {found:,} {what} in {trace}")
+    return stage
+
+
+def eval_stage(sizes: Sizes, data: Path, run_dir: Path, work: Path, logged: float, budget: Budget) -> Stage:
     stage = Stage("eval")
+    if budget.spent():
+        stage.lines.append("skipped (past the check's budget)")
+        return stage
     started = time.perf_counter()
     result_file = work / "eval.json"
-    cmd = [sys.executable, "launch/eval.py", "--ckpt", str(run_dir), "--data", str(data), "--out", str(result_file)]
-    proc = run(cmd, timeout=300)
+    cmd = [sys.executable, "launch/eval.py", "--ckpt", str(run_dir), "--data", str(data), "--out", str(result_file),
+           *sizes.eval]  # fmt: skip
+    proc = run(cmd, 300, budget)
     stage.seconds = time.perf_counter() - started
     if proc.returncode:
         stage.ok, stage.lines = False, [failure(proc)]
-    else:
-        result = json.loads(result_file.read_text())
-        stage.ok = abs(result["loss"] - vals[60]) <= 1e-6 * abs(vals[60])
-        verdict = "equals" if stage.ok else "DIFFERS FROM"
-        stage.lines.append(f"step 60: val_loss {result['loss']:.6f} {verdict} the logged {vals[60]:.6f}")
-    stages.append(stage)
-    return stages
+        return stage
+    result = json.loads(result_file.read_text())
+    # The same computation as training's evaluation (its micro-batch, compiled on a GPU): equal to rounding.
+    stage.ok = abs(result["loss"] - logged) <= 1e-6 * abs(logged)
+    verdict = "equals" if stage.ok else "DIFFERS FROM"
+    how = " ".join(sizes.eval)
+    stage.lines.append(f"step 60: val_loss {result['loss']:.6f} ({how}) {verdict} the logged {logged:.6f}")
+    return stage
+
+
+def oom_stage(sizes: Sizes, data: Path, work: Path, budget: Budget) -> Stage:
+    """A run that cannot fit: one error line; on CUDA it names the allocator snapshot, which must load."""
+    stage = Stage("oom")
+    if budget.spent():
+        stage.lines.append("skipped (past the check's budget)")
+        return stage
+    started = time.perf_counter()
+    run_dir = work / "oom"
+    proc = run([sys.executable, "launch/train.py", *sizes.oom, "--data", str(data), "--out", str(run_dir),
+                "--max_steps", "1"], 300, budget)  # fmt: skip
+    stage.seconds = time.perf_counter() - started
+    lines = proc.stderr.strip().splitlines()
+    where = "GPU" if sizes.cuda else "host"
+    stage.ok = proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: out of {where} memory")
+    snapshot = run_dir / "profile" / "rank0" / "oom_memory_snapshot.pickle"
+    if sizes.cuda:
+        try:
+            with open(snapshot, "rb") as f:
+                segments = len(pickle.load(f)["segments"])
+            stage.lines.append(f"snapshot {snapshot}: {segments} segments")
+        except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
+            stage.ok = False
+            stage.lines.append(f"FAILED: no loadable snapshot at {snapshot} ({e})")
+        stage.ok = stage.ok and str(snapshot) in lines[0]
+    stage.lines.insert(0, (lines[-1] if lines else "no error line")[:300])
+    return stage
 
 
 def main() -> int:
@@ -244,22 +350,31 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="toy sizes, on a CPU, to check that every stage works")
     p.add_argument("--data", help="prepared shards (default: tiny Shakespeare, prepared into --work)")
     p.add_argument("--work", help="where shards, runs and results go (default: a new temporary directory)")
-    p.add_argument("--skip", default="", help="stages to leave out, comma-separated: speed, memory, train")
+    p.add_argument("--skip", default="", help="stages to leave out, comma-separated: speed, memory, train, oom")
+    p.add_argument(
+        "--budget_s",
+        type=float,
+        default=None,
+        help="stages not started by then are skipped (default on a GPU: 540, inside a 10-minute call; --smoke: none)",
+    )
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    if skip - {"speed", "memory", "train"}:
-        p.error(f"--skip takes speed, memory, train; got {args.skip}")
+    if skip - {"speed", "memory", "train", "oom"}:
+        p.error(f"--skip takes speed, memory, train, oom; got {args.skip}")
     sizes = SMOKE if args.smoke else GPU
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else work / "data"
-    started = time.perf_counter()
+    budget_s = args.budget_s if args.budget_s is not None else (float("inf") if args.smoke else 540.0)
+    started, budget = time.perf_counter(), Budget(budget_s)
 
     stages = [Stage("data")]
-    prepare(data, stages[0])
-    stages += speed_and_memory(sizes, work, skip)
+    prepare(data, stages[0], budget)
+    stages += speed_and_memory(sizes, work, skip, budget)
     if stages[0].ok and "train" not in skip:
-        stages += train_resume_eval(sizes, data, work)
+        stages += train_resume_eval(sizes, data, work, budget)
+    if stages[0].ok and "oom" not in skip:
+        stages.append(oom_stage(sizes, data, work, budget))
 
     import torch  # only for the header: the stages ran in their own processes
 

@@ -36,6 +36,7 @@ from gpt2repro import distributed as D
 from gpt2repro import parallel
 from gpt2repro.config import PRESETS, compile_on_for, fused_loss_on, resolve
 from gpt2repro.data import to_device
+from gpt2repro.errors import first_line
 from gpt2repro.memory import GiB
 from gpt2repro.metrics import mfu, peak_flops
 from gpt2repro.model import GPT
@@ -70,7 +71,9 @@ def main() -> None:
     p.add_argument("--activation_checkpointing", default="false", choices=("true", "false"))
     p.add_argument("--fused_loss", default="auto", choices=("auto", "true", "false"), help="the 'ours' row's")
     p.add_argument(
-        "--rows", default="plain,ours", help="any of plain,unfused,fused,ours,fp8, in order; ratios are to the first"
+        "--rows",
+        default="plain,ours",
+        help="any of plain,unfused,fused,ours,fp8,muon, in order; ratios are to the first",
     )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -95,7 +98,8 @@ def main() -> None:
         # unfused is ours with the plain loss (the logits exist, inside the compiled forward only);
         # fused is ours with the fused loss; ours is the trainer's default for this device (fused_loss auto).
         rows = {"plain": (unfused, True), "unfused": (unfused, False), "fused": (cfg.replace(fused_loss="true"), False),
-                "ours": (ours, False), "fp8": (ours.replace(fp8=True), False)}  # fmt: skip
+                "ours": (ours, False), "fp8": (ours.replace(fp8=True), False),
+                "muon": (ours.replace(optimizer="muon"), False)}  # fmt: skip
         unknown = set(args.rows.split(",")) - set(rows)
         if unknown:
             p.error(f"unknown --rows {', '.join(sorted(unknown))}; choose from {', '.join(rows)}")
@@ -132,13 +136,23 @@ class Row:
     peak_bytes: int = 0
     planned_bytes: int = 0
     skipped: str = ""  # why the row could not run here (e.g. fp8 on a CPU)
+    failed: str = ""  # what broke when it ran (a compile error, an out-of-memory error)
 
 
 def measure_or_skip(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
+    """The row, measured; or why it was skipped or failed, so that one row never takes the others down (on one
+    rank: a row that fails on some ranks only would leave the others waiting in its collectives)."""
     try:
         return measure(name, cfg, return_logits, args, info)
     except ValueError as e:  # a configuration this machine cannot run, with the reason
         return Row(name, skipped=str(e))
+    except Exception as e:
+        print(f"{name}: failed: {type(e).__name__}: {first_line(e)}", flush=True)
+        return Row(name, failed=f"{type(e).__name__}: {first_line(e)}")
+    finally:
+        gc.collect()  # what a failed row held (its model, its optimizer) goes before the next row
+        if info.device_type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
@@ -220,13 +234,13 @@ def report(rows: list[Row], info: D.DistInfo) -> str:
     lines = [f"{where}; tokens/s over all ranks, memory per rank: {memory}, planner's estimate beside it",
              f"{'row':<8} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'planned':>8}"]  # fmt: skip
     for r in rows:
-        if r.skipped:
-            lines.append(f"{r.name:<8} skipped: {r.skipped}")
+        if r.skipped or r.failed:
+            lines.append(f"{r.name:<8} skipped: {r.skipped}" if r.skipped else f"{r.name:<8} FAILED: {r.failed}")
             continue
         util = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
         lines.append(f"{r.name:<8} {r.tokens_per_s:>12,.0f} {r.ms_per_step:>9.1f} {util:>7} "
                      f"{r.peak_bytes / GiB:>9.2f} {r.planned_bytes / GiB:>8.2f}")  # fmt: skip
-    ran = [r for r in rows if not r.skipped]
+    ran = [r for r in rows if not (r.skipped or r.failed)]
     base = ran[0] if ran else None
     for r in ran[1:]:
         lines.append(f"{r.name} vs {base.name}: {r.tokens_per_s / base.tokens_per_s:.2f}x tokens/s, "

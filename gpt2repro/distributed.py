@@ -293,7 +293,8 @@ class StopVote:
     def __init__(self, info: DistInfo, signals: tuple[int, ...]):
         self.info, self.signals = info, signals
         cuda = info.device_type == "cuda"
-        self._counts = torch.zeros(len(signals), pin_memory=cuda)  # the last reduce's counts, on the host
+        counts = torch.zeros(len(signals))  # the last reduce's counts, on the host (pinned: copied asynchronously)
+        self._counts = counts.pin_memory() if cuda else counts
         self._copied = torch.cuda.Event() if cuda else None
         self._pending = False
 

@@ -4,6 +4,7 @@ problem and the fix. The launchers turn exceptions into these lines here."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 
@@ -31,25 +32,45 @@ def hang_sentence(within: str, detail: str = "") -> str:
 
 # What gloo (and NCCL, once torchrun tears a group down) say when the rank at the other end is gone.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-              "NCCL communicator was aborted", "ProcessGroup abort", "has been destroyed")  # fmt: skip
+              "NCCL communicator was aborted", "ProcessGroup abort", "has been destroyed",
+              "ncclRemoteError")  # fmt: skip
+# A collective or the rendezvous store gave up waiting: gloo's "Timed out waiting ... for recv", NCCL's
+# watchdog "ran for ... milliseconds before timing out", the store's "Socket Timeout".
+_TIMED_OUT = re.compile(r"timed out|timing out|timeout", re.IGNORECASE)
+# NCCL failed by itself: "NCCL error in: ..., unhandled system error ...", ncclSystemError, ncclInternalError ...
+_NCCL_FAILED = re.compile(r"NCCL error|nccl\w*Error")
 
-
-def _is_dist_error(error: BaseException) -> bool:
-    return any(cls.__name__ == "DistError" for cls in type(error).__mro__)  # torch.distributed's, and its kinds
+NCCL_FIXES = (
+    "rerun with NCCL_DEBUG=INFO to see why; the usual causes: the wrong network interface (set NCCL_SOCKET_IFNAME "
+    "to the one the nodes reach each other on, e.g. eth0 or ib0) or a broken or absent InfiniBand (NCCL_IB_DISABLE=1)"
+    ". A restart meets the same error until the cause is fixed."
+)
 
 
 def failure_message(error: BaseException, group_timeout_s: float) -> str | None:
-    """One line for a distributed failure this rank did not cause (a hang, a lost peer), else None.
+    """One line for a distributed failure this rank did not cause (a hang, a lost peer, NCCL failing), else None.
     group_timeout_s: the process group's timeout (distributed.backend_timeout_s)."""
+    if not isinstance(error, (RuntimeError, ConnectionError)):
+        return None
     text = str(error)
-    timed_out = _is_dist_error(error) or "Timed out" in text or "timed out" in text
-    if isinstance(error, RuntimeError) and timed_out:
+    if _TIMED_OUT.search(text):
         return hang_sentence(f"the process group's timeout ({group_timeout_s:g} s)", f" ({first_line(error)})")
-    if isinstance(error, (RuntimeError, ConnectionError)) and any(s in text for s in _PEER_GONE):
+    if any(s in text for s in _PEER_GONE):
         return (
             f"lost contact with another rank, which failed or was killed ({first_line(error)}); its own error is above."
         )
+    if _NCCL_FAILED.search(text):
+        return f"NCCL failed: {_nccl_words(text)}; {NCCL_FIXES}"
     return None
+
+
+def _nccl_words(text: str) -> str:
+    """NCCL's own account, on one line: its error line, the ncclXxxError line and the last error it names."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    kept = [line for line in lines if _NCCL_FAILED.search(line)]
+    if "Last error:" in lines:
+        kept += lines[lines.index("Last error:") + 1 :][:1]
+    return " / ".join(dict.fromkeys(kept or lines[:1])).rstrip(".")
 
 
 def _on_gpu(error: BaseException) -> bool:

@@ -55,7 +55,8 @@ class Evaluator:
     def __call__(self) -> dict:
         results = {"val_loss": val_loss(self.model, self.windows, self.cfg.batch_size, self.info, self.autocast)}
         if self.hellaswag_examples:
-            results["hellaswag_acc_norm"] = hellaswag(self.raw_model, self.hellaswag_examples, self.info)["acc_norm"]
+            scores = hellaswag(self.raw_model, self.hellaswag_examples, self.info, self.autocast)
+            results["hellaswag_acc_norm"] = scores["acc_norm"]
         return results
 
 
@@ -137,8 +138,10 @@ def hellaswag_losses(model, enc, example: HellaSwagExample, device: str) -> tupl
     return summed.tolist(), mean.tolist()
 
 
-def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo) -> dict:
-    """acc (lowest summed loss) and acc_norm (lowest per-token loss), examples split across ranks."""
+def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo, autocast) -> dict:
+    """acc (lowest summed loss) and acc_norm (lowest per-token loss), examples split across ranks; under the
+    run's autocast, as the val loss, so that the score is the run's dtype's whatever the strategy (FSDP
+    gathers 16-bit weights, DDP's are fp32)."""
     from gpt2repro.tokenizer import gpt2
 
     enc = gpt2()
@@ -151,7 +154,8 @@ def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo) -> dict
     with torch.compiler.set_stance("force_eager"):
         for i in range(info.rank, padded, info.world_size):
             ex = examples[i % len(examples)]
-            summed, mean = hellaswag_losses(model, enc, ex, info.device)
+            with autocast:
+                summed, mean = hellaswag_losses(model, enc, ex, info.device)
             if i < len(examples):
                 counts[0] += int(min(range(len(summed)), key=summed.__getitem__) == ex.label)
                 counts[1] += int(min(range(len(mean)), key=mean.__getitem__) == ex.label)

@@ -50,12 +50,20 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_size, compute_dtype, grads_wanted)
 
 
+def _has_fp32_output_gemm(t: torch.Tensor) -> bool:
+    """Whether t's device multiplies 16-bit matrices straight into an fp32 result (cuBLAS does; the
+    out_dtype overloads are CUDA- and XPU-only). Tests force it on to lower this branch on a CPU."""
+    return t.is_cuda
+
+
 def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc + a @ b, with acc in fp32. On CUDA with 16-bit a and b: one cuBLAS call with an fp32 output
-    (beta = 1, products summed in fp32), so no 16-bit (V, C) partial is written, read back and added.
-    Elsewhere (no such kernel): the product, then an in-place add."""
-    if acc.is_cuda and a.dtype != torch.float32:
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    """acc += a @ b in place, with acc in fp32. On CUDA with 16-bit a and b the product is formed in fp32
+    (products summed in fp32, no 16-bit (V, C) partial rounded, written and read back), then added: a
+    (V, C) fp32 temporary, which the planner counts. torch.mm, not torch.addmm: Inductor's addmm lowering
+    takes no out_dtype and fails to compile the addmm form (pytorch/pytorch#163880). Elsewhere (no such
+    kernel): the product in the compute dtype, then the add."""
+    if a.dtype != torch.float32 and _has_fp32_output_gemm(a):
+        return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     return acc.add_(a @ b)
 
 
@@ -64,29 +72,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, vocab_size, chunk_size, compute_dtype, grads_wanted):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         want_hidden, want_weight = grads_wanted and ctx.needs_input_grad[0], grads_wanted and ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_hidden else None
+        grad_h_chunks = []
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kept = (targets != -1).unsqueeze(1)
-        if want_weight:
-            h_kept = h * kept  # ignored positions' hidden states add nothing to the weight's gradient
-        for start in range(0, h.size(0), chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = h[rows] @ w.t()  # (chunk, V_padded), in the compute dtype
-            logits[:, vocab_size:] = float("-inf")  # padding: exp(-inf) = 0 in the softmax and its gradient
+        h_kept = h * kept if want_weight else h  # ignored positions' hidden states add nothing to grad_w
+        # Chunks as views (split, narrow), never Python indexing: the same ops run on fake CUDA tensors in tests.
+        splits = (t.split(chunk_size) for t in (h, targets, kept, h_kept))
+        chunks = zip(*splits, strict=True)
+        padding = weight.size(0) - vocab_size
+        for h_chunk, targets_chunk, kept_chunk, h_kept_chunk in chunks:
+            logits = h_chunk @ w.t()  # (chunk, V_padded), in the compute dtype
+            logits.narrow(1, vocab_size, padding).fill_(float("-inf"))  # padding: exp(-inf) = 0, in the gradient too
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             del logits
-            label = targets[rows].clamp(min=0).unsqueeze(1)
-            loss_sum -= (log_probs.gather(1, label) * kept[rows]).sum()
+            label = targets_chunk.clamp(min=0).unsqueeze(1)
+            loss_sum -= (log_probs.gather(1, label) * kept_chunk).sum()
             if not (want_hidden or want_weight):
                 continue
             grad_logits = log_probs.exp_()  # the softmax, in place
             grad_logits.scatter_add_(1, label, torch.full_like(label, -1.0, dtype=torch.float32))  # minus the one-hot
             grad_logits = grad_logits.to(compute_dtype)
             if want_hidden:
-                grad_h[rows] = (grad_logits @ w) * kept[rows]  # ignored positions: no gradient
+                grad_h_chunks.append((grad_logits @ w) * kept_chunk)  # ignored positions: no gradient
             if want_weight:
-                grad_w = _add_product_fp32(grad_w, grad_logits.t(), h_kept[rows])
+                grad_w = _add_product_fp32(grad_w, grad_logits.t(), h_kept_chunk)
+        grad_h = torch.cat(grad_h_chunks) if want_hidden else None
         n_targets = kept.sum()
         ctx.save_for_backward(grad_h, grad_w, n_targets)
         ctx.dtypes = hidden.dtype, weight.dtype

@@ -9,9 +9,11 @@ attention, which never stores the T x T scores; torch.compile saves the same one
 
 The loss: the plain path (full logits, F.cross_entropy) holds the fp32 log-softmax, its
 gradient and the logits' gradient in eager mode (12 bytes per vocabulary entry per token);
-compiled, only the logits in the compute dtype (the rest is fused and done in place). The
+compiled, only the logits in the compute dtype (the rest is fused and done in place). Under
+FSDP/HSDP only the blocks are compiled (parallel.wrap), so the loss counts as eager there. The
 fused chunked loss (loss.py) holds one chunk's logits at a time plus the fp32 weight
-gradient it forms in forward.
+gradient it forms in forward, and each chunk's share of that gradient before it is added
+(fp32 on CUDA, where cuBLAS forms it in fp32; the compute dtype elsewhere).
 
     DDP (or one process): everything replicated, so weights 4N, AdamW 8N, gradients 4N
         (DDP's buckets, or accumulation across micro-batches, keep them alive).
@@ -76,11 +78,13 @@ def estimate(
     compiled: bool = False,
     ranks_per_node: int = 0,
     optimizer: str = "adamw",
+    device_type: str = "cuda",
 ) -> MemoryPlan:
     """Peak bytes per GPU for training `config` (dtype float32|bfloat16|float16; strategy ddp|fsdp|hsdp).
 
     hsdp shards within a node of ranks_per_node GPUs (0: all of world_size) and replicates across
-    nodes: per GPU, it is fsdp on one node's ranks."""
+    nodes: per GPU, it is fsdp on one node's ranks. compiled: torch.compile is on (what it covers
+    depends on the strategy); device_type: where it runs (the fused loss's temporaries differ)."""
     if strategy not in ("ddp", "fsdp", "hsdp"):
         raise ValueError(f"strategy must be ddp, fsdp or hsdp, got {strategy!r}")
     C, L, T, V = config.n_embd, config.n_layer, config.block_size, config.padded_vocab_size
@@ -107,7 +111,9 @@ def estimate(
 
     per_layer = _LAYER_BYTES[half] * C
     head = (4 + half) * C  # ln_f's input and the lm_head's input (fused: the hidden states' gradient)
-    loss = _loss_bytes(tokens, V, C, half, fused_loss, compiled)
+    loss_compiled = compiled and not fsdp  # FSDP compiles the blocks only: the root's head and loss run eagerly
+    product = 4 if device_type == "cuda" else half  # the fused loss's per-chunk weight-gradient product
+    loss = _loss_bytes(tokens, V, C, half, fused_loss, loss_compiled, product)
     dropout_masks = 3 * L * C if config.dropout > 0 else 0
     # Autocast's 16-bit copies of the weights, saved for backward (FSDP gathers 16-bit weights instead).
     copies = 2 if (half == 2 and not fsdp) else 0
@@ -127,16 +133,18 @@ def estimate(
     )  # fmt: skip
 
 
-def _loss_bytes(tokens: int, V: int, C: int, half: int, fused: bool, compiled: bool) -> int:
-    """Bytes the loss adds at the peak: see the module docstring."""
+def _loss_bytes(tokens: int, V: int, C: int, half: int, fused: bool, compiled: bool, product: int) -> int:
+    """Bytes the loss adds at the peak: see the module docstring. product: bytes per entry of the fused
+    loss's per-chunk weight-gradient product."""
     if not fused:
         return tokens * V * (half if compiled else 12)
     chunk = min(tokens, default_chunk_size(V))
     # One chunk's logits (compute dtype) beside their fp32 log-probabilities, then the chunk's
-    # share of the weight gradient (compute dtype) before it is added to the fp32 sum.
-    chunk_bytes = chunk * V * (half + 4) + half * V * C
-    # The fp32 weight gradient lives from forward to backward, which scales it into a new one.
-    return 4 * V * C + max(chunk_bytes, 4 * V * C)
+    # share of the weight gradient before it is added, in place, to the fp32 sum.
+    chunk_bytes = chunk * V * (half + 4) + product * V * C
+    # The fp32 weight gradient lives from forward to backward, which scales it into a new one; the
+    # hidden states' gradient is formed chunk by chunk, then joined (a second copy, briefly).
+    return 4 * V * C + max(chunk_bytes, 4 * V * C) + tokens * C * half
 
 
 def choose_strategy(ddp_plan: MemoryPlan, gpu_memory_bytes: float, hsdp_plan: MemoryPlan | None = None) -> str:

@@ -10,8 +10,9 @@ GradScaler and the loop treat it as they treat AdamW. It reads the GradScaler's 
 the device, so a step with non-finite gradients is skipped without a host sync. Under FSDP/HSDP
 each rank holds a shard of every matrix, but Newton-Schulz needs the whole matrix: the
 Nesterov update (elementwise, so computed on the shards) is all-gathered, the matrix's owner
-(matrices are dealt round-robin over the shard group's ranks, so the work divides)
-orthogonalises it and broadcasts the result, and each rank keeps its own rows.
+(matrices are dealt round-robin over the shard group's ranks, a round of one matrix per rank at
+a time, so the ranks orthogonalise theirs at once) broadcasts the result, and each rank keeps
+its own rows.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def muon_lr(cfg) -> float:
     return cfg.muon_lr or 2 * cfg.lr
 
 
+def newton_schulz_dtype(run_dtype: str) -> torch.dtype:
+    """bfloat16 for bfloat16 runs, as torch.optim.Muon (and Keller Jordan's). float32 otherwise: a float32
+    run stays comparable across layouts (FSDP vs one process) to 1e-5, and a float16 run is on a GPU
+    without bfloat16 tensor cores (below sm80), where bfloat16 would be emulated."""
+    return torch.bfloat16 if run_dtype == "bfloat16" else torch.float32
+
+
 def is_muon_matrix(name: str) -> bool:
     return name.startswith("transformer.h.") and name.endswith(MUON_MATRICES)
 
@@ -54,10 +62,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, model, cfg):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        # Newton-Schulz in bfloat16 as torch.optim.Muon (and Keller Jordan's) for 16-bit runs; a float32 run
-        # orthogonalises in float32, so that it stays comparable across layouts (FSDP vs one process) to 1e-5.
-        run_dtype = resolve_dtype(cfg.dtype, named[0][1].device.type)
-        self.ns_dtype = torch.float32 if run_dtype == "float32" else torch.bfloat16
+        self.ns_dtype = newton_schulz_dtype(resolve_dtype(cfg.dtype, named[0][1].device.type))
         muon = [p for n, p in named if is_muon_matrix(n)]
         rest = [p for n, p in named if not is_muon_matrix(n)]
         groups = [
@@ -102,39 +107,60 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group, params, lr, grad_scale, found_inf) -> None:
         momentum = group["momentum"]
-        for i, p in enumerate(params):
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            grad = p.grad if grad_scale is None else p.grad / grad_scale
-            buf = state["momentum_buffer"].lerp(grad, 1 - momentum)
-            update = grad.lerp(buf, momentum)  # Nesterov
-            ortho = orthogonalize(update, owner_index=i, dtype=self.ns_dtype)
-            new_p = p.mul(1 - lr * group["weight_decay"]).add_(ortho, alpha=-_adjust_lr(lr, ADJUST_LR, p.shape))
-            for old, new in ((state["momentum_buffer"], buf), (p, new_p)):
-                old, new = _local(old), _local(new)  # FSDP: this rank's rows
-                # A step with non-finite gradients changes nothing, decided on the device.
-                old.copy_(new if found_inf is None else torch.where(found_inf > 0, old, new))
+        # Sharded (FSDP/HSDP): one matrix per rank of the shard group at a time, so that each rank
+        # orthogonalises its own at once; whole (DDP, one process): one at a time.
+        per_round = _shard_group_size(params[0])
+        for start in range(0, len(params), per_round):
+            matrices = params[start : start + per_round]
+            bufs, updates = [], []
+            for p in matrices:
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                grad = p.grad if grad_scale is None else p.grad / grad_scale
+                bufs.append(state["momentum_buffer"].lerp(grad, 1 - momentum))
+                updates.append(grad.lerp(bufs[-1], momentum))  # Nesterov
+            for p, buf, ortho in zip(matrices, bufs, orthogonalize(updates, self.ns_dtype), strict=True):
+                new_p = p.mul(1 - lr * group["weight_decay"]).add_(ortho, alpha=-_adjust_lr(lr, ADJUST_LR, p.shape))
+                for old, new in ((self.state[p]["momentum_buffer"], buf), (p, new_p)):
+                    old, new = _local(old), _local(new)  # FSDP: this rank's rows
+                    # A step with non-finite gradients changes nothing, decided on the device.
+                    old.copy_(new if found_inf is None else torch.where(found_inf > 0, old, new))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def orthogonalize(update: torch.Tensor, owner_index: int, dtype: torch.dtype) -> torch.Tensor:
-    """Newton-Schulz of a whole matrix: as is for a plain tensor; for an FSDP/HSDP shard, gathered, done by
-    one owner rank of the shard group and broadcast back, then this rank's rows (as a DTensor like update)."""
-    if not isinstance(update, DTensor):
-        return newton_schulz(update, dtype)
-    mesh = update.device_mesh
-    shard_mesh = mesh["shard"] if mesh.mesh_dim_names and "shard" in mesh.mesh_dim_names else mesh
-    group = shard_mesh.get_group()
-    owner = owner_index % dist.get_world_size(group)
-    full = update.full_tensor()
-    if dist.get_rank(group) == owner:
-        full = newton_schulz(full, dtype).contiguous()  # a tall matrix comes back transposed: a strided view
-    dist.broadcast(full, group=group, group_src=owner)
-    return distribute_tensor(full, mesh, update.placements, src_data_rank=None)
+def _shard_group(t: DTensor) -> dist.ProcessGroup:
+    """The ranks t's rows are sharded over (HSDP: within a node; its mesh's "shard" dimension)."""
+    mesh = t.device_mesh
+    return (mesh["shard"] if mesh.mesh_dim_names and "shard" in mesh.mesh_dim_names else mesh).get_group()
+
+
+def _shard_group_size(t: torch.Tensor) -> int:
+    return dist.get_world_size(_shard_group(t)) if isinstance(t, DTensor) else 1
+
+
+def orthogonalize(updates: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Newton-Schulz of whole matrices. Plain tensors: each as is. FSDP/HSDP shards, at most one per rank of
+    the shard group: every matrix is gathered, rank i of the group orthogonalises matrix i (all ranks at
+    once, none waits on another's), then each result is broadcast from its owner and every rank keeps its
+    rows (DTensors like the updates)."""
+    if not isinstance(updates[0], DTensor):
+        return [newton_schulz(u, dtype) for u in updates]
+    group = _shard_group(updates[0])
+    assert len(updates) <= dist.get_world_size(group), "one matrix per rank of the shard group at most"
+    fulls = [u.full_tensor() for u in updates]
+    mine = dist.get_rank(group)
+    if mine < len(fulls):
+        fulls[mine] = newton_schulz(fulls[mine], dtype).contiguous()  # a tall matrix comes back transposed
+    for owner, full in enumerate(fulls):
+        dist.broadcast(full, group=group, group_src=owner)
+    return [
+        distribute_tensor(f, u.device_mesh, u.placements, src_data_rank=None)
+        for f, u in zip(fulls, updates, strict=True)
+    ]
 
 
 def newton_schulz(matrix: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:

@@ -53,7 +53,7 @@ def plan(
             config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
             activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
             fused_loss=fused_loss_on(cfg.fused_loss, device_type), compiled=compiled, ranks_per_node=ranks_per_node,
-            optimizer=cfg.optimizer,
+            optimizer=cfg.optimizer, device_type=device_type,
         )  # fmt: skip
 
     if cfg.strategy != "auto":

@@ -8,15 +8,23 @@ import torch
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def gpu_computes_bfloat16() -> bool:
+    """Whether this process's GPU has bfloat16 tensor cores: compute capability 8.0 (Ampere) and newer.
+    Not torch.cuda.is_bf16_supported(), which by default also says yes on a V100 or T4 (sm70/75), where
+    bfloat16 is only emulated: slow, and Inductor declines to compile it."""
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def resolve_dtype(setting: str, device_type: str, trained_in: str = "auto") -> str:
     """The dtype a run computes in: the setting when given, else the one its checkpoint trained in
-    (eval, export), else bfloat16 on a GPU (float16 on one without bfloat16) and float32 on a CPU.
-    A GPU that is planned for but not present (a dry run on a laptop) is taken to have bfloat16."""
+    (eval, export), else bfloat16 on a GPU (float16 with the GradScaler below compute capability 8.0)
+    and float32 on a CPU. A GPU that is planned for but not present (a dry run on a laptop) is taken
+    to have bfloat16."""
     name = setting if setting != "auto" else trained_in
     if name != "auto":
         return name
     if device_type == "cuda":
-        old_gpu = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+        old_gpu = torch.cuda.is_available() and not gpu_computes_bfloat16()
         return "float16" if old_gpu else "bfloat16"
     return "float32"
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import sys
+
+# The oldest torch the package runs on: torch.optim.Muon's algorithm (torch.optim._muon) came with 2.9;
+# get_total_norm, torch.compiler.set_stance and FSDP2's public fully_shard with 2.6. pyproject says the same.
+TORCH_FLOOR = (2, 9)
 
 _HUGE = str(1 << 34)
 
@@ -22,3 +28,29 @@ def keep_freed_memory_in_heap() -> None:
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": _HUGE, "MALLOC_TRIM_THRESHOLD_": _HUGE}
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def torch_too_old(version: str | None = None) -> str | None:
+    """The sentence saying that the installed torch (or `version`) is older than TORCH_FLOOR, else None.
+    Read from the installed package's metadata: torch itself is not imported."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None  # not installed as a package (a source build): nothing to read, torch's own import decides
+    release = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if release >= TORCH_FLOOR:
+        return None
+    floor = ".".join(map(str, TORCH_FLOOR))
+    return (
+        f"gpt2repro needs torch {floor} or newer, and this is torch {version}; install a newer build: "
+        f"pip install 'torch>={floor}' (on a GPU machine, the build for your CUDA version from pytorch.org)."
+    )
+
+
+def require_torch() -> None:
+    """Exit with one `error:` line when the installed torch is too old (launchers call it before importing torch)."""
+    problem = torch_too_old()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)

@@ -21,6 +21,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpt2repro.runtime import require_torch  # noqa: E402
+
+require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
 from gpt2repro import compare, references  # noqa: E402
 from gpt2repro.evaluate import PUBLISHED_BASELINES, load_baselines  # noqa: E402

@@ -19,6 +19,11 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpt2repro.runtime import require_torch  # noqa: E402
+
+require_torch()  # one clear line on a torch older than the package needs, before anything imports it
+
+import torch  # noqa: E402
 
 from gpt2repro import checkpoint, evaluate  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
@@ -41,6 +46,9 @@ def parse(argv):
     p.add_argument("--split", default="val")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compile", default="false", choices=("true", "false"),
+                   help="torch.compile the model for the val loss, as training's evaluations run on a GPU (with "
+                        "training's --batch_size too, the same computation as its logged val_loss)")  # fmt: skip
     p.add_argument("--hellaswag", help="HellaSwag jsonl (ctx, endings, label)")
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or printed only)")
     p.add_argument("--baselines", help="baselines file for --hf results (default DATA/baselines.json)")
@@ -101,11 +109,13 @@ def main(argv=None) -> int:
                 max_tokens = args.max_tokens or default_tokens
                 block = model.config.block_size
                 windows = EvalWindows(args.data, args.split, block, max_tokens, model.config.vocab_size)
-                loss = evaluate.val_loss(model, windows, args.batch_size, info, autocast)
+                evaluated = torch.compile(model) if args.compile == "true" else model
+                loss = evaluate.val_loss(evaluated, windows, args.batch_size, info, autocast)
                 result.update(data=args.data, split=args.split, num_tokens=len(windows) * block, loss=loss,
                               perplexity=evaluate.perplexity(loss))  # fmt: skip
             if args.hellaswag:
-                result["hellaswag"] = evaluate.hellaswag(model, evaluate.read_hellaswag(args.hellaswag), info)
+                examples = evaluate.read_hellaswag(args.hellaswag)
+                result["hellaswag"] = evaluate.hellaswag(model, examples, info, autocast)
             if info.is_main:
                 report(args, result, args.out or result_file)
         return 0

@@ -17,6 +17,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpt2repro.runtime import require_torch  # noqa: E402
+
+require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
 import torch  # noqa: E402
 

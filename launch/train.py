@@ -16,9 +16,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __name__ == "__main__":  # before torch is imported: the re-exec would otherwise import it twice
-    from gpt2repro.runtime import keep_freed_memory_in_heap
+from gpt2repro.runtime import keep_freed_memory_in_heap, require_torch  # noqa: E402
 
+require_torch()  # one clear line on a torch older than the package needs, before anything imports it
+if __name__ == "__main__":  # before torch is imported: the re-exec would otherwise import it twice
     keep_freed_memory_in_heap()
 
 from gpt2repro import config as C  # noqa: E402

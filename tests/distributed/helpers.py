@@ -32,10 +32,11 @@ def env(fresh_rendezvous_store: bool = False) -> dict:
 
 def env_with_sitecustomize(directory: Path, *codes: str, fresh_rendezvous_store: bool = False) -> dict:
     """env() where every Python process (torchrun's agents, its workers, a Slurm job's tasks) first runs
-    `codes`, as the sitecustomize.py it imports from directory (put on PYTHONPATH)."""
+    `codes`, as the sitecustomize.py it imports from directory (put on PYTHONPATH, before this checkout, so
+    that scripts outside launch/ import this checkout's package whatever is installed)."""
     directory.mkdir()
     (directory / "sitecustomize.py").write_text("\n".join(codes))
-    return {**env(fresh_rendezvous_store), "PYTHONPATH": str(directory)}
+    return {**env(fresh_rendezvous_store), "PYTHONPATH": os.pathsep.join([str(directory), str(REPO)])}
 
 
 # sitecustomize code: runs PATCH with `module` bound to MODULE, right after MODULE is first imported

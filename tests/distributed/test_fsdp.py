@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.helpers import REPO, losses, metrics, run, train_cmd
+from tests.distributed.helpers import REPO, after_import, env_with_sitecustomize, losses, metrics, run, train_cmd
 
 EXPORT = str(REPO / "launch" / "export.py")
 EVAL = str(REPO / "launch" / "eval.py")
@@ -134,13 +134,41 @@ def test_fsdp_builds_on_the_meta_device_with_the_plain_init():
         assert "fp8 meta init equals the plain init" in proc.stdout
 
 
+# Each rank logs, in order, its Newton-Schulz calls and the owners of the broadcasts it joins.
+LOG_ORTHOGONALISATION = after_import(
+    "gpt2repro.optim",
+    """import os
+def _log(event):
+    with open(os.path.join(os.environ["MUON_LOG_DIR"], "rank" + os.environ.get("RANK", "0")), "a") as f:
+        f.write(event + "\\n")
+_newton_schulz, _broadcast = module.newton_schulz, module.dist.broadcast
+def newton_schulz(*args, **kwargs):
+    _log("ns")
+    return _newton_schulz(*args, **kwargs)
+def broadcast(tensor, *args, group_src=None, **kwargs):
+    _log(f"broadcast from {group_src}")
+    return _broadcast(tensor, *args, group_src=group_src, **kwargs)
+module.newton_schulz, module.dist.broadcast = newton_schulz, broadcast
+""",
+)
+
+
 def test_muon_under_fsdp_equals_muon_on_one_process_and_its_checkpoint_reshards(shakespeare_data, tmp_path):
     muon = ["--optimizer", "muon", "--muon_lr", "0.02"]
     oracle = tmp_path / "oracle"
     run(train_cmd(shakespeare_data, oracle, *STEPS, *muon, "--grad_accum_steps", 4))
     sharded = tmp_path / "fsdp"  # each matrix gathered, orthogonalised by its owner rank, scattered back
-    run(train_cmd(shakespeare_data, sharded, *STEPS, *muon, "--grad_accum_steps", 2, "--strategy", "fsdp", nproc=2))
+    logs = tmp_path / "muon_logs"
+    logs.mkdir()
+    logged = {**env_with_sitecustomize(tmp_path / "log", LOG_ORTHOGONALISATION), "MUON_LOG_DIR": str(logs)}
+    cmd = train_cmd(shakespeare_data, sharded, *STEPS, *muon, "--grad_accum_steps", 2, "--strategy", "fsdp", nproc=2)
+    run(cmd, environ=logged)
     assert_same_run(metrics(oracle), metrics(sharded))
+    # 2 layers x 4 matrices = 4 rounds of 2 per step: in each, a rank orthogonalises its own matrix before it
+    # waits on any broadcast, so the two ranks' Newton-Schulz run at once, not one after the other.
+    round_ = ["ns", "broadcast from 0", "broadcast from 1"]
+    for rank in (0, 1):
+        assert (logs / f"rank{rank}").read_text().split("\n")[:-1] == round_ * 4 * 6, rank
     assert metrics(oracle)[-1]["loss"] < metrics(oracle)[0]["loss"] - 0.5  # it trains
     out = resumable_copy(sharded, tmp_path / "one_rank")  # the 2-rank Muon state of step 3, on one process
     run(train_cmd(shakespeare_data, out, *STEPS, *muon, "--grad_accum_steps", 4))

@@ -88,6 +88,12 @@ def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shake
     assert_close_losses(losses(reference), losses(out))
     first, second = metrics(out)[:2]
     assert first["tokens_per_s"] is None and second["tokens_per_s"] > 0  # compilation is not a training step
+    # eval.py compiled, at training's micro-batch: the computation of the val_loss training logged at step 4.
+    result = tmp_path / "eval.json"
+    run([sys.executable, str(REPO / "launch" / "eval.py"), "--ckpt", str(out), "--data", str(shakespeare_data),
+         "--compile", "true", "--batch-size", "2", "--out", str(result)])  # fmt: skip
+    logged = metrics(out)[-1]["val_loss"]
+    assert json.loads(result.read_text())["loss"] == pytest.approx(logged, rel=1e-6, abs=0)
 
 
 def test_init_from_is_read_by_one_rank_and_trains_as_one_process(reference, shakespeare_data, tmp_path):

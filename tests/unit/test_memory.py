@@ -10,7 +10,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from benchmarks.train_throughput import RandomTokens
 from gpt2repro import memory
 from gpt2repro.config import PRESETS, TrainConfig, fused_loss_on, resolve
-from gpt2repro.model import GPT
+from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.parallel import PTDTYPE
 from gpt2repro.train import make_optimizer, make_scaler, model_config, train_step
 
@@ -51,7 +51,8 @@ def test_estimate_within_20_percent_of_measured(base, dtype, checkpointing, fuse
     cfg = resolve(base.replace(activation_checkpointing=checkpointing, fused_loss=fused_loss), 1)
     measured = measured_peak(cfg, dtype)
     plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype=dtype, strategy="ddp",
-                           activation_checkpointing=checkpointing, fused_loss=fused_loss == "true")  # fmt: skip
+                           activation_checkpointing=checkpointing, fused_loss=fused_loss == "true",
+                           device_type="cpu")  # fmt: skip
     assert abs(plan.total - measured) <= 0.2 * measured, (plan, measured)
 
 
@@ -128,3 +129,33 @@ def test_hsdp_holds_per_gpu_what_fsdp_on_one_node_holds():
     fsdp_all = memory.estimate(config, world_size=16, strategy="fsdp", **common)
     assert hsdp.total == fsdp_node.total  # sharded over a node's 8 GPUs, replicated across nodes
     assert fsdp_all.weights < hsdp.weights and fsdp_all.optimizer < hsdp.optimizer
+
+
+def test_fsdp_with_compile_counts_the_eager_loss_of_the_uncompiled_root():
+    # parallel.wrap compiles only the blocks under FSDP: the root's lm_head and cross-entropy run eagerly,
+    # so compile changes nothing in the loss's share (1558M, batch 8, FSDP + activation checkpointing).
+    config = GPTConfig.from_preset("gpt2-1558m")
+    common = dict(batch_size=8, world_size=1, dtype="bfloat16", strategy="fsdp", activation_checkpointing=True,
+                  fused_loss=False)  # fmt: skip
+    compiled, eager = (
+        memory.estimate(config, compiled=True, **common),
+        memory.estimate(config, compiled=False, **common),
+    )
+    assert compiled.total == eager.total
+    tokens, vocab = 8 * 1024, config.padded_vocab_size
+    assert eager.activations >= tokens * vocab * 12  # fp32 log-softmax, its gradient, the logits' gradient
+    assert compiled.total / memory.GiB == pytest.approx(29.3, abs=0.05)  # 25.5 GiB when the compiled loss was counted
+    ddp = dict(common, strategy="ddp", activation_checkpointing=False)  # DDP compiles the whole model, loss included
+    assert memory.estimate(config, compiled=True, **ddp).total < memory.estimate(config, compiled=False, **ddp).total
+
+
+def test_the_fused_loss_counts_its_fp32_weight_gradient_product_on_cuda():
+    # On CUDA each chunk's share of the head's gradient is formed in fp32 (torch.mm out_dtype), beside the
+    # fp32 sum it is added to: 4 bytes per weight entry, where the CPU's 16-bit product takes 2.
+    config = GPTConfig.from_preset("gpt2-124m")
+    common = dict(batch_size=16, world_size=1, dtype="bfloat16", strategy="ddp", fused_loss=True)
+    cuda, cpu = (
+        memory.estimate(config, device_type="cuda", **common),
+        memory.estimate(config, device_type="cpu", **common),
+    )
+    assert cuda.total - cpu.total == 2 * config.padded_vocab_size * config.n_embd

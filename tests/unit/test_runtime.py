@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from tests.distributed.helpers import REPO, env_with_sitecustomize
+
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tunables are Linux-only")
 def test_reexec_sets_malloc_tunables_and_keeps_the_pid(tmp_path):
@@ -58,3 +60,34 @@ def test_restart_store_warning(monkeypatch):
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in check_restart_store()
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     assert check_restart_store() is None
+
+
+# What pip reports for an older CUDA build of torch, in every process started with it on PYTHONPATH.
+OLD_TORCH = """import importlib.metadata
+_version = importlib.metadata.version
+importlib.metadata.version = lambda name: "2.4.1+cu121" if name == "torch" else _version(name)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["train.py", "eval.py", "sample.py", "export.py", "compare.py"])
+def test_a_torch_older_than_the_floor_is_one_error_line_naming_the_fix(launcher, tmp_path):
+    old = env_with_sitecustomize(tmp_path / "old_torch", OLD_TORCH)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / launcher), "--help"], capture_output=True,
+                          text=True, env=old)  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: gpt2repro needs torch 2.9 or newer, and this is torch 2.4.1+cu121; install a newer build: "
+        "pip install 'torch>=2.9' (on a GPU machine, the build for your CUDA version from pytorch.org)."
+    ]
+
+
+def test_the_floor_admits_what_the_package_needs_and_pyproject_declares_it():
+    from gpt2repro.runtime import TORCH_FLOOR, torch_too_old
+
+    assert torch_too_old("2.8.1+cu128") and torch_too_old("2.4.1")
+    assert not torch_too_old("2.9.0") and not torch_too_old("2.13.0+cpu") and not torch_too_old("2.10.0a0+git1234")
+    assert not torch_too_old()  # the torch this suite runs on
+    import torch.optim._muon  # noqa: F401  what the floor is for (2.9), importable here
+
+    declared = (REPO / "pyproject.toml").read_text()
+    assert f'"torch>={".".join(map(str, TORCH_FLOOR))}"' in declared
