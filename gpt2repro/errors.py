@@ -53,14 +53,16 @@ def failure_message(error: BaseException, group_timeout_s: float) -> str | None:
     if not isinstance(error, (RuntimeError, ConnectionError)):
         return None
     text = str(error)
-    if _TIMED_OUT.search(text):
+    nccl_failed = _NCCL_FAILED.search(text) is not None
+    # NCCL's own error (a connect that timed out at start-up included) is its own, unless a peer died.
+    if nccl_failed and "ncclRemoteError" not in text:
+        return f"NCCL failed: {_nccl_words(text)}; {NCCL_FIXES}"
+    if not nccl_failed and _TIMED_OUT.search(text):
         return hang_sentence(f"the process group's timeout ({group_timeout_s:g} s)", f" ({first_line(error)})")
     if any(s in text for s in _PEER_GONE):
         return (
             f"lost contact with another rank, which failed or was killed ({first_line(error)}); its own error is above."
         )
-    if _NCCL_FAILED.search(text):
-        return f"NCCL failed: {_nccl_words(text)}; {NCCL_FIXES}"
     return None
 
 

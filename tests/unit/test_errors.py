@@ -22,6 +22,12 @@ NCCL_INTERNAL = (
     "issue to the NCCL developers, NCCL version 2.21.5\nncclInternalError: Internal check failed.\nLast error:\n"
     "NET/IB : Got completion from peer 10.0.0.3<39044> with status=12 opcode=0 len=0 vendor err 129"
 )
+NCCL_CONNECT_TIMED_OUT = (
+    "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3356, remote process exited or there "
+    "was a network error, NCCL version 2.21.5\nncclSystemError: System call (e.g. socket, malloc) or external library "
+    "call failed or device error. \nLast error:\nsocketPollConnect: Connect to 172.17.0.3<40245> returned "
+    "110(Connection timed out)"
+)
 NCCL_WATCHDOG_TIMEOUT = (
     "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=1021, OpType=ALLREDUCE, NumelIn=1, "
     "NumelOut=1, Timeout(ms)=2000000) ran for 2000134 milliseconds before timing out."
@@ -33,7 +39,7 @@ NCCL_REMOTE = (
 )
 
 
-@pytest.mark.parametrize("text", [NCCL_BAD_INTERFACE, NCCL_INTERNAL])
+@pytest.mark.parametrize("text", [NCCL_BAD_INTERFACE, NCCL_INTERNAL, NCCL_CONNECT_TIMED_OUT])
 def test_an_nccl_error_says_what_nccl_said_and_names_the_fixes_not_a_hang(text):
     message = failure_message(dist.DistBackendError(text), 2000.0)
     assert message.startswith("NCCL failed: NCCL error in: ") and "\n" not in message
