@@ -131,8 +131,26 @@ SMOKE = Sizes(
     ],  # fmt: skip
     bench=["--dtype", "float32", "--compile", "false", "--steps", "3", "--warmup", "1"],
     eval=["--batch-size", "8", "--compile", "false"],  # as training evaluates on a CPU
-    # 20000 x 64 tokens of 50304 fp32 logits at once: 240 GiB, more than any CPU host here will allocate.
-    oom=["--config", "shakespeare-cpu", *_TOY, "--batch_size", "20000", "--fused_loss", "false", "--device", "cpu"],
+    # 20000 x 32 tokens of 50304 fp32 logits at once: 120 GiB, more than any CPU host here will allocate; the
+    # layers before them are small, so that it fails at once.
+    oom=[
+        "--config",
+        "shakespeare-cpu",
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+        "--n_embd",
+        "16",
+        "--block_size",
+        "32",
+        "--batch_size",
+        "20000",
+        "--fused_loss",
+        "false",
+        "--device",
+        "cpu",
+    ],  # fmt: skip
     cuda=False,
 )
 
@@ -147,8 +165,14 @@ class Budget:
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def spent(self) -> bool:
-        return self.left() <= 0
+    def skips(self, stage: Stage, what: str = "") -> bool:
+        """Whether the budget is spent; if so, stage says that `what` (or the stage) was skipped."""
+        if self.left() > 0:
+            return False
+        stage.lines.append(
+            f"{what}: skipped (past the check's budget)" if what else "skipped (past the check's budget)"
+        )
+        return True
 
 
 def run(cmd: list[str], timeout: float, budget: Budget) -> subprocess.CompletedProcess:
@@ -159,6 +183,14 @@ def run(cmd: list[str], timeout: float, budget: Budget) -> subprocess.CompletedP
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return subprocess.CompletedProcess(cmd, 124, out, f"killed after {limit:.0f} s (the check's budget)")
+
+
+def timed_run(stage: Stage, cmd: list[str], timeout: float, budget: Budget) -> subprocess.CompletedProcess:
+    """run(), its seconds added to the stage's."""
+    started = time.perf_counter()
+    proc = run(cmd, timeout, budget)
+    stage.seconds += time.perf_counter() - started
+    return proc
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
@@ -184,11 +216,11 @@ def prepare(data: Path, stage: Stage, budget: Budget) -> None:
     stage.lines.append(f"tiny Shakespeare: {tokens['train']:,} train and {tokens['val']:,} val tokens in {data}")
 
 
-def benchmark(label: str, args: list[str], rows: str, sizes: Sizes, work: Path, budget: Budget):
+def benchmark(stage: Stage, label: str, args: list[str], rows: str, sizes: Sizes, work: Path, budget: Budget):
     """(the rows of one train_throughput.py run, or an error line)."""
     out = work / f"bench_{len(list(work.glob('bench_*')))}.json"
     cmd = torchrun("benchmarks/train_throughput.py", *args, *sizes.bench, "--rows", rows, "--json", str(out))
-    proc = run(cmd, 600, budget)
+    proc = timed_run(stage, cmd, 600, budget)
     if proc.returncode:
         return [], f"{label}: {failure(proc)}"
     return json.loads(out.read_text()), ""
@@ -202,12 +234,9 @@ def speed_and_memory(sizes: Sizes, work: Path, skip: set[str], budget: Budget) -
     runs += [(label, args, "ours") for label, args in sizes.memory if "memory" not in skip]
     for i, (label, args, rows) in enumerate(runs):
         stage = speed if i < n_speed else memory
-        if budget.spent():
-            stage.lines.append(f"{label}: skipped (past the check's budget)")
+        if budget.skips(stage, label):
             continue
-        started = time.perf_counter()
-        results, error = benchmark(label, args, rows, sizes, work, budget)
-        stage.seconds += time.perf_counter() - started
+        results, error = benchmark(stage, label, args, rows, sizes, work, budget)
         if error:
             stage.ok = False
             stage.lines.append(error)
@@ -248,13 +277,11 @@ def train_resume_eval(sizes: Sizes, data: Path, work: Path, budget: Budget) -> l
     for name, steps in (("train", 40), ("resume", 60)):
         stage = Stage(name)
         stages.append(stage)
-        if budget.spent():
-            stage.lines.append("skipped (past the check's budget)")
+        if budget.skips(stage):
             return stages
         profiled = ["--profile_steps", "{}:{}".format(*PROFILED)] if name == "train" else []
-        started = time.perf_counter()
-        proc = run(torchrun("launch/train.py", *common, "--max_steps", str(steps), *profiled), 600, budget)
-        stage.seconds = time.perf_counter() - started
+        cmd = torchrun("launch/train.py", *common, "--max_steps", str(steps), *profiled)
+        proc = timed_run(stage, cmd, 600, budget)
         if proc.returncode:
             stage.ok, stage.lines = False, [failure(proc)]
             return stages
@@ -296,15 +323,12 @@ def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:
 
 def eval_stage(sizes: Sizes, data: Path, run_dir: Path, work: Path, logged: float, budget: Budget) -> Stage:
     stage = Stage("eval")
-    if budget.spent():
-        stage.lines.append("skipped (past the check's budget)")
+    if budget.skips(stage):
         return stage
-    started = time.perf_counter()
     result_file = work / "eval.json"
     cmd = [sys.executable, "launch/eval.py", "--ckpt", str(run_dir), "--data", str(data), "--out", str(result_file),
            *sizes.eval]  # fmt: skip
-    proc = run(cmd, 300, budget)
-    stage.seconds = time.perf_counter() - started
+    proc = timed_run(stage, cmd, 300, budget)
     if proc.returncode:
         stage.ok, stage.lines = False, [failure(proc)]
         return stage
@@ -320,14 +344,21 @@ def eval_stage(sizes: Sizes, data: Path, run_dir: Path, work: Path, logged: floa
 def oom_stage(sizes: Sizes, data: Path, work: Path, budget: Budget) -> Stage:
     """A run that cannot fit: one error line; on CUDA it names the allocator snapshot, which must load."""
     stage = Stage("oom")
-    if budget.spent():
-        stage.lines.append("skipped (past the check's budget)")
+    if budget.skips(stage):
         return stage
-    started = time.perf_counter()
     run_dir = work / "oom"
-    proc = run([sys.executable, "launch/train.py", *sizes.oom, "--data", str(data), "--out", str(run_dir),
-                "--max_steps", "1"], 300, budget)  # fmt: skip
-    stage.seconds = time.perf_counter() - started
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        *sizes.oom,
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--max_steps",
+        "1",
+    ]
+    proc = timed_run(stage, cmd, 300, budget)
     lines = proc.stderr.strip().splitlines()
     where = "GPU" if sizes.cuda else "host"
     stage.ok = proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: out of {where} memory")
