@@ -347,21 +347,12 @@ def oom_stage(sizes: Sizes, data: Path, work: Path, budget: Budget) -> Stage:
     if budget.skips(stage):
         return stage
     run_dir = work / "oom"
-    cmd = [
-        sys.executable,
-        "launch/train.py",
-        *sizes.oom,
-        "--data",
-        str(data),
-        "--out",
-        str(run_dir),
-        "--max_steps",
-        "1",
-    ]
-    proc = timed_run(stage, cmd, 300, budget)
-    lines = proc.stderr.strip().splitlines()
+    cmd = [sys.executable, "launch/train.py", *sizes.oom, "--data", str(data), "--out", str(run_dir)]
+    proc = timed_run(stage, [*cmd, "--max_steps", "1"], 300, budget)
+    # One error line (a library's warnings may stand beside it on stderr), the out-of-memory one.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     where = "GPU" if sizes.cuda else "host"
-    stage.ok = proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: out of {where} memory")
+    stage.ok = proc.returncode == 1 and len(errors) == 1 and errors[0].startswith(f"error: out of {where} memory")
     snapshot = run_dir / "profile" / "rank0" / "oom_memory_snapshot.pickle"
     if sizes.cuda:
         try:
@@ -371,8 +362,8 @@ def oom_stage(sizes: Sizes, data: Path, work: Path, budget: Budget) -> Stage:
         except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
             stage.ok = False
             stage.lines.append(f"FAILED: no loadable snapshot at {snapshot} ({e})")
-        stage.ok = stage.ok and str(snapshot) in lines[0]
-    stage.lines.insert(0, (lines[-1] if lines else "no error line")[:300])
+        stage.ok = stage.ok and any(str(snapshot) in line for line in errors)
+    stage.lines.insert(0, (errors[-1] if errors else failure(proc))[:300])
     return stage
 
 
