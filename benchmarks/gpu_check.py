@@ -1,7 +1,7 @@
 """One prepared check of a GPU machine: throughput, memory, and a real training run with resume and eval.
 
-    bash benchmarks/gpu_check.sh                  # on a GPU: sized for one 10-minute call (unmeasured since the
-                                                  # stages below were added; --budget_s stops it in time)
+    bash benchmarks/gpu_check.sh                  # on a GPU: 6 minutes at most (--budget_s), so that a rerun
+                                                  # fits in the same 15-minute device session
     bash benchmarks/gpu_check.sh --smoke          # the same stages at toy sizes, on a CPU, in about 3 minutes
 
 Needs only torch, numpy and tiktoken (no datasets, no wandb, no network); FP8 rows need
@@ -9,23 +9,24 @@ torchao (a carried wheel will do) and say why they were skipped otherwise. Stage
 fresh process as users run them:
 
   1. data       tiny Shakespeare (shipped in examples/) into token shards, unless --data is given
-  2. speed      benchmarks/train_throughput.py rows: the plain step (full logits + F.cross_entropy,
+  2. train      torchrun --nproc_per_node=1 launch/train.py, 40 steps from the shards
+  3. profile    steps 31-32 of that run, traced (--profile_steps): the CUDA kernels in the trace
+  4. resume     the same command with --max_steps 60: must resume from step 40
+  5. eval       launch/eval.py on the newest checkpoint, evaluated as training evaluates (its micro-batch;
+                compiled on a GPU): must equal the val_loss logged at step 60
+  6. oom        a micro-batch that cannot fit: one `error: out of GPU memory` line naming the allocator
+                snapshot it wrote (on a CPU: the host's line; the snapshot is CUDA's)
+  7. speed      benchmarks/train_throughput.py rows: the plain step (full logits + F.cross_entropy,
                 its compiled forward outputting the logits, as nanoGPT's), unfused (ours with the
                 plain loss: the default on CUDA), fused (the fused loss: flip the CUDA default to it
                 if it is at least as fast), fp8 (the default + FP8 matmuls), muon (the default with
                 --optimizer muon: its step beside AdamW's), at GPT-2 sizes. A row that fails is a
                 FAILED cell; the other rows still run.
-  3. memory     the planner's estimate against the measured peak (max_memory_allocated), for each
-                row of stage 2 and the layouts it must get right (774M without compile, 1558M FSDP +
+  8. memory     the planner's estimate against the measured peak (max_memory_allocated), for each
+                row of stage 7 and the layouts it must get right (774M without compile, 1558M FSDP +
                 checkpointing)
-  4. train      torchrun --nproc_per_node=1 launch/train.py, 40 steps from the shards
-  5. profile    steps 31-32 of that run, traced (--profile_steps): the CUDA kernels in the trace
-  6. resume     the same command with --max_steps 60: must resume from step 40
-  7. eval       launch/eval.py on the newest checkpoint, evaluated as training evaluates (its micro-batch;
-                compiled on a GPU): must equal the val_loss logged at step 60
-  8. oom        a micro-batch that cannot fit: one `error: out of GPU memory` line naming the allocator
-                snapshot it wrote (on a CPU: the host's line; the snapshot is CUDA's)
 
+What must work comes first, the figures after it.
 Prints one table; exits 1 if a stage failed (a skipped row is not a failure). --skip speed,memory
 reruns only what is left (e.g. after a failure, on a device budget). Past --budget_s the stages not
 yet started are skipped, so the table always comes out inside one call.
@@ -377,7 +378,8 @@ def main() -> int:
         "--budget_s",
         type=float,
         default=None,
-        help="stages not started by then are skipped (default on a GPU: 540, inside a 10-minute call; --smoke: none)",
+        help="stages not started by then are skipped (default on a GPU: 360, so that a rerun fits in the same device "
+        "session; --smoke: none)",
     )
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -387,16 +389,17 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else work / "data"
-    budget_s = args.budget_s if args.budget_s is not None else (float("inf") if args.smoke else 540.0)
+    budget_s = args.budget_s if args.budget_s is not None else (float("inf") if args.smoke else 360.0)
     started, budget = time.perf_counter(), Budget(budget_s)
 
     stages = [Stage("data")]
     prepare(data, stages[0], budget)
-    stages += speed_and_memory(sizes, work, skip, budget)
+    # What must work first (a real run, its resume, eval and out-of-memory report), then the figures.
     if stages[0].ok and "train" not in skip:
         stages += train_resume_eval(sizes, data, work, budget)
     if stages[0].ok and "oom" not in skip:
         stages.append(oom_stage(sizes, data, work, budget))
+    stages += speed_and_memory(sizes, work, skip, budget)
 
     import torch  # only for the header: the stages ran in their own processes
 

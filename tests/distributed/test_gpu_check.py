@@ -21,7 +21,7 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     table = proc.stdout
     stages = [line.split()[0] for line in table.splitlines()[1:] if line[:1].strip()]
-    assert stages == ["data", "speed", "memory", "train", "profile", "resume", "eval", "oom"], table
+    assert stages == ["data", "train", "profile", "resume", "eval", "oom", "speed", "memory"], table
     assert "FAILED" not in table
     assert "plain" in table and "ours" in table and "fp8 skipped (--fp8 true needs an NVIDIA GPU" in table
     assert "muon" in table and "toy b4 muon: planned" in table

@@ -91,6 +91,17 @@ def test_the_fused_loss_cuda_branch_equals_the_fp32_loss_to_bfloat16_rounding(mo
         assert (got - want).norm() <= 2e-2 * want.norm()
 
 
+def test_the_cuda_branch_adds_each_chunks_product_into_the_fp32_sum_in_place(monkeypatch, cpu_fp32_output_matmul):
+    # No second (V, C) fp32 accumulator per chunk: the sum is the same tensor throughout (the product, the one
+    # temporary, is what the planner counts).
+    branch_forced(monkeypatch)
+    torch.manual_seed(0)
+    acc, a, b = torch.randn(8, 5), torch.randn(8, 3, dtype=torch.bfloat16), torch.randn(3, 5, dtype=torch.bfloat16)
+    expected = acc + a.float() @ b.float()
+    assert loss._add_product_fp32(acc, a, b) is acc
+    torch.testing.assert_close(acc, expected)
+
+
 # ----- device and dtype flow on fake CUDA tensors --------------------------------------------
 
 
