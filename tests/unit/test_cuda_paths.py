@@ -339,3 +339,16 @@ def test_timings_wait_for_the_gpus_queued_work():
     with fake_gpu("sm90"), mock.patch("torch.cuda.synchronize", synchronized):
         result, seconds = metrics.timed("cuda:0", lambda: 7)
     assert result == 7 and seconds >= 0 and synchronized.calls == [(("cuda:0",), {})] * 2
+
+
+def test_mingpts_trainer_picks_the_gpu_when_there_is_one():
+    from gpt2repro.trainer import Trainer, TrainerConfig
+
+    class Model(torch.nn.Module):
+        def to(self, device):
+            self.moved_to = device
+            return self
+
+    with fake_gpu("sm80"):
+        trainer = Trainer(Model(), [], None, TrainerConfig())
+    assert trainer.device == "cuda" and trainer.model.moved_to == "cuda"
