@@ -147,8 +147,9 @@ def measure_or_skip(name: str, cfg, return_logits: bool, args, info: D.DistInfo)
     except ValueError as e:  # a configuration this machine cannot run, with the reason
         return Row(name, skipped=str(e))
     except Exception as e:
-        print(f"{name}: failed: {type(e).__name__}: {first_line(e)}", flush=True)
-        return Row(name, failed=f"{type(e).__name__}: {first_line(e)}")
+        failed = f"{type(e).__name__}: {first_line(e)}"
+        print(f"{name}: failed: {failed}", flush=True)
+        return Row(name, failed=failed)
     finally:
         gc.collect()  # what a failed row held (its model, its optimizer) goes before the next row
         if info.device_type == "cuda":

@@ -3,7 +3,12 @@
     with fake_gpu("sm90"):           torch.cuda answers as one H100 would (capability, name, memory), so the
                                      policies (dtype, fp8, compile, fused loss, MFU peak) decide as on it
     with fake_gpu("sm90") as mode:   and `mode` (a FakeTensorMode) makes `cuda` tensors: no values, real
-        cuda_parameters(model)       shapes, devices and dtypes, with CUDA's autocast rules
+        cuda_parameters(model, mode) shapes, devices and dtypes
+
+On this CPU-only build a fake CUDA tensor runs factories, matmuls (out_dtype too), split, narrow,
+reductions and in-place arithmetic; Python indexing, copy_ into a view, .contiguous(), .to("cuda")
+and autocast's casts need a CUDA device guard and fail or end the process. So a whole model forward
+cannot run here; the fused loss (written with split/narrow) can.
 
 Three techniques, each for what it can show:
 - policies under faked device properties (this module's fake_gpu);

@@ -63,16 +63,14 @@ def after_import(module: str, patch: str) -> str:
     return _AFTER_IMPORT.format(module=module, patch=patch)
 
 
-def slowed(module: str, function: str, seconds: float, ranks: str = "") -> str:
-    """sitecustomize code that makes module.function sleep `seconds` before it runs, on every rank (or only
-    on the ranks listed in `ranks`, as "1" or "0,1"): a premise (a slow eval, slow steps) forced, whatever
-    the machine's speed."""
-    patch = f"""import functools, os, time
+def slowed(module: str, function: str, seconds: float) -> str:
+    """sitecustomize code that makes module.function sleep `seconds` before it runs, on every rank: a premise
+    (a slow eval, slow steps) forced, whatever the machine's speed."""
+    patch = f"""import functools, time
 _original = module.{function}
 @functools.wraps(_original)
 def _slowed(*args, **kwargs):
-    if not {ranks!r} or os.environ.get("RANK", "0") in {ranks!r}.split(","):
-        time.sleep({seconds!r})
+    time.sleep({seconds!r})
     return _original(*args, **kwargs)
 module.{function} = _slowed
 """
