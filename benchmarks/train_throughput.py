@@ -33,15 +33,14 @@ if __name__ == "__main__":  # before torch is imported, as launch/train.py does
 import torch  # noqa: E402
 
 from gpt2repro import distributed as D
-from gpt2repro import parallel
-from gpt2repro.config import PRESETS, compile_on_for, fused_loss_on, resolve
+from gpt2repro import settings
+from gpt2repro.config import PRESETS
 from gpt2repro.data import to_device
 from gpt2repro.errors import first_line
 from gpt2repro.memory import GiB
-from gpt2repro.metrics import mfu, peak_flops
+from gpt2repro.metrics import mfu
 from gpt2repro.model import GPT
-from gpt2repro.precision import precision
-from gpt2repro.train import make_optimizer, make_scaler, model_config, train_step
+from gpt2repro.train import build_engine, train_step
 
 
 class RandomTokens:
@@ -89,9 +88,8 @@ def main() -> None:
         cfg = PRESETS[args.preset].replace(
             **overrides, grad_accum_steps=args.grad_accum_steps, total_batch_tokens=0, dtype=args.dtype,
             strategy=args.strategy, activation_checkpointing=args.activation_checkpointing == "true",
-            compile=args.compile,
+            compile=args.compile, peak_tflops=args.peak_tflops,
         )  # fmt: skip
-        cfg = resolve(cfg, info.world_size)
         ours = cfg.replace(fused_loss=args.fused_loss)
         unfused = cfg.replace(fused_loss="false")
         # (config, return_logits): plain is nanoGPT's step, its compiled forward outputs the logits;
@@ -156,14 +154,13 @@ def measure_or_skip(name: str, cfg, return_logits: bool, args, info: D.DistInfo)
             torch.cuda.empty_cache()
 
 
-def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
-    """Time cfg's train_step (after warm-up and compilation) and its peak memory, in this process."""
+def measure(name: str, asked, return_logits: bool, args, info: D.DistInfo) -> Row:
+    """Time the train_step of asked's settings for this machine (after warm-up and compilation) and its peak
+    memory, in this process."""
+    machine = settings.Machine.this(info.device, info.world_size, info.local_world_size)
+    cfg = settings.settle(asked, machine)  # as the trainer settles it: dtype, compile, fused loss, strategy
+    plan = settings.plan(cfg, machine)
     device, cuda = info.device, info.device_type == "cuda"
-    dtype, autocast = precision(cfg.dtype, info.device_type)  # as the trainer: TF32 for fp32 matmuls on CUDA
-    compile_on = compile_on_for(cfg, info.device_type)
-    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, parallel.gpu_memory_bytes(cfg, device),
-                         compiled=compile_on, device_type=info.device_type,
-                         ranks_per_node=info.local_world_size)  # fmt: skip
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -171,22 +168,15 @@ def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     else:
         reset_peak_host_bytes()
 
-    raw = parallel.build_model(
-        model_config(cfg), plan.strategy, dtype, device, seed=0, fp8=cfg.fp8, ranks_per_node=info.local_world_size
-    )
-    raw.activation_checkpointing = cfg.activation_checkpointing
-    raw.fused_loss = fused_loss_on(cfg.fused_loss, info.device_type)
+    engine = build_engine(cfg, info, RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device), seed=0)
     if return_logits:
-        outputs_logits(raw)
-    optimizer, scaler = make_optimizer(raw, cfg), make_scaler(dtype, info.device_type)
-    model = parallel.wrap(raw, plan.strategy, info, compile_on)
-    loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device)
+        outputs_logits(engine.raw_model)
 
     def run(n: int) -> list[float]:
         """Seconds of each of n steps, timed on the device (CUDA events) without syncing in between."""
         marks = [_mark(cuda)]
-        for step in range(n):
-            train_step(step, model, raw, optimizer, scaler, loader, cfg, autocast)
+        for step in range(1, n + 1):
+            train_step(engine, step)
             marks.append(_mark(cuda))
         if cuda:
             torch.cuda.synchronize()
@@ -199,15 +189,15 @@ def measure(name: str, cfg, return_logits: bool, args, info: D.DistInfo) -> Row:
     seconds = statistics.median(run(args.steps))
     seconds = D.all_reduce_max(torch.tensor(seconds, device=device), info).item()
     tokens_per_s = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * info.world_size / seconds
-    util = mfu(raw.flops_per_token(cfg.block_size), tokens_per_s / info.world_size,
-               peak_flops(device, args.peak_tflops, dtype))  # fmt: skip
+    util = mfu(engine.raw_model.flops_per_token(cfg.block_size), tokens_per_s / info.world_size,
+               cfg.peak_tflops * 1e12 or None)  # fmt: skip
     peak = torch.cuda.max_memory_allocated() if cuda else peak_host_bytes()
     peak = int(D.all_reduce_max(torch.tensor(float(peak), device=device), info).item())
     if info.is_main:
         print(f"{name}: {plan.num_params:,} params, n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size} "
-              f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | {dtype}, {plan.strategy}, compile "
-              f"{compile_on}, activation checkpointing {cfg.activation_checkpointing}, "
-              f"fused loss {raw.fused_loss}", flush=True)  # fmt: skip
+              f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | {cfg.dtype}, {cfg.strategy}, compile "
+              f"{cfg.compile}, activation checkpointing {cfg.activation_checkpointing}, "
+              f"fused loss {cfg.fused_loss}", flush=True)  # fmt: skip
     return Row(name, tokens_per_s, 1000 * seconds, util, peak, plan.total)
 
 

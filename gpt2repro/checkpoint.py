@@ -7,12 +7,13 @@ A checkpoint is a directory RUN_DIR/checkpoints/step_XXXXXXXX:
                  torch.distributed.checkpoint (DCP); it loads into any number of ranks
                  and either strategy (DDP or FSDP), resharding as needed
     trainer.pt   step, tokens, GradScaler state and every rank's RNG state (rank 0)
-    meta.json    config, world size, and each file's size and sha256
+    meta.json    the run's settled config, the model's, world size, and each file's size and sha256
 
 It is written under a temporary name and renamed into place only when complete, so a kill
 mid-write never leaves a directory that looks valid; a damaged one (missing file, wrong
 size or hash) is reported and skipped in favour of the previous one.
-`launch/export.py` turns one into a single file or a Hugging Face directory.
+gpt2repro/weights.py opens one for inference; `launch/export.py` turns one into a single file or a
+Hugging Face directory.
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt2repro import distributed as D
-from gpt2repro import parallel
-from gpt2repro.config import MODEL_FIELDS, TrainConfig
+from gpt2repro.config import MODEL_FIELDS, TrainConfig, to_json
 from gpt2repro.errors import first_line
-from gpt2repro.model import GPT, GPTConfig, with_tied, without_tied
+from gpt2repro.model import GPT, with_tied, without_tied
 from gpt2repro.shards import sha256_file, write_json_atomic
 
 META_NAME = "meta.json"
@@ -58,9 +58,8 @@ class Checkpointer:
     step, tokens, skipped steps, GradScaler state and every rank's RNG state.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, raw_model: GPT, optimizer, scaler, info: D.DistInfo,
-                 dtype: str):  # fmt: skip
-        self.run_dir, self.cfg, self.info, self.dtype = Path(run_dir), cfg, info, dtype
+    def __init__(self, run_dir: Path, cfg: TrainConfig, raw_model: GPT, optimizer, scaler, info: D.DistInfo):
+        self.run_dir, self.cfg, self.info = Path(run_dir), cfg, info
         self.raw_model, self.optimizer, self.scaler = raw_model, optimizer, scaler
         self.resumed_from: Path | None = None
         self.saved: Path | None = None  # the newest one this process wrote
@@ -76,11 +75,8 @@ class Checkpointer:
             "step": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
             "scaler": self.scaler.state_dict(), "rng": rng_states,
         }  # fmt: skip
-        meta = {
-            "config": self.cfg.to_dict(), "model": dataclasses.asdict(self.raw_model.config), "dtype": self.dtype,
-            "world_size": self.info.world_size, "strategy": parallel.strategy_of(self.raw_model),
-            "tokens": state.tokens,
-        }  # fmt: skip
+        meta = {"config": to_json(self.cfg), "model": dataclasses.asdict(self.raw_model.config),
+                "world_size": self.info.world_size, "tokens": state.tokens}  # fmt: skip
         good = self.last_good(state.step, consecutive_bad)
         self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
         if self.info.is_main:
@@ -318,12 +314,6 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / META_NAME).read_text())
 
 
-def trained_dtype(meta: dict) -> str:
-    """The dtype a checkpoint's run computed in ("auto" for a checkpoint too old to say):
-    precision.resolve_dtype takes it as the default for evaluating or exporting it."""
-    return meta.get("dtype", meta["config"].get("dtype", "auto"))
-
-
 def read_trainer(path: Path) -> dict:
     """trainer.pt of a checkpoint: step, tokens, GradScaler state, every rank's RNG state."""
     return torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=True)
@@ -397,41 +387,3 @@ def newest_complete(run_dir_or_ckpt: str | os.PathLike) -> Path:
     if not complete:
         raise CheckpointError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint.")
     return complete[-1]
-
-
-def load_model(path_or_run: str | os.PathLike):
-    """The trained GPT of a checkpoint, of a run directory's newest one, or of a file written
-    by launch/export.py, in eval mode on the CPU (any number of ranks may have written it)."""
-
-    path = Path(path_or_run)
-    if not path.is_file():
-        return model_from(resolve_path(path))
-    return model_from_export(read_export(path))
-
-
-def model_from_export(blob: dict):
-    """The GPT in a blob read_export returned, in eval mode on the CPU."""
-    model = GPT(GPTConfig(**blob["config"]))
-    model.load_state_dict(blob["model"])
-    return model.eval()
-
-
-def read_export(path: Path) -> dict:
-    """The single file launch/export.py writes (config, model, step, tokens, dtype), checked. Memory-mapped:
-    reading its config costs nothing, and the weights are read once, when used."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a model file written by launch/export.py ({first_line(e)}).") from None
-    if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
-        raise CheckpointError(f"{path} is not a model file written by launch/export.py.")
-    return blob
-
-
-def model_from(path: Path):
-    """The GPT of a checkpoint directory that resolve_path has already checked (no second hashing)."""
-    model = GPT(GPTConfig(**read_meta(path)["model"]))
-    weights = without_tied(model.state_dict())
-    load_state(path, {"model": weights})
-    model.load_state_dict(with_tied(weights))
-    return model.eval()

@@ -11,71 +11,82 @@ import dataclasses
 import difflib
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from gpt2repro.model import GPTConfig, shape_problems
+
+
+def resumable(default):
+    """A field that may change when a run resumes (a longer run, another launch, logging, layout, memory
+    trades); every other one must match the run's config.json."""
+    return field(default=default, metadata={"resumable": True})
+
+
+_SHAPE = GPTConfig()  # the model's fields and their defaults are GPTConfig's
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # model
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50257
-    dropout: float = 0.0
-    bias: bool = True
+    # model (GPTConfig's fields, with its defaults: GPT-2 124M)
+    n_layer: int = _SHAPE.n_layer
+    n_head: int = _SHAPE.n_head
+    n_embd: int = _SHAPE.n_embd
+    block_size: int = _SHAPE.block_size
+    vocab_size: int = _SHAPE.vocab_size
+    dropout: float = _SHAPE.dropout
+    bias: bool = _SHAPE.bias
     # batch: batch_size is the per-rank micro-batch; total_batch_tokens (when > 0) derives
     # grad_accum_steps = total_batch_tokens / (batch_size * block_size * world_size); see resolve_batch
-    batch_size: int = 12
-    grad_accum_steps: int = 1
-    total_batch_tokens: int = 0
+    batch_size: int = resumable(12)
+    grad_accum_steps: int = resumable(1)
+    total_batch_tokens: int = resumable(0)
     # optimisation
     optimizer: str = "adamw"  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (gpt2repro/optim.py)
     # --optimizer muon: the Muon matrices' peak lr (lr stays AdamW's; the schedule scales both); 0: twice lr,
     # the ratio benchmarks/optimizer_steps.py found best (README, Muon)
     muon_lr: float = 0.0
-    max_steps: int = 600_000
+    max_steps: int = resumable(600_000)
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 2000
     lr_schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
-    decay_steps: int = 0  # wsd: length of the final linear decay (0: 20% of max_steps)
+    decay_steps: int = resumable(0)  # wsd: length of the final linear decay (0: 20% of max_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
+    max_nonfinite_steps: int = resumable(5)  # stop after this many consecutive non-finite steps
     # system
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: str = "auto"  # auto (on for CUDA) | true | false
-    device: str = "auto"  # auto | cpu | cuda
-    strategy: str = "auto"  # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp)
-    activation_checkpointing: bool = False
+    compile: str = resumable("auto")  # auto (on for CUDA) | true | false
+    device: str = resumable("auto")  # auto | cpu | cuda
+    strategy: str = resumable("auto")  # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp)
+    activation_checkpointing: bool = resumable(False)
     # auto | true | false: the loss without the full logits (gpt2repro/loss.py); auto: on a CPU only
-    fused_loss: str = "auto"
-    fp8: bool = False  # the blocks' matmuls in float8 (torchao; GPUs with compute capability 8.9+)
-    gpu_memory_gb: float = 0.0  # for the planner; 0: this GPU's memory (none on a CPU)
-    collective_timeout_s: float = 600.0  # a rank silent this long inside a collective fails the job
-    peak_tflops: float = 0.0  # accelerator's dense peak for MFU; 0: look the GPU up in a table
+    fused_loss: str = resumable("auto")
+    fp8: bool = resumable(False)  # the blocks' matmuls in float8 (torchao; GPUs with compute capability 8.9+)
+    gpu_memory_gb: float = resumable(0.0)  # for the planner; 0: this GPU's memory (none on a CPU)
+    collective_timeout_s: float = resumable(600.0)  # a rank silent this long inside a collective fails the job
+    peak_tflops: float = resumable(0.0)  # accelerator's dense peak for MFU; 0: look the GPU up in a table
     seed: int = 1337
     # evaluation, logging, checkpoints
-    eval_interval: int = 1000
-    eval_tokens: int = 10_485_760  # 10 x 1M tokens = 10240 windows of 1024
-    log_interval: int = 10
-    ckpt_interval: int = 1000
-    keep_ckpts: int = 3
-    resume: str = "auto"  # auto | never | PATH to a checkpoint
+    eval_interval: int = resumable(1000)
+    eval_tokens: int = resumable(10_485_760)  # 10 x 1M tokens = 10240 windows of 1024
+    log_interval: int = resumable(10)
+    ckpt_interval: int = resumable(1000)
+    keep_ckpts: int = resumable(3)
+    resume: str = resumable("auto")  # auto | never | PATH to a checkpoint
     init_from: str = ""  # start from these weights (gpt2..gpt2-xl, HF dir, exported .pt, checkpoint): step 0
-    hellaswag_file: str = ""
-    reference: str = ""  # a val curve to judge each eval by (gpt2repro/references.py), or a run directory
-    wandb: str = "disabled"  # online | offline | disabled
-    wandb_project: str = "gpt2repro"
-    wandb_run_name: str = ""
+    hellaswag_file: str = resumable("")
+    reference: str = resumable("")  # a val curve to judge each eval by (gpt2repro/references.py), or a run directory
+    wandb: str = resumable("disabled")  # online | offline | disabled
+    wandb_project: str = resumable("gpt2repro")
+    wandb_run_name: str = resumable("")
     # profiling (gpt2repro/profiling.py): "A:B" traces steps A..B on every rank; stacks cost more
-    profile_steps: str = ""
-    profile_with_stack: bool = False
-    dry_run: bool = False
+    profile_steps: str = resumable("")
+    profile_with_stack: bool = resumable(False)
+    dry_run: bool = resumable(False)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -85,29 +96,38 @@ class TrainConfig:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
-# The fields that define the network (and must match a checkpoint to load it).
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-# Fields that may change when a run resumes; every other one must match the run's config.json.
-RESUMABLE_CHANGES = {
-    "max_steps", "eval_interval", "eval_tokens", "log_interval", "ckpt_interval", "keep_ckpts", "resume",
-    "compile", "wandb", "wandb_project", "wandb_run_name", "dry_run", "hellaswag_file", "peak_tflops",
-    "max_nonfinite_steps", "device", "collective_timeout_s", "strategy", "activation_checkpointing", "gpu_memory_gb",
-    "fused_loss", "fp8", "profile_steps", "profile_with_stack", "reference",
-}  # fmt: skip
+# The fields that define the network (and must match a checkpoint to load it): GPTConfig's weight fields.
+MODEL_FIELDS = tuple(name for name in GPTConfig.weight_fields() if name in FIELD_TYPES)
+# Whether a field may change on resume is its own metadata (`resumable`).
+RESUMABLE = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
+
+
+def model_config(cfg: TrainConfig) -> GPTConfig:
+    """The network cfg trains. 64-row padding of the vocabulary: faster lm_head matmuls, never part of the loss."""
+    return GPTConfig(**{f: getattr(cfg, f) for f in MODEL_FIELDS}, dropout=cfg.dropout, pad_vocab_multiple=64)
+
+
+def model_shape(preset: str) -> dict:
+    """GPTConfig.from_preset(preset)'s shape as TrainConfig fields."""
+    shape = GPTConfig.from_preset(preset)
+    return {name: getattr(shape, name) for name in MODEL_FIELDS}
+
 
 # GPT-2 on OpenWebText as nanoGPT's train_gpt2 config (600k steps, 2000 warmup, lr 6e-4) with
 # GPT-3's 0.5M-token batch: 2**19 = 512 sequences of 1024, which 1 to 512 ranks (any power of
 # two) split evenly; other world sizes get the nearest global batch they can split (resolve_batch).
-_GPT2_124M = TrainConfig(batch_size=16, total_batch_tokens=2**19)
-_LLMC_124M = TrainConfig(batch_size=64, total_batch_tokens=524_288, lr=6e-4, min_lr=0.0, warmup_steps=700,
-                         max_steps=18_865, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
-                         eval_tokens=10 * 2**20, ckpt_interval=5000, reference="llmc-124m-fineweb10B")  # fmt: skip
+_GPT2_124M = TrainConfig(**model_shape("gpt2-124m"), batch_size=16, total_batch_tokens=2**19)
+_LLMC_124M = TrainConfig(
+    **model_shape("gpt2-124m"), batch_size=64, total_batch_tokens=524_288, lr=6e-4, min_lr=0.0, warmup_steps=700,
+    max_steps=18_865, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_tokens=10 * 2**20, ckpt_interval=5000,
+    reference="llmc-124m-fineweb10B",
+)
 PRESETS: dict[str, TrainConfig] = {
     "gpt2-124m": _GPT2_124M,
     # GPT-3 paper, table 2.1: learning rates for the comparable sizes.
-    "gpt2-350m": _GPT2_124M.replace(n_layer=24, n_head=16, n_embd=1024, lr=3e-4, min_lr=3e-5, batch_size=8),
-    "gpt2-774m": _GPT2_124M.replace(n_layer=36, n_head=20, n_embd=1280, lr=2.5e-4, min_lr=2.5e-5, batch_size=4),
-    "gpt2-1558m": _GPT2_124M.replace(n_layer=48, n_head=25, n_embd=1600, lr=2e-4, min_lr=2e-5, batch_size=2),
+    "gpt2-350m": _GPT2_124M.replace(**model_shape("gpt2-350m"), lr=3e-4, min_lr=3e-5, batch_size=8),
+    "gpt2-774m": _GPT2_124M.replace(**model_shape("gpt2-774m"), lr=2.5e-4, min_lr=2.5e-5, batch_size=4),
+    "gpt2-1558m": _GPT2_124M.replace(**model_shape("gpt2-1558m"), lr=2e-4, min_lr=2e-5, batch_size=2),
     # llm.c's recipes, flag for flag (scripts/run_gpt2_*.sh): -b micro-batch, -d tokens per step, -l lr,
     # -q the lr's final fraction (0: decay to zero; nanoGPT keeps 10%), -u warmup, -x steps, -c weight
     # decay, -v eval interval, -n checkpoint interval; clip 1.0 and betas (0.9, 0.95) are llm.c's defaults,
@@ -116,23 +136,14 @@ PRESETS: dict[str, TrainConfig] = {
     "gpt2-124m-llmc": _LLMC_124M,
     # 350M and 774M: FineWeb 100B, 31.5B and 150B tokens.
     "gpt2-350m-llmc": _LLMC_124M.replace(
-        n_layer=24, n_head=16, n_embd=1024, lr=3e-4, max_steps=60_000, ckpt_interval=2000, reference=""
-    ),  # fmt: skip
+        **model_shape("gpt2-350m"), lr=3e-4, max_steps=60_000, ckpt_interval=2000, reference=""
+    ),
     "gpt2-774m-llmc": _LLMC_124M.replace(
-        n_layer=36,
-        n_head=20,
-        n_embd=1280,
-        batch_size=32,
-        lr=2.5e-4,
-        max_steps=286_102,
-        ckpt_interval=4000,
-        reference="",
-    ),  # fmt: skip
+        **model_shape("gpt2-774m"), batch_size=32, lr=2.5e-4, max_steps=286_102, ckpt_interval=4000, reference=""
+    ),
     # 1558M: FineWeb-Edu 100B, ~1M tokens per step, 32,000 steps (33.6B tokens), decay to 10%.
     "gpt2-1558m-llmc": _LLMC_124M.replace(
-        n_layer=48,
-        n_head=25,
-        n_embd=1600,
+        **model_shape("gpt2-1558m"),
         batch_size=16,
         total_batch_tokens=1_048_576,
         lr=6e-4,
@@ -140,7 +151,7 @@ PRESETS: dict[str, TrainConfig] = {
         max_steps=32_000,
         ckpt_interval=2000,
         reference="",
-    ),  # fmt: skip
+    ),
     # nanoGPT's config/finetune_shakespeare.py: OpenAI's weights (the shape comes from them),
     # 32 x 1024 tokens per step, 20 steps at a constant 3e-5. --init_from gpt2-xl as nanoGPT.
     "finetune-shakespeare": TrainConfig(
@@ -215,13 +226,18 @@ def _unknown_field_message(name: str) -> str:
     return f"unknown field --{name}{hint}"
 
 
-# Keys a run's own config.json holds besides the fields: it can be passed back as --config.
-RUN_KEYS = ("world_size", "data")
+# Keys a run's own config.json holds besides the fields (so that it can be passed back as --config):
+# the launch, the data, and "requested", the settings as asked where they differ from what ran.
+RUN_KEYS = ("world_size", "data", "dataset", "requested")
+# Settings taken as auto | true | false, written to a run's config.json as JSON booleans once settled.
+SWITCHES = ("compile", "fused_loss")
 
 
 def _json_value(name: str, value):
     """A config file's value for field `name`, type-checked (ints may be written as 5e3 or 5000.0)."""
     kind = FIELD_TYPES[name]
+    if name in SWITCHES and isinstance(value, bool):
+        return "true" if value else "false"
     if kind == "bool" and isinstance(value, bool):
         return value
     if kind == "int" and not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer():
@@ -232,6 +248,21 @@ def _json_value(name: str, value):
         return value
     expected = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[kind]
     raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def to_json(cfg: TrainConfig) -> dict:
+    """cfg's fields as a config file holds them: settled switches as booleans (load_base reads them back)."""
+    values = cfg.to_dict()
+    for name in SWITCHES:
+        if values[name] in ("true", "false"):
+            values[name] = values[name] == "true"
+    return values
+
+
+def sentence(prefix: str, problems: list[str]) -> str:
+    """One error line: the prefix, then every problem, with one final full stop."""
+    text = prefix + "; ".join(problems)
+    return text if text.endswith((".", "?")) else text + "."
 
 
 def load_base(name_or_file: str) -> TrainConfig:
@@ -249,9 +280,15 @@ def load_base(name_or_file: str) -> TrainConfig:
         raise ValueError(f"--config file {path} is not valid JSON: {e}.") from None
     if not isinstance(values, dict):
         raise ValueError(f'--config file {path} must hold one JSON object of fields, e.g. {{"lr": 3e-4}}.')
+    return from_json(values, f"config file {path}")
+
+
+def from_json(values: dict, source: str) -> TrainConfig:
+    """The TrainConfig of a JSON object of fields (a config file, a run's config.json, a checkpoint's
+    meta.json); a field it lacks (added since it was written) has its default."""
     fields_, problems = _convert([(k, v) for k, v in values.items() if k not in RUN_KEYS], _json_value)
     if problems:
-        raise ValueError(f"Invalid config file {path}: " + "; ".join(problems) + ".")
+        raise ValueError(sentence(f"Invalid {source}: ", problems))
     return TrainConfig(**fields_)
 
 
@@ -294,7 +331,7 @@ def parse_overrides(base: TrainConfig, args: list[str]) -> tuple[TrainConfig, fr
     changes, bad_values = _convert(pairs, _parse_value)
     problems += bad_values
     if problems:
-        raise ValueError("Invalid arguments: " + "; ".join(problems) + ".")
+        raise ValueError(sentence("Invalid arguments: ", problems))
     return base.replace(**changes), frozenset(changes)
 
 
@@ -392,11 +429,10 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         cfg = resolve_batch(cfg, world_size, given)
     except ValueError as e:
         problems.append(str(e))
-    positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "grad_accum_steps",
-                "max_steps", "eval_interval", "log_interval", "ckpt_interval", "keep_ckpts")  # fmt: skip
+    problems += shape_problems(cfg)  # the model's own validation
+    positive = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "log_interval", "ckpt_interval",
+                "keep_ckpts")  # fmt: skip
     problems += [f"{name} must be at least 1, got {getattr(cfg, name)}" for name in positive if getattr(cfg, name) < 1]
-    if cfg.n_head >= 1 and cfg.n_embd % cfg.n_head:
-        problems.append(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     if cfg.vocab_size > 65536:
         problems.append(f"vocab_size {cfg.vocab_size} does not fit the uint16 token shards (at most 65536)")
     choices = {
@@ -422,8 +458,6 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         problems.append(f"collective_timeout_s must be positive, got {cfg.collective_timeout_s}")
     if cfg.warmup_steps < 0 or cfg.decay_steps < 0:
         problems.append("warmup_steps and decay_steps must be >= 0")
-    if not 0.0 <= cfg.dropout < 1.0:
-        problems.append(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.eval_tokens < cfg.block_size:
         problems.append(f"eval_tokens ({cfg.eval_tokens}) must be at least block_size ({cfg.block_size})")
     try:
@@ -431,7 +465,7 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
     except ValueError as e:
         problems.append(str(e))
     if problems:
-        raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+        raise ValueError(sentence("Invalid training config: ", problems))
     return cfg
 
 
@@ -462,16 +496,17 @@ def fused_loss_on(setting: str, device_type: str) -> bool:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): a pure function of the step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """Learning rate of optimizer step `step` (1-based, as logged and checkpointed): a pure function of it."""
+    done = step - 1  # updates before this one
+    if done < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if cfg.lr_schedule == "wsd":
         decay = cfg.decay_steps or max(1, cfg.max_steps // 5)
         decay_start = cfg.max_steps - decay
-        if step < decay_start:
+        if done < decay_start:
             return cfg.lr
-        return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (step - decay_start) / decay)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (done - decay_start) / decay)
+    progress = min(1.0, (done - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)

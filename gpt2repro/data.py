@@ -81,15 +81,13 @@ class ShardLoader:
         return self.tokens[shard_ids[i]][start : start + self.block_size + 1]
 
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of shape (batch_size, block_size) for this rank at (step, micro_step)."""
+        """(x, y) of shape (batch_size, block_size) for this rank at optimizer step `step` (1-based, as
+        logged) and micro_step: a pure function of them, the seed and the world's layout."""
         spec = self.spec
-        first = step * spec.global_windows + (micro_step * spec.world_size + spec.rank) * spec.batch_size
+        first = (step - 1) * spec.global_windows + (micro_step * spec.world_size + spec.rank) * spec.batch_size
         rows = np.stack([self._window(g) for g in range(first, first + spec.batch_size)]).astype(np.int64)
         check_token_ids(rows, self.vocab_size, "train")
         return to_device(rows, self.device, self.pin)
-
-    def epoch_of(self, step: int) -> float:
-        return step * self.spec.global_windows / self.num_windows
 
 
 def check_token_ids(rows: np.ndarray, vocab_size: int, split: str) -> None:

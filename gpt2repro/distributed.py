@@ -178,13 +178,6 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.is_distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= info.world_size
-    return tensor
-
-
 def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -298,7 +291,7 @@ class StopVote:
         self._copied = torch.cuda.Event() if cuda else None
         self._pending = False
 
-    def mean_loss(self, loss: torch.Tensor, request: int) -> torch.Tensor:
+    def average_loss_and_count_requests(self, loss: torch.Tensor, request: int) -> torch.Tensor:
         """The loss averaged over all ranks (on the device); this rank's request (a signal, or 0) joins
         the same all-reduce."""
         packed = torch.zeros(1 + len(self.signals), device=loss.device)

@@ -27,7 +27,6 @@ PUBLISHED_BASELINES = {
     "gpt2-774m": {"hf": "gpt2-large", "params": 774e6, "train_loss": 2.66, "val_loss": 2.67, "hellaswag": None},
     "gpt2-1558m": {"hf": "gpt2-xl", "params": 1558e6, "train_loss": 2.56, "val_loss": 2.54, "hellaswag": 0.4893},
 }
-BASELINES_SOURCE = "nanoGPT README (OpenWebText losses); llm.c (HellaSwag acc_norm)"
 HF_TO_BASELINE = {v["hf"]: k for k, v in PUBLISHED_BASELINES.items()}
 
 

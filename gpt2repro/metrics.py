@@ -32,17 +32,12 @@ GPU_PEAK_TFLOPS = (
 )
 
 
-def peak_flops(device: str, stated_tflops: float = 0.0, dtype: str = "bfloat16") -> float | None:
-    """The accelerator's peak in FLOP/s for dtype: the stated one, else from the table; None if unknown."""
-    if stated_tflops > 0:
-        return stated_tflops * 1e12
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
+def peak_tflops_of(gpu_name: str, dtype: str) -> float:
+    """The dense peak TFLOP/s of the GPU named so (torch.cuda.get_device_name) for dtype; 0 if unknown."""
     for key, half, single in GPU_PEAK_TFLOPS:
-        if key in name:
-            return (single if dtype == "float32" else half) * 1e12
-    return None
+        if gpu_name and key in gpu_name:
+            return single if dtype == "float32" else half
+    return 0.0
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
@@ -143,7 +138,7 @@ class RunLog:
         self.cfg, self.info, self.comparison = run.cfg, run.info, run.comparison
         self.first_step, self.tokens_per_step = run.state.step + 1, run.tokens_per_step
         self.flops_per_token = run.raw_model.flops_per_token(run.cfg.block_size)
-        self.peak = peak_flops(run.info.device, run.cfg.peak_tflops, run.dtype)
+        self.peak = run.cfg.peak_tflops * 1e12 or None  # settled: stated, else the GPU's from the table
         self.throughput = Throughput(run.state.step)
         self.record: dict = {}
         self.file = self.sink = None
@@ -177,7 +172,7 @@ class RunLog:
         train_s, steps = self.throughput.close(state.step)
         tok_s = self.tokens_per_step * steps / train_s if steps else None  # none yet: the first step
         self.record = {
-            "step": state.step, "tokens": state.tokens, "loss": loss.item(), "lr": lr_at(state.step - 1, self.cfg),
+            "step": state.step, "tokens": state.tokens, "loss": loss.item(), "lr": lr_at(state.step, self.cfg),
             "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
             "mfu": mfu(self.flops_per_token, tok_s / self.info.world_size, self.peak) if tok_s else None,
             "elapsed_s": None, "skipped_steps": state.skipped_steps,

@@ -45,7 +45,7 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    dropout: float = 0.0
+    dropout: float = dataclasses.field(default=0.0, metadata={"weights": False})  # training only, no weights
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     # Round the embedding/lm_head rows up to a multiple of this (64 gives 50304 for
     # GPT-2's 50257), which makes the lm_head matmul faster on GPUs. The extra rows
@@ -53,19 +53,13 @@ class GPTConfig:
     pad_vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_head >= 1 and self.n_embd % self.n_head != 0:
-            problems.append(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                "choose n_head among the divisors of n_embd"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if problems:
+        if problems := shape_problems(self):
             raise ValueError("Invalid GPTConfig: " + "; ".join(problems) + ".")
+
+    @staticmethod
+    def weight_fields() -> tuple[str, ...]:
+        """The fields that decide the weights' shapes: a checkpoint loads only into the same ones."""
+        return tuple(f.name for f in dataclasses.fields(GPTConfig) if f.metadata.get("weights", True))
 
     @property
     def padded_vocab_size(self) -> int:
@@ -77,6 +71,22 @@ class GPTConfig:
         if name not in PRESETS:
             raise ValueError(f"Unknown model preset {name!r}; valid presets are: {', '.join(PRESETS)}.")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def shape_problems(config) -> list[str]:
+    """What is wrong with a model shape (GPTConfig's fields, read from any object that has them: the
+    training config validates through here too), one sentence each."""
+    problems = [f"{name} must be at least 1, got {getattr(config, name)}"
+                for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple")
+                if getattr(config, name, 1) < 1]  # fmt: skip
+    if config.n_head >= 1 and config.n_embd % config.n_head != 0:
+        problems.append(
+            f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
+            "choose n_head among the divisors of n_embd"
+        )
+    if not 0.0 <= config.dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {config.dropout}")
+    return problems
 
 
 PRESETS: dict[str, GPTConfig] = {

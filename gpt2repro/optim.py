@@ -38,12 +38,6 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def muon_lr(cfg) -> float:
-    """The Muon matrices' peak lr: --muon_lr, else twice AdamW's (the best ratio benchmarks/optimizer_steps.py
-    found on its CPU reference: Muon 4e-3 beside AdamW's best 2e-3)."""
-    return cfg.muon_lr or 2 * cfg.lr
-
-
 def newton_schulz_dtype(run_dtype: str) -> torch.dtype:
     """bfloat16 for bfloat16 runs, as torch.optim.Muon (and Keller Jordan's). float32 otherwise: a float32
     run stays comparable across layouts (FSDP vs one process) to 1e-5, and a float16 run is on a GPU
@@ -61,12 +55,14 @@ class MuonAdamW(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler hands over found_inf (and grad_scale) instead of syncing
 
     def __init__(self, model, cfg):
+        if not cfg.muon_lr > 0:
+            raise ValueError("muon_lr is 0: settle the config first (gpt2repro/settings.py gives it twice lr)")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.ns_dtype = newton_schulz_dtype(resolve_dtype(cfg.dtype, named[0][1].device.type))
         muon = [p for n, p in named if is_muon_matrix(n)]
         rest = [p for n, p in named if not is_muon_matrix(n)]
         groups = [
-            {"params": muon, "kind": "muon", "lr_scale": muon_lr(cfg) / cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": muon, "kind": "muon", "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": cfg.weight_decay},
             {"params": [p for p in rest if p.dim() >= 2], "kind": "adamw", "weight_decay": cfg.weight_decay},
             {"params": [p for p in rest if p.dim() < 2], "kind": "adamw", "weight_decay": 0.0},
         ]

@@ -26,33 +26,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2repro import fp8 as fp8_training
 from gpt2repro import memory
-from gpt2repro.config import TrainConfig, fused_loss_on
+from gpt2repro.config import TrainConfig
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.precision import PTDTYPE
 
 
-def gpu_memory_bytes(cfg: TrainConfig, device: str) -> float:
-    """--gpu_memory_gb when given, else the memory of this process's GPU (0 on a CPU)."""
-    if cfg.gpu_memory_gb > 0:
-        return cfg.gpu_memory_gb * memory.GiB
-    if torch.device(device).type == "cuda":
-        return float(torch.cuda.get_device_properties(device).total_memory)
-    return 0.0
-
-
-def plan(
-    cfg: TrainConfig, config: GPTConfig, world_size: int, dtype: str, gpu_bytes: float, compiled: bool,
-    device_type: str, ranks_per_node: int = 0,
-) -> memory.MemoryPlan:  # fmt: skip
-    """The memory plan of cfg's layout on device_type, with strategy auto resolved (to ddp, fsdp, or
-    hsdp when the ranks span several nodes of ranks_per_node; 0: one node)."""
+def plan(cfg: TrainConfig, config: GPTConfig, world_size: int, gpu_bytes: float, device_type: str,
+         ranks_per_node: int = 0) -> memory.MemoryPlan:  # fmt: skip
+    """The memory plan of cfg's layout (its dtype, compile and fused loss settled: gpt2repro/settings.py) on
+    device_type, with strategy auto resolved (to ddp, fsdp, or hsdp when the ranks span several nodes of
+    ranks_per_node; 0: one node)."""
 
     def estimate(strategy: str) -> memory.MemoryPlan:
         return memory.estimate(
-            config, batch_size=cfg.batch_size, world_size=world_size, dtype=dtype, strategy=strategy,
+            config, batch_size=cfg.batch_size, world_size=world_size, dtype=cfg.dtype, strategy=strategy,
             activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
-            fused_loss=fused_loss_on(cfg.fused_loss, device_type), compiled=compiled, ranks_per_node=ranks_per_node,
+            fused_loss=cfg.fused_loss == "true", compiled=cfg.compile == "true", ranks_per_node=ranks_per_node,
             optimizer=cfg.optimizer, device_type=device_type,
         )  # fmt: skip
 

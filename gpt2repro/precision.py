@@ -15,17 +15,18 @@ def gpu_computes_bfloat16() -> bool:
     return torch.cuda.get_device_capability() >= (8, 0)
 
 
-def resolve_dtype(setting: str, device_type: str, trained_in: str = "auto") -> str:
+def resolve_dtype(setting: str, device_type: str, trained_in: str = "auto", gpu_bfloat16: bool | None = None) -> str:
     """The dtype a run computes in: the setting when given, else the one its checkpoint trained in
-    (eval, export), else bfloat16 on a GPU (float16 with the GradScaler below compute capability 8.0)
-    and float32 on a CPU. A GPU that is planned for but not present (a dry run on a laptop) is taken
-    to have bfloat16."""
+    (eval, export), else bfloat16 on a GPU (float16 with the GradScaler where the GPU lacks bfloat16
+    tensor cores: gpu_bfloat16, by default this process's GPU) and float32 on a CPU. A GPU that is
+    planned for but not present (a dry run on a laptop) is taken to have bfloat16."""
     name = setting if setting != "auto" else trained_in
     if name != "auto":
         return name
     if device_type == "cuda":
-        old_gpu = torch.cuda.is_available() and not gpu_computes_bfloat16()
-        return "float16" if old_gpu else "bfloat16"
+        if gpu_bfloat16 is None:
+            gpu_bfloat16 = not torch.cuda.is_available() or gpu_computes_bfloat16()
+        return "bfloat16" if gpu_bfloat16 else "float16"
     return "float32"
 
 

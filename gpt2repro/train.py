@@ -24,15 +24,17 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro import checkpoint, evaluate, parallel, pretrained, profiling, references
+from gpt2repro import checkpoint, evaluate, parallel, profiling, references, settings, weights
+from gpt2repro import config as C
 from gpt2repro import distributed as D
-from gpt2repro.config import MODEL_FIELDS, RESUMABLE_CHANGES, TrainConfig, compile_on_for, fused_loss_on, lr_at
+from gpt2repro.config import TrainConfig, lr_at
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.memory import GiB
 from gpt2repro.metrics import RunLog, timed
-from gpt2repro.model import GPT, GPTConfig
+from gpt2repro.model import GPT
 from gpt2repro.optim import make_optimizer
 from gpt2repro.precision import precision
+from gpt2repro.settings import Machine
 from gpt2repro.shards import write_json_atomic
 
 
@@ -40,17 +42,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
 
 
-def model_config(cfg: TrainConfig) -> GPTConfig:
-    # 64-row padding of the vocabulary: faster lm_head matmuls, never part of the loss.
-    return GPTConfig(**{f: getattr(cfg, f) for f in MODEL_FIELDS}, dropout=cfg.dropout, pad_vocab_multiple=64)
-
-
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed, all ranks
     skipped_steps: int = 0  # updates skipped for non-finite gradients
-    preempted: bool = False  # stopped early on SIGTERM / SIGUSR1, after a checkpoint
 
 
 class StopSignals:
@@ -103,42 +99,73 @@ def make_scaler(dtype: str, device_type: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device_type) if dtype == "float16" else UnitScaler(device_type)
 
 
-def train_step(step, model, raw_model, optimizer, scaler, loader, cfg, autocast):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) on device."""
-    lr = lr_at(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = torch.zeros((), device=loader.device)
+@dataclass
+class Engine:
+    """What one optimizer step uses: the model as called (compiled, wrapped for the strategy) and as
+    built, its optimizer and scaler, the batches, the autocast; built by build_engine for training and
+    the benchmark alike."""
+
+    cfg: TrainConfig  # settled (gpt2repro/settings.py)
+    model: torch.nn.Module
+    raw_model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: ShardLoader  # anything with .batch(step, micro) -> (x, y) and .device
+    autocast: torch.autocast
+
+
+def build_engine(cfg: TrainConfig, info: D.DistInfo, loader, seed: int) -> Engine:
+    """The settled cfg's model (the weights GPT gets after torch.manual_seed(seed), whatever the layout), laid
+    out for its strategy, compiled if it says so, with its optimizer and scaler."""
+    _, autocast = precision(cfg.dtype, info.device_type)
+    raw_model = parallel.build_model(C.model_config(cfg), cfg.strategy, cfg.dtype, info.device, seed, fp8=cfg.fp8,
+                                     ranks_per_node=info.local_world_size)  # fmt: skip
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    raw_model.fused_loss = cfg.fused_loss == "true"
+    optimizer, scaler = make_optimizer(raw_model, cfg), make_scaler(cfg.dtype, info.device_type)
+    model = parallel.wrap(raw_model, cfg.strategy, info, cfg.compile == "true")
+    return Engine(cfg, model, raw_model, optimizer, scaler, loader, autocast)
+
+
+def train_step(engine: Engine, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimizer step `step` (1-based, as logged) over grad_accum_steps micro-batches: (mean loss, grad norm)
+    on the device, no host sync."""
+    cfg, model = engine.cfg, engine.model
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss_sum = torch.zeros((), device=engine.loader.device)
     for micro in range(cfg.grad_accum_steps):
-        x, y = loader.batch(step, micro)
+        x, y = engine.loader.batch(step, micro)
         # Gradients cross ranks once per optimizer step: on the last micro-batch.
         with parallel.gradient_sync(model, last_micro_batch=micro == cfg.grad_accum_steps - 1):
-            with autocast:
+            with engine.autocast:
                 loss = model(x, y, return_logits=False)[1] / cfg.grad_accum_steps
-            scaler.scale(loss).backward()
+            engine.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    scaler.unscale_(optimizer)
+    engine.scaler.unscale_(engine.optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = parallel.clip_grad_norm(raw_model.parameters(), max_norm)
-    scaler.step(optimizer)  # skipped when gradients hold inf/nan (on any rank)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = parallel.clip_grad_norm(engine.raw_model.parameters(), max_norm)
+    engine.scaler.step(engine.optimizer)  # skipped when gradients hold inf/nan (on any rank)
+    engine.scaler.update()
+    engine.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 
 
-def check_run_dir(run_dir: Path, cfg: TrainConfig, world_size: int) -> None:
-    """RUN_DIR may only be resumed by the same run: same model, data order and optimisation."""
+def check_run_dir(run_dir: Path, cfg: TrainConfig, machine: Machine) -> None:
+    """RUN_DIR may only be resumed by the same run: same model, data order and optimisation (every field
+    not marked resumable, and the global batch). Its config.json is settled for this machine first: a run
+    from before config.json recorded settled values compares as it would run here."""
     path = run_dir / "config.json"
     if not path.exists():
         return
-    # A field added since the run began is absent from its config.json: the run had its default.
-    old = {**TrainConfig().to_dict(), **json.loads(path.read_text())}
-    new = {**cfg.to_dict(), "world_size": world_size}
-    free = RESUMABLE_CHANGES | {"world_size", "batch_size", "grad_accum_steps", "total_batch_tokens", "data", "dataset"}
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in free and old.get(k) != v]
-    old_global = old.get("batch_size", 0) * old.get("grad_accum_steps", 0) * old.get("world_size", 0)
-    if old_global != cfg.batch_size * cfg.grad_accum_steps * world_size:
-        diffs.append(f"global batch {old_global} -> {cfg.batch_size * cfg.grad_accum_steps * world_size} sequences")
+    recorded = json.loads(path.read_text())
+    old = settings.settle(C.from_json(recorded, str(path)), machine)
+    diffs = [f"{f}: {getattr(old, f)!r} -> {getattr(cfg, f)!r}" for f in C.FIELD_TYPES
+             if f not in C.RESUMABLE and getattr(old, f) != getattr(cfg, f)]  # fmt: skip
+    old_global = recorded.get("batch_size", 0) * recorded.get("grad_accum_steps", 0) * recorded.get("world_size", 0)
+    new_global = cfg.batch_size * cfg.grad_accum_steps * machine.world_size
+    if old_global != new_global:
+        diffs.append(f"global batch {old_global} -> {new_global} sequences")
     if diffs:
         raise ValueError(
             f"{run_dir} holds a different run ({'; '.join(diffs)}); use another --out, or the same settings."
@@ -149,30 +176,30 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, world_size: int) -> None:
 class Run:
     """What the loop trains, built by setup(): the same on every rank (under FSDP, each rank's shards)."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # settled: what runs, as config.json records it
     info: D.DistInfo
     run_dir: Path
-    model: torch.nn.Module  # compiled and wrapped for the strategy: what train_step calls
-    raw_model: GPT
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    loader: ShardLoader
-    autocast: torch.autocast
-    dtype: str
+    engine: Engine
     state: TrainState
     checkpointer: checkpoint.Checkpointer
     evaluator: evaluate.Evaluator
     comparison: references.Comparison | None  # the reference curve each eval is judged by (--reference)
 
     @property
+    def raw_model(self) -> GPT:
+        return self.engine.raw_model
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.loader.spec.global_windows * self.cfg.block_size
+        return self.engine.loader.spec.global_windows * self.cfg.block_size
 
 
-def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) -> TrainState:
-    """Train (or resume) a run in run_dir; every rank calls this. Returns the final state."""
-    run = setup(cfg, data_dir, Path(run_dir), info)
-    state, first_step = run.state, run.state.step + 1
+def fit(asked: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo,
+        given: frozenset[str] = frozenset()) -> TrainState:  # fmt: skip
+    """Train (or resume) a run in run_dir; every rank calls this. asked is settled for this machine
+    (gpt2repro/settings.py; given: the fields typed on the command line). Returns the final state."""
+    run = setup(asked, given, data_dir, Path(run_dir), info)
+    cfg, state, first_step = run.cfg, run.state, run.state.step + 1
     with (
         StopSignals() as signals,
         D.Watchdog(cfg.collective_timeout_s, info) as watchdog,
@@ -183,8 +210,7 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
         while state.step < cfg.max_steps:
             step = state.step + 1
             with watchdog.slow(STARTUP) if step == first_step else contextlib.nullcontext(), profiler.step(step):
-                loss, grad_norm = train_step(state.step, run.model, run.raw_model, run.optimizer, run.scaler,
-                                             run.loader, cfg, run.autocast)  # fmt: skip
+                loss, grad_norm = train_step(run.engine, step)
                 log.step_done(step)
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
             loss = stopper.watch(loss, grad_norm)  # the mean over ranks; counts non-finite steps
@@ -202,7 +228,6 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
             watchdog.beat()
             if stop and step < cfg.max_steps:
                 stopper.announce(stop, step, run.checkpointer.saved)
-                state.preempted = True
                 break
     return state
 
@@ -210,12 +235,18 @@ def fit(cfg: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo) 
 STARTUP = "start-up (the first step, compilation)"
 
 
-def setup(cfg: TrainConfig, data_dir: str, run_dir: Path, info: D.DistInfo) -> Run:
-    """Everything the loop needs: data, the model built and wrapped for the strategy, the optimizer,
-    and the state of the run's newest checkpoint (or init_from's weights, or a fresh start)."""
+def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Path, info: D.DistInfo) -> Run:
+    """Everything the loop needs: the settled config, data, the model built and wrapped for the strategy,
+    the optimizer, and the state of the run's newest checkpoint (or init_from's weights, or a fresh start)."""
+    machine = Machine.this(info.device, info.world_size, info.local_world_size)
+    cfg = settings.settle(asked, machine, given)
     check_out_dir(run_dir)
-    check_run_dir(run_dir, cfg, info.world_size)
-    dtype, autocast = precision(cfg.dtype, info.device_type)
+    check_run_dir(run_dir, cfg, machine)
+    if cfg.strategy in ("fsdp", "hsdp") and not info.is_distributed:
+        raise ValueError(
+            f"--strategy {cfg.strategy} shards the model across ranks: launch 2 or more with torchrun, or use "
+            "--strategy ddp."
+        )
     spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, info.world_size, info.rank)
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
     val_windows = EvalWindows(data_dir, "val", cfg.block_size, cfg.eval_tokens, cfg.vocab_size)
@@ -224,50 +255,44 @@ def setup(cfg: TrainConfig, data_dir: str, run_dir: Path, info: D.DistInfo) -> R
     if cfg.reference:
         comparison = references.Comparison(references.get(cfg.reference), references.dataset_of(data_dir))
 
-    gpu_bytes = parallel.gpu_memory_bytes(cfg, info.device)
-    compile_on = compile_on_for(cfg, info.device_type)
-    plan = parallel.plan(cfg, model_config(cfg), info.world_size, dtype, gpu_bytes, compile_on, info.device_type,
-                         ranks_per_node=info.local_world_size)  # fmt: skip
-    if plan.strategy in ("fsdp", "hsdp") and not info.is_distributed:
-        raise ValueError(
-            f"--strategy {plan.strategy} shards the model across ranks: launch 2 or more with torchrun, or use "
-            "--strategy ddp."
-        )
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
-    raw_model = parallel.build_model(model_config(cfg), plan.strategy, dtype, info.device, cfg.seed, fp8=cfg.fp8,
-                                     ranks_per_node=info.local_world_size)  # fmt: skip
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
-    raw_model.fused_loss = fused_loss_on(cfg.fused_loss, info.device_type)
-    optimizer, scaler = make_optimizer(raw_model, cfg), make_scaler(dtype, info.device_type)
+    engine = build_engine(cfg, info, loader, cfg.seed)
     state = TrainState()
-    checkpointer = checkpoint.Checkpointer(run_dir, cfg, raw_model, optimizer, scaler, info, dtype)
+    checkpointer = checkpoint.Checkpointer(run_dir, cfg, engine.raw_model, engine.optimizer, engine.scaler, info)
     resumed_from = checkpointer.resume(state)
     if resumed_from is None:
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
         if cfg.init_from:  # read by rank 0, broadcast: FSDP ranks keep their shards
-            pretrained.load_into(raw_model, cfg.init_from, info)
-    model = parallel.wrap(raw_model, plan.strategy, info, compile_on)
-    evaluator = evaluate.Evaluator(cfg, val_windows, hellaswag_examples, parallel.for_eval(model), raw_model, info,
-                                   autocast)  # fmt: skip
+            weights.load_into(engine.raw_model, cfg.init_from, info)
+    evaluator = evaluate.Evaluator(cfg, val_windows, hellaswag_examples, parallel.for_eval(engine.model),
+                                   engine.raw_model, info, engine.autocast)  # fmt: skip
     if info.is_main:
         if warning := D.check_restart_store():
             print(warning, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "world_size": info.world_size, "data": data_dir,
-                                                    "dataset": references.dataset_of(data_dir)})  # fmt: skip
+        write_json_atomic(run_dir / "config.json", run_record(asked, cfg, info.world_size, data_dir))
+        print(C.describe_batch(asked, cfg, info.world_size, given), flush=True)
+        plan = settings.plan(cfg, machine)
         print(
-            f"model {plan.num_params:,} params | {plan.strategy} on {info.world_size} rank(s) on {info.device} | "
-            f"{dtype}{' + fp8 matmuls' if cfg.fp8 else ''} | compile {'on' if compile_on else 'off'} | "
-            f"fused loss {'on' if raw_model.fused_loss else 'off'} | "
+            f"model {plan.num_params:,} params | {cfg.strategy} on {info.world_size} rank(s) on {info.device} | "
+            f"{cfg.dtype}{' + fp8 matmuls' if cfg.fp8 else ''} | compile {'on' if cfg.compile == 'true' else 'off'} | "
+            f"fused loss {'on' if cfg.fused_loss == 'true' else 'off'} | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
         )
         if comparison is not None:
             print(comparison.describe(), flush=True)
+        gpu_bytes = machine.gpu_memory_bytes
         if gpu_bytes and not plan.fits(gpu_bytes):
             print(f"warning: the memory planner estimates {plan.total / GiB:.1f} GiB per GPU, more than fits in "
                   f"{gpu_bytes / GiB:.1f} GiB; see --dry_run true for the breakdown", flush=True)  # fmt: skip
-    return Run(cfg, info, run_dir, model, raw_model, optimizer, scaler, loader, autocast, dtype, state, checkpointer,
-               evaluator, comparison)  # fmt: skip
+    return Run(cfg, info, run_dir, engine, state, checkpointer, evaluator, comparison)
+
+
+def run_record(asked: TrainConfig, cfg: TrainConfig, world_size: int, data_dir: str) -> dict:
+    """A run's config.json: the settled fields (typed; it works as --config), the launch and the data, and
+    under "requested" what was asked where settling changed it."""
+    return {**C.to_json(cfg), "world_size": world_size, "data": data_dir, "dataset": references.dataset_of(data_dir),
+            "requested": settings.requested(asked, cfg)}  # fmt: skip
 
 
 class Stopper:
@@ -289,7 +314,7 @@ class Stopper:
     def watch(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """The loss averaged over ranks (queued on the device, no host sync), so that every rank takes the
         same non-finite decisions; this rank's stop request rides in the same all-reduce."""
-        loss = self.vote.mean_loss(loss, self.signals.received)
+        loss = self.vote.average_loss_and_count_requests(loss, self.signals.received)
         self.consecutive_bad = torch.where(torch.isfinite(loss), 0, self.consecutive_bad + 1)
         self.skipped += (~torch.isfinite(grad_norm)).long()
         return loss

@@ -25,9 +25,8 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 
 import torch  # noqa: E402
 
-from gpt2repro import checkpoint, evaluate  # noqa: E402
+from gpt2repro import checkpoint, evaluate, settings, weights  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
-from gpt2repro.config import fused_loss_on  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
 from gpt2repro.errors import failure_message, print_error  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
@@ -61,29 +60,16 @@ def parse(argv):
     return args
 
 
-def load_model(args, device_type: str) -> tuple[GPT, str, int, Path | None, str]:
-    """(model, label, default eval tokens, default result file, the dtype it trained in or "auto")."""
-    if args.hf:
-        return GPT.from_pretrained(args.hf).eval(), args.hf, DEFAULT_EVAL_TOKENS, None, "auto"
-    ckpt = Path(args.ckpt)
-    if ckpt.is_file():  # a file from launch/export.py
-        result_file = ckpt.with_name(f"{ckpt.stem}.eval_{args.split}.json")
-        blob = checkpoint.read_export(ckpt)
-        return (
-            checkpoint.model_from_export(blob),
-            args.ckpt,
-            DEFAULT_EVAL_TOKENS,
-            result_file,
-            blob.get("dtype", "auto"),
-        )
-    path = checkpoint.resolve_path(ckpt)  # checked once here
-    meta = checkpoint.read_meta(path)
-    eval_tokens = meta["config"].get("eval_tokens", DEFAULT_EVAL_TOKENS)
-    trained_in = checkpoint.trained_dtype(meta)
-    model = checkpoint.model_from(path)
-    # The loss the run's val_loss used, resolved for this device as training resolves it.
-    model.fused_loss = fused_loss_on(meta["config"].get("fused_loss", "auto"), device_type)
-    return model, str(path), eval_tokens, path / f"eval_{args.split}.json", trained_in
+def load_model(args, device_type: str) -> tuple[GPT, weights.About, int, Path | None]:
+    """(model, where it came from, default eval tokens, default result file), through weights.load_model."""
+    model, about = weights.load_model(args.hf or args.ckpt)
+    if about.run is None or about.run.fused_loss not in ("true", "false"):  # no run, or one too old to say
+        model.fused_loss = settings.fused_loss_pays(device_type)  # as training settles it on this device
+    eval_tokens = about.run.eval_tokens if about.run else DEFAULT_EVAL_TOKENS  # the run's val_loss used these
+    path = Path(about.path)
+    result_file = {"checkpoint": path / f"eval_{args.split}.json",
+                   "export": path.with_name(f"{path.stem}.eval_{args.split}.json")}.get(about.kind)  # fmt: skip
+    return model, about, eval_tokens, result_file
 
 
 def check_vocab(model: GPT, data_dir: str) -> None:
@@ -100,10 +86,10 @@ def main(argv=None) -> int:
     try:
         args = parse(argv)
         with D.distributed_context(args.device) as info:
-            model, label, default_tokens, result_file, trained_in = load_model(args, info.device_type)
+            model, about, default_tokens, result_file = load_model(args, info.device_type)
             model.to(info.device)
-            _, autocast = precision(args.dtype, info.device_type, trained_in)  # as asked, else the run's own
-            result = {"model": label}
+            _, autocast = precision(args.dtype, info.device_type, about.dtype)  # as asked, else the run's own
+            result = {"model": args.hf or about.path}
             if args.data:
                 check_vocab(model, args.data)
                 max_tokens = args.max_tokens or default_tokens

@@ -23,19 +23,19 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 
 import torch  # noqa: E402
 
-from gpt2repro import checkpoint  # noqa: E402
+from gpt2repro import checkpoint, weights  # noqa: E402
 from gpt2repro.shards import atomic_file  # noqa: E402
 
 
-def write_single_file(model, meta: dict, out: Path) -> None:
+def write_single_file(model, about: weights.About, out: Path) -> None:
     """Atomically: a kill mid-write leaves no file that looks complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "config": dataclasses.asdict(model.config),
         "model": model.state_dict(),
-        "step": meta["step"],
-        "tokens": meta["tokens"],
-        "dtype": checkpoint.trained_dtype(meta),  # what it trained in: launch/eval.py evaluates in the same
+        "step": about.step,
+        "tokens": about.tokens,
+        "dtype": about.dtype,  # what it trained in: launch/eval.py evaluates in the same
     }
     with atomic_file(out, "wb") as f:
         torch.save(blob, f)
@@ -50,18 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.pt or args.hf):
         p.error("give --pt FILE, --hf DIR or both")
     try:
-        path = checkpoint.resolve_path(args.ckpt)
-        meta = checkpoint.read_meta(path)
-        model = checkpoint.model_from(path)
-    except checkpoint.CheckpointError as e:
+        if weights.kind_of(args.ckpt) != "checkpoint":
+            raise ValueError(f"--ckpt {args.ckpt} is not a checkpoint or run directory of this trainer.")
+        model, about = weights.load_model(args.ckpt)
+    except (ValueError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
-        f"{path}: step {meta['step']}, {meta['tokens']:,} tokens, {model.num_params():,} parameters, "
-        f"written by {meta['world_size']} rank(s) ({meta['strategy']})"
+        f"{about.path}: step {about.step}, {about.tokens:,} tokens, {model.num_params():,} parameters, "
+        f"written by {about.world_size} rank(s) ({about.run.strategy})"
     )
     if args.pt:
-        write_single_file(model, meta, Path(args.pt))
+        write_single_file(model, about, Path(args.pt))
         print(f"wrote {args.pt}")
     if args.hf:
         model.save_pretrained(args.hf)

@@ -19,9 +19,9 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 
 import torch  # noqa: E402
 
-from gpt2repro.checkpoint import CheckpointError, load_model  # noqa: E402
-from gpt2repro.model import GPT  # noqa: E402
+from gpt2repro.checkpoint import CheckpointError  # noqa: E402
 from gpt2repro.tokenizer import gpt2  # noqa: E402
+from gpt2repro.weights import load_model  # noqa: E402
 
 
 def read_prompt(path: Path) -> str:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         text = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
-        model = GPT.from_pretrained(args.hf) if args.hf else load_model(args.ckpt)
+        model, _ = load_model(args.hf or args.ckpt)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

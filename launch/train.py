@@ -26,14 +26,11 @@ from gpt2repro import config as C  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.checkpoint import CheckpointError  # noqa: E402
 from gpt2repro.errors import failure_message, out_of_memory_message, print_error  # noqa: E402
-from gpt2repro.memory import format_plan  # noqa: E402
-from gpt2repro.parallel import gpu_memory_bytes  # noqa: E402
-from gpt2repro.parallel import plan as parallel_plan  # noqa: E402
-from gpt2repro.precision import resolve_dtype  # noqa: E402
-from gpt2repro.pretrained import with_source_shape  # noqa: E402
 from gpt2repro.profiling import memory_snapshot_on_oom  # noqa: E402
+from gpt2repro.settings import Machine, dry_run  # noqa: E402
 from gpt2repro.shards import ShardError  # noqa: E402
-from gpt2repro.train import TrainingError, fit, model_config  # noqa: E402
+from gpt2repro.train import TrainingError, fit  # noqa: E402
+from gpt2repro.weights import with_source_shape  # noqa: E402
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset[str]]:
@@ -58,21 +55,6 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset
     return args, cfg, given
 
 
-def dry_run(asked: C.TrainConfig, given: frozenset[str], world_size: int, device: str, gpus_per_node: int) -> str:
-    """The batch and memory plan of this configuration on world_size GPUs (in nodes of gpus_per_node);
-    nothing is allocated."""
-    cfg = C.resolve(asked, world_size, given)
-    gpu_bytes = gpu_memory_bytes(cfg, device)
-    device_type = "cuda" if gpu_bytes else "cpu"  # a plan for GPUs, given their memory
-    dtype = resolve_dtype(cfg.dtype, device_type)  # as the run would pick it there
-    compiled = C.compile_on_for(cfg, device_type)
-    plan = parallel_plan(cfg, model_config(cfg), world_size, dtype, gpu_bytes, compiled, device_type,
-                         ranks_per_node=gpus_per_node)  # fmt: skip
-    strategy = f"strategy {cfg.strategy}" + (f" -> {plan.strategy}" if cfg.strategy == "auto" else "")
-    batch = C.describe_batch(asked, cfg, world_size, given)
-    return f"dry run: {strategy} on {world_size} rank(s), nothing trained\n{batch}\n{format_plan(plan, gpu_bytes)}"
-
-
 def main(argv: list[str] | None = None) -> int:
     info = asked = None
     try:
@@ -85,13 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                     world_size = args.world_size or info.world_size
                     # Planning another world size: one node of it, unless told otherwise.
                     per_node = args.gpus_per_node or (world_size if args.world_size else info.local_world_size)
-                    print(dry_run(asked, given, world_size, info.device, per_node))
+                    here = Machine.this(info.device, info.world_size, info.local_world_size)
+                    print(dry_run(asked, given, Machine.planned(world_size, per_node, asked.gpu_memory_gb, here)))
                 return 0
-            cfg = C.resolve(asked, info.world_size, given)
-            if info.is_main:
-                print(C.describe_batch(asked, cfg, info.world_size, given), flush=True)
             with memory_snapshot_on_oom(args.out, info):
-                fit(cfg, args.data, args.out, info)  # also returns early, after a checkpoint, on SIGTERM/SIGUSR1
+                fit(asked, args.data, args.out, info, given)  # returns early, after a checkpoint, on SIGTERM/SIGUSR1
         return 0
     except (ValueError, TrainingError, CheckpointError, ShardError) as e:
         print_error(e, info)  # from every rank that fails, not only rank 0

@@ -13,9 +13,9 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E
 from benchmarks.train_throughput import RandomTokens  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro import memory, parallel  # noqa: E402
-from gpt2repro.config import resolve  # noqa: E402
+from gpt2repro.config import model_config, resolve  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
-from gpt2repro.train import make_optimizer, make_scaler, model_config, train_step  # noqa: E402
+from gpt2repro.train import Engine, make_optimizer, make_scaler, train_step  # noqa: E402
 from tests.unit.test_memory import SMALL  # noqa: E402
 
 
@@ -32,7 +32,8 @@ def measure(checkpointing: bool, info: D.DistInfo) -> dict:
     tracker = FSDPMemTracker(model, optimizer)
     with tracker:
         for step in range(2):  # the second step, when AdamW's state exists
-            train_step(step, model, model, optimizer, scaler, loader, cfg, torch.autocast("cpu", enabled=False))
+            engine = Engine(cfg, model, model, optimizer, scaler, loader, torch.autocast("cpu", enabled=False))
+            train_step(engine, step + 1)
             if step == 0:
                 tracker.reset_mod_stats()
     plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=2,

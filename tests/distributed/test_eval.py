@@ -77,7 +77,7 @@ def test_hf_loss_equals_transformers_on_the_same_windows(hf_dir, shakespeare_dat
 
 def test_finetune_from_a_hugging_face_directory_starts_at_its_weights(hf_dir, shakespeare_data, tmp_path):
     from gpt2repro import config as C
-    from gpt2repro.pretrained import with_source_shape
+    from gpt2repro.weights import with_source_shape
 
     path, _ = hf_dir
     out = tmp_path / "ft"

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity
 
-from gpt2repro import checkpoint, fp8, loss, metrics, parallel, profiling
+from gpt2repro import checkpoint, fp8, loss, metrics, parallel, profiling, settings
 from gpt2repro import distributed as D
-from gpt2repro.config import TrainConfig, compile_on_for, fused_loss_on
+from gpt2repro.config import TrainConfig
 from gpt2repro.data import to_device
 from gpt2repro.errors import out_of_memory_message
+from gpt2repro.memory import GiB
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.optim import MuonAdamW
 from gpt2repro.precision import precision, resolve_dtype
@@ -158,12 +159,12 @@ def test_each_gpu_generation_gets_its_dtype_fp8_compile_loss_and_peak(kind):
         elif not fp8_allowed:
             with pytest.raises(ValueError, match="compute capability 8.9 or newer"):
                 fp8.check_supported("cuda:0")
-        cfg = TrainConfig()
-        assert compile_on_for(cfg, "cuda") and not fused_loss_on(cfg.fused_loss, "cuda")
-        assert metrics.peak_flops("cuda:0", dtype=dtype) == peak
-        assert parallel.gpu_memory_bytes(cfg, "cuda:0") == GPUS[kind][2]
+        # The settled run on one of these GPUs: everything auto decided from the device's properties.
+        settled = settings.settle(TrainConfig(optimizer="muon"), settings.Machine.this("cuda:0", 8, 8))
+        assert (settled.dtype, settled.compile, settled.fused_loss, settled.device) == (dtype, "true", "false", "cuda")
+        assert settled.peak_tflops * 1e12 == peak and settled.gpu_memory_gb * GiB == GPUS[kind][2]
         model = cuda_parameters(GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=1, n_head=2, n_embd=C)), mode)
-        assert MuonAdamW(model, TrainConfig(optimizer="muon", dtype="auto")).ns_dtype == ns_dtype
+        assert MuonAdamW(model, settled).ns_dtype == ns_dtype
 
 
 def test_tf32_is_switched_on_for_fp32_matmuls_on_cuda_only():
@@ -299,7 +300,7 @@ def test_the_stop_vote_on_cuda_copies_into_pinned_memory_and_waits_for_its_event
 
     with fake_gpu("sm90"), mock.patch("torch.cuda.Event", Event), mock.patch.object(torch.Tensor, "pin_memory", pin):
         vote = D.StopVote(D.DistInfo(device="cuda:0"), (15, 10))
-        vote.mean_loss(torch.tensor(2.0), request=10)
+        vote.average_loss_and_count_requests(torch.tensor(2.0), request=10)
         assert vote.agreed() == 10
     assert pinned.calls == [((torch.Size([2]),), {})]
     assert [e.log for e in events] == [["record", "synchronize"]]

@@ -8,11 +8,11 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from benchmarks.train_throughput import RandomTokens
-from gpt2repro import memory
-from gpt2repro.config import PRESETS, TrainConfig, fused_loss_on, resolve
+from gpt2repro import memory, settings
+from gpt2repro.config import PRESETS, TrainConfig, model_config, resolve
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.parallel import PTDTYPE
-from gpt2repro.train import make_optimizer, make_scaler, model_config, train_step
+from gpt2repro.train import Engine, make_optimizer, make_scaler, train_step
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 # GPT-2's vocabulary (the logits are most of the memory, as in real runs) and six real blocks.
@@ -24,10 +24,11 @@ SMALL_BF16 = SMALL.replace(vocab_size=512, n_layer=4, n_embd=128)
 @functools.cache  # each configuration is measured once for the tests below
 def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     """Peak bytes of live tensors over a real train_step (the second, when AdamW state exists)."""
+    cfg = settings.settle(cfg.replace(dtype=dtype), settings.Machine("cpu"))  # fused_loss auto: as on a CPU
     torch.manual_seed(0)
     model = GPT(model_config(cfg))
     model.activation_checkpointing = cfg.activation_checkpointing
-    model.fused_loss = fused_loss_on(cfg.fused_loss, "cpu")
+    model.fused_loss = cfg.fused_loss == "true"
     optimizer, scaler = make_optimizer(model, cfg), make_scaler(dtype, "cpu")
     loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, "cpu")
     autocast = torch.autocast("cpu", dtype=PTDTYPE[dtype], enabled=dtype != "float32")
@@ -35,7 +36,7 @@ def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     tracker.track_external(model, optimizer)
     with tracker:
         for step in range(2):
-            train_step(step, model, model, optimizer, scaler, loader, cfg, autocast)
+            train_step(Engine(cfg, model, model, optimizer, scaler, loader, autocast), step + 1)
             if step == 0:
                 tracker.reset_mod_stats()
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]

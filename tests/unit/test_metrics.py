@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from gpt2repro import metrics
+from gpt2repro import metrics, settings
+from gpt2repro.config import TrainConfig
 from gpt2repro.train import make_scaler
 
 
@@ -21,12 +22,12 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     }  # fmt: skip
 
 
-def test_mfu_of_a_float32_run_divides_by_the_tf32_peak(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert metrics.peak_flops("cuda:0", dtype="bfloat16") == 989e12
-    assert metrics.peak_flops("cuda:0", dtype="float32") == 494e12
-    assert metrics.peak_flops("cuda:0", stated_tflops=100.0, dtype="float32") == 100e12
-    assert metrics.peak_flops("cpu", dtype="float32") is None
+def test_mfu_of_a_float32_run_divides_by_the_tf32_peak():
+    h100 = settings.Machine("cuda", gpu_memory_bytes=80e9, gpu_name="NVIDIA H100 80GB HBM3")
+    assert settings.settle(TrainConfig(dtype="bfloat16"), h100).peak_tflops == 989.0
+    assert settings.settle(TrainConfig(dtype="float32"), h100).peak_tflops == 494.0
+    assert settings.settle(TrainConfig(dtype="float32", peak_tflops=100.0), h100).peak_tflops == 100.0
+    assert settings.settle(TrainConfig(), settings.Machine("cpu")).peak_tflops == 0.0  # unknown: MFU n/a
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

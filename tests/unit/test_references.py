@@ -43,8 +43,8 @@ def test_llmc_presets_are_its_scripts_flag_for_flag(preset):
     assert (cfg.batch_size, cfg.total_batch_tokens, cfg.max_steps, cfg.weight_decay) == (b, d, x, c)
     assert (cfg.eval_interval, cfg.ckpt_interval, cfg.eval_tokens) == (v, n, 20 * 64 * 1024 * 8)
     assert (cfg.grad_clip, cfg.beta1, cfg.beta2) == (1.0, 0.9, 0.95)  # llm.c's defaults
-    for step in range(0, x, 100):
-        assert lr_at(step, cfg) == pytest.approx(llmc_learning_rate(step, l, u, x, q), rel=1e-9, abs=1e-12), step
+    for step in range(0, x, 100):  # llm.c's step counts the updates before; ours is 1-based, as logged
+        assert lr_at(step + 1, cfg) == pytest.approx(llmc_learning_rate(step, l, u, x, q), rel=1e-9, abs=1e-12), step
 
 
 def test_the_llmc_curve_interpolates_in_log_tokens():

@@ -2,7 +2,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import math
 import os
 import re
 import subprocess
@@ -14,21 +13,22 @@ import pytest
 from gpt2repro import config as C
 from gpt2repro import shards
 from gpt2repro.data import BatchSpec, ShardLoader
+from gpt2repro.settings import Machine, settle
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_cosine_schedule_with_warmup():
+def test_cosine_schedule_with_warmup():  # steps are 1-based, as logged: step 1 is the first update
     cfg = C.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert C.lr_at(0, cfg) == pytest.approx(0.1)
-    assert C.lr_at(9, cfg) == pytest.approx(1.0)
-    assert C.lr_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine
-    assert C.lr_at(110, cfg) == pytest.approx(0.1) and C.lr_at(500, cfg) == pytest.approx(0.1)
+    assert C.lr_at(1, cfg) == pytest.approx(0.1)
+    assert C.lr_at(10, cfg) == pytest.approx(1.0)
+    assert C.lr_at(61, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert C.lr_at(111, cfg) == pytest.approx(0.1) and C.lr_at(500, cfg) == pytest.approx(0.1)
 
 
 def test_wsd_and_constant_schedules():
     wsd = C.TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=100, lr_schedule="wsd", decay_steps=20)
-    assert C.lr_at(79, wsd) == 1.0 and C.lr_at(90, wsd) == pytest.approx(0.5) and C.lr_at(100, wsd) == 0.0
+    assert C.lr_at(80, wsd) == 1.0 and C.lr_at(91, wsd) == pytest.approx(0.5) and C.lr_at(101, wsd) == 0.0
     const = C.TrainConfig(lr=0.3, warmup_steps=0, lr_schedule="constant")
     assert C.lr_at(12345, const) == 0.3
 
@@ -149,7 +149,7 @@ def _loader(tmp_path, spec: BatchSpec) -> ShardLoader:
 def test_global_batches_do_not_depend_on_ranks_or_accumulation(tmp_path):
     one = _loader(tmp_path, BatchSpec(batch_size=4, grad_accum_steps=2, world_size=1, rank=0))
     ranks = [_loader(tmp_path, BatchSpec(batch_size=4, grad_accum_steps=1, world_size=2, rank=r)) for r in (0, 1)]
-    for step in range(30):  # several epochs
+    for step in range(1, 31):  # several epochs
         a = sorted(map(tuple, np.concatenate([one.batch(step, m)[0].numpy() for m in range(2)]).tolist()))
         b = sorted(map(tuple, np.concatenate([ld.batch(step, 0)[0].numpy() for ld in ranks]).tolist()))
         assert a == b
@@ -159,21 +159,26 @@ def test_an_epoch_visits_every_window_once(tmp_path):
     loader = _loader(tmp_path, BatchSpec(batch_size=1, grad_accum_steps=1, world_size=1, rank=0))
     n = loader.num_windows
     assert n == sum((size - 1) // 16 for size in (530, 1000, 77, 641))
-    seen = {tuple(loader.batch(step, 0)[0][0].tolist()) for step in range(n)}
-    assert len(seen) == n  # without replacement
-    second_epoch = [tuple(loader.batch(step, 0)[0][0].tolist()) for step in range(n, 2 * n)]
-    assert set(second_epoch) == seen and second_epoch != [tuple(loader.batch(s, 0)[0][0].tolist()) for s in range(n)]
-    assert math.isclose(loader.epoch_of(n), 1.0)
+    first_epoch = [tuple(loader.batch(step, 0)[0][0].tolist()) for step in range(1, n + 1)]
+    assert len(set(first_epoch)) == n  # without replacement
+    second_epoch = [tuple(loader.batch(step, 0)[0][0].tolist()) for step in range(n + 1, 2 * n + 1)]
+    assert set(second_epoch) == set(first_epoch) and second_epoch != first_epoch
 
 
 def test_a_run_from_before_a_field_existed_still_resumes(tmp_path):
     from gpt2repro.train import check_run_dir
 
-    cfg = C.resolve(C.PRESETS["shakespeare-cpu"], 1)
-    written = {**cfg.to_dict(), "world_size": 1, "data": "data/shakespeare"}
+    here = Machine("cpu")
+    cfg = settle(C.PRESETS["shakespeare-cpu"], here)
+    # As config.json was written before it recorded settled values: the request, autos and all.
+    written = {**C.resolve(C.PRESETS["shakespeare-cpu"], 1).to_dict(), "world_size": 1, "data": "data/shakespeare"}
     for added_since in ("fused_loss", "fp8", "init_from"):  # fields newer than some runs on disk
         del written[added_since]
     (tmp_path / "config.json").write_text(json.dumps(written))
-    check_run_dir(tmp_path, cfg, 1)  # the run had the defaults: the same run
+    check_run_dir(tmp_path, cfg, here)  # the run had the defaults, settled as here: the same run
     with pytest.raises(ValueError, match=r"init_from: '' -> 'gpt2'"):
-        check_run_dir(tmp_path, cfg.replace(init_from="gpt2"), 1)
+        check_run_dir(tmp_path, cfg.replace(init_from="gpt2"), here)
+    with pytest.raises(ValueError, match=r"dtype: 'float32' -> 'bfloat16'"):
+        check_run_dir(tmp_path, cfg.replace(dtype="bfloat16"), here)
+
+
