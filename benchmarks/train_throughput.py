@@ -33,7 +33,7 @@ if __name__ == "__main__":  # before torch is imported, as launch/train.py does
 import torch  # noqa: E402
 
 from gpt2repro import distributed as D
-from gpt2repro import settings
+from gpt2repro import parallel, settings
 from gpt2repro.config import PRESETS
 from gpt2repro.data import to_device
 from gpt2repro.errors import first_line
@@ -168,7 +168,8 @@ def measure(name: str, asked, return_logits: bool, args, info: D.DistInfo) -> Ro
     else:
         reset_peak_host_bytes()
 
-    engine = build_engine(cfg, info, RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device), seed=0)
+    loader = RandomTokens(cfg.batch_size, cfg.block_size, cfg.vocab_size, device)
+    engine = build_engine(cfg, parallel.layout(cfg.strategy, info), loader, seed=0)
     if return_logits:
         outputs_logits(engine.raw_model)
 

@@ -37,8 +37,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.sources import DATASETS, FilesSource, HubSource, PrepareError  # noqa: E402
+from data_prep.sources import FilesSource, HubSource, PrepareError  # noqa: E402
 from gpt2repro import shards  # noqa: E402
+from gpt2repro.corpora import DATASETS  # noqa: E402
 
 TOKENIZER = "gpt2"
 EOT = 50256

@@ -17,44 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-OWT_DATASET = "Skylion007/openwebtext"
-# OpenWebText ships as a loading script, which current datasets releases refuse
-# ("Dataset scripts are no longer supported"); the hub's parquet export of the same
-# data loads everywhere.
-OWT_PARQUET_REVISION = "refs/convert/parquet"
-# Datasets by name: the hub's copy, and how the trainers that made them famous split off val.
-# nanoGPT draws ~0.05% of OpenWebText's documents; llm.c's dev/data/fineweb.py makes the
-# corpus's first shard of 100M tokens its val split (FineWeb's comes shuffled), so a
-# val_loss here is measured on the same tokens as llm.c's.
-LLMC_VAL_TOKENS = 100_000_000
-
-
-@dataclass(frozen=True)
-class NamedDataset:
-    hub: str
-    name: str | None
-    revision: str | None
-    val_first_tokens: int | None  # None: a random draw of documents
-
-
-DATASETS = {
-    "openwebtext": NamedDataset(OWT_DATASET, None, OWT_PARQUET_REVISION, None),
-    "fineweb10B": NamedDataset("HuggingFaceFW/fineweb", "sample-10BT", None, LLMC_VAL_TOKENS),
-    "fineweb-edu10B": NamedDataset("HuggingFaceFW/fineweb-edu", "sample-10BT", None, LLMC_VAL_TOKENS),
-    "fineweb100B": NamedDataset("HuggingFaceFW/fineweb", "sample-100BT", None, LLMC_VAL_TOKENS),
-    "fineweb-edu100B": NamedDataset("HuggingFaceFW/fineweb-edu", "sample-100BT", None, LLMC_VAL_TOKENS),
-}
-
-
-def dataset_name(hub: str, name: str | None) -> str | None:
-    """The DATASETS name of a hub dataset (and configuration), if it has one."""
-    return next((k for k, d in DATASETS.items() if (d.hub, d.name) == (hub, name)), None)
-
-
 BATCH_DOCS = 256
-# datasets imports torch when it is installed (seconds of start-up, and data_prep stays
-# torch-free by design); this keeps it out.
-os.environ.setdefault("USE_TORCH", "0")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -75,9 +38,7 @@ class HubSource:
                 "revision": self.revision, "text_field": self.text_field}  # fmt: skip
 
     def _load(self):
-        from datasets import load_dataset
-
-        _quiet_datasets()
+        load_dataset = _datasets_loader()
         try:
             return load_dataset(self.dataset, self.name, split=self.split, revision=self.revision, streaming=True)
         except Exception as e:
@@ -126,9 +87,7 @@ class FilesSource:
             yield builder, list(group)
 
     def _load(self, builder: str, files: list[str]):
-        from datasets import load_dataset
-
-        _quiet_datasets()
+        load_dataset = _datasets_loader()
         try:
             return load_dataset(builder, data_files=files, split="train", streaming=True)
         except Exception as e:
@@ -213,12 +172,18 @@ def _batched(texts: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _quiet_datasets() -> None:
-    """Our errors say what went wrong in one line; datasets' own logs and bars would repeat it."""
+def _datasets_loader():
+    """datasets.load_dataset, imported without torch and quiet: our errors say what went wrong in one line,
+    and datasets' own logs and bars would repeat it."""
+    # datasets imports torch when it is installed (seconds of start-up; data_prep stays torch-free by
+    # design). Set here, in the process that loads data, never at import: a training process that
+    # imports this module keeps its environment.
+    os.environ.setdefault("USE_TORCH", "0")
     import datasets
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     datasets.disable_progress_bars()
+    return datasets.load_dataset
 
 
 def _iter_field(ds, field: str, where: str) -> Iterator[list[str]]:

@@ -22,6 +22,20 @@ class Run:
     steps: list[dict]  # records with a train loss
     evals: list[dict]  # records with a val_loss
     dataset: str | None = None  # the dataset it trained on (references.run_dataset)
+    settings: dict | None = None  # what ran (its config.json's SETTINGS), None for a run without one
+
+
+# What a reader comparing two runs needs to tell them apart: a run's settled values, from its config.json.
+SETTINGS = ("dtype", "compile", "fused_loss", "strategy", "world_size", "batch_size", "grad_accum_steps",
+            "total_batch_tokens", "optimizer", "lr", "activation_checkpointing", "fp8")  # fmt: skip
+
+
+def read_settings(run_dir: str | os.PathLike) -> dict | None:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    return {name: recorded[name] for name in SETTINGS if name in recorded}
 
 
 def read_run(run_dir: str | os.PathLike) -> Run:
@@ -38,7 +52,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     evals = [r for r in records if r.get("val_loss") is not None]
     if not steps and not evals:
         raise ValueError(f"{path} holds no logged steps yet.")
-    return Run(Path(run_dir).name, steps, evals, references.run_dataset(run_dir))
+    return Run(Path(run_dir).name, steps, evals, references.run_dataset(run_dir), read_settings(run_dir))
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -56,7 +70,7 @@ def table(runs: list[Run], baselines: dict[str, dict], names: list[str]) -> list
     for run in runs:
         vals = [r["val_loss"] for r in run.evals]
         row = {"run": run.name, "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals, default=None),
-               "tokens": (run.evals or run.steps)[-1]["tokens"]}  # fmt: skip
+               "tokens": (run.evals or run.steps)[-1]["tokens"], **(run.settings or {})}  # fmt: skip
         for name in names:
             target = baselines[name]["val_loss"]
             hit = next((r["tokens"] for r in run.evals if r["val_loss"] <= target), None)
@@ -79,7 +93,15 @@ def format_table(rows: list[dict], names: list[str]) -> str:
             reached = f"reached at {hit:,} tokens" if hit is not None else "not reached"
             parts.append(f"{name} {reached} (gap {num(row[f'{name}_gap'], '+.4f')})")
         lines.append(" | ".join(parts))
+        if any(name in row for name in SETTINGS):  # what ran, from its config.json
+            lines.append("    ran: " + ", ".join(f"{name} {_setting(row[name])}" for name in SETTINGS if name in row))
     return "\n".join(lines)
+
+
+def _setting(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def verdicts(run: Run, reference: Reference, target: Reference | None) -> tuple[list[dict], str]:

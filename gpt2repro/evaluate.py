@@ -43,32 +43,33 @@ class Evaluator:
     """Evaluation during training, and when: every eval_interval steps and at the last step. The val
     loss over the fixed windows, and HellaSwag's acc_norm when a HellaSwag file is given."""
 
-    def __init__(self, cfg, windows: EvalWindows, hellaswag_examples: list | None, model, raw_model,
-                 info: D.DistInfo, autocast):  # fmt: skip
+    def __init__(self, cfg, windows: EvalWindows, hellaswag_examples: list | None, model, raw_model, layout,
+                 autocast):  # fmt: skip
         self.cfg, self.windows, self.hellaswag_examples = cfg, windows, hellaswag_examples
-        self.model, self.raw_model, self.info, self.autocast = model, raw_model, info, autocast
+        self.model, self.raw_model, self.layout, self.autocast = model, raw_model, layout, autocast
 
     def due(self, step: int) -> bool:
         return step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
 
     def __call__(self) -> dict:
-        results = {"val_loss": val_loss(self.model, self.windows, self.cfg.batch_size, self.info, self.autocast)}
+        results = {"val_loss": val_loss(self.model, self.windows, self.cfg.batch_size, self.layout, self.autocast)}
         if self.hellaswag_examples:
-            scores = hellaswag(self.raw_model, self.hellaswag_examples, self.info, self.autocast)
+            scores = hellaswag(self.raw_model, self.hellaswag_examples, self.layout, self.autocast)
             results["hellaswag_acc_norm"] = scores["acc_norm"]
         return results
 
 
 @torch.no_grad()
-def val_loss(model, windows: EvalWindows, batch_size: int, info: D.DistInfo, autocast) -> float:
-    """Mean loss over the fixed eval windows, across all ranks."""
+def val_loss(model, windows: EvalWindows, batch_size: int, layout, autocast) -> float:
+    """Mean loss over the fixed eval windows, split across the data-parallel replicas (a parallel.Layout)."""
+    info = layout.info
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # (sum of window losses, windows)
-    mine = windows.batches(batch_size, info.rank, info.world_size, info.device)
+    mine = windows.batches(batch_size, layout.dp_rank, layout.dp_size, info.device)
     # An FSDP model gathers its parameters in every forward, so every rank runs the same number
     # of them: a rank with fewer windows repeats one, with weight 0.
-    most = math.ceil(math.ceil(len(windows) / info.world_size) / batch_size)
+    most = math.ceil(math.ceil(len(windows) / layout.dp_size) / batch_size)
     for _ in range(most):
         batch = next(mine, None)
         x, y = batch if batch is not None else next(windows.batches(1, 0, 1, info.device))
@@ -137,21 +138,22 @@ def hellaswag_losses(model, enc, example: HellaSwagExample, device: str) -> tupl
     return summed.tolist(), mean.tolist()
 
 
-def hellaswag(model, examples: list[HellaSwagExample], info: D.DistInfo, autocast) -> dict:
-    """acc (lowest summed loss) and acc_norm (lowest per-token loss), examples split across ranks; under the
-    run's autocast, as the val loss, so that the score is the run's dtype's whatever the strategy (FSDP
-    gathers 16-bit weights, DDP's are fp32)."""
+def hellaswag(model, examples: list[HellaSwagExample], layout, autocast) -> dict:
+    """acc (lowest summed loss) and acc_norm (lowest per-token loss), examples split across the data-parallel
+    replicas (a parallel.Layout); under the run's autocast, as the val loss, so that the score is the run's
+    dtype's whatever the strategy (FSDP gathers 16-bit weights, DDP's are fp32)."""
     from gpt2repro.tokenizer import gpt2
 
-    enc = gpt2()
+    enc, info = gpt2(), layout.info
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=info.device)  # (correct, correct_norm, n)
-    padded = math.ceil(len(examples) / info.world_size) * info.world_size  # same forwards on every rank (FSDP)
+    size = layout.dp_size
+    padded = math.ceil(len(examples) / size) * size  # the same forwards on every rank (FSDP)
     # Every example has rows of its own length: a compiled module (FSDP compiles each block in place)
     # would recompile for each new one, so HellaSwag runs the modules eagerly.
     with torch.compiler.set_stance("force_eager"):
-        for i in range(info.rank, padded, info.world_size):
+        for i in range(layout.dp_rank, padded, size):
             ex = examples[i % len(examples)]
             with autocast:
                 summed, mean = hellaswag_losses(model, enc, ex, info.device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +31,30 @@ from gpt2repro.config import TrainConfig
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.precision import PTDTYPE
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks share the work, built once per run (`layout`): the strategy, and this rank's place
+    among the data-parallel replicas, which data, evaluation and the loss's average go by. Today every
+    rank is a replica of its own (dp_rank = rank, dp_size = world size) under ddp, fsdp and hsdp alike;
+    tensor or context parallelism would plug in here, giving several ranks one dp_rank."""
+
+    info: DistInfo
+    strategy: str = "ddp"  # ddp | fsdp | hsdp
+    dp_rank: int = 0
+    dp_size: int = 1
+    mesh: DeviceMesh | None = None  # hsdp's (replicate, shard) mesh; None: fsdp shards over all ranks
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy in ("fsdp", "hsdp")
+
+
+def layout(strategy: str, info: DistInfo) -> Layout:
+    """The layout of `strategy` over this launch's ranks (hsdp: in nodes of info.local_world_size)."""
+    mesh = hsdp_mesh(info.device, info.local_world_size) if strategy == "hsdp" else None
+    return Layout(info, strategy, info.rank, info.world_size, mesh)
 
 
 def plan(cfg: TrainConfig, config: GPTConfig, world_size: int, gpu_bytes: float, device_type: str,
@@ -52,22 +77,21 @@ def plan(cfg: TrainConfig, config: GPTConfig, world_size: int, gpu_bytes: float,
     return estimate(memory.choose_strategy(estimate("ddp"), gpu_bytes, estimate("hsdp") if several_nodes else None))
 
 
-def build_model(
-    config: GPTConfig, strategy: str, dtype: str, device: str, seed: int, fp8: bool = False, ranks_per_node: int = 0
-) -> GPT:
-    """The model laid out for `strategy` on `device`, with the weights GPT(config) gets after
+def build_model(config: GPTConfig, layout: Layout, dtype: str, seed: int, fp8: bool = False) -> GPT:
+    """The model laid out as `layout` says on its device, with the weights GPT(config) gets after
     torch.manual_seed(seed) on the CPU, whatever the layout; fp8: the blocks' Linear layers
     train in float8 (gpt2repro/fp8.py), converted before sharding (ValueError where unsupported).
 
     ddp: built whole on the CPU, then moved. fsdp, hsdp: built on the meta device (no memory),
     sharded, and only then given memory: each rank holds just its shards (1558M: ~6 GB of fp32
     weights per rank otherwise, 48 GB per 8-GPU node, before any sharding). hsdp shards within
-    nodes of ranks_per_node ranks and replicates across them.
+    nodes and replicates across them (layout.mesh).
     """
+    device = layout.info.device
     if fp8:
         fp8_training.check_supported(device)  # before any memory is spent
     torch.manual_seed(seed)
-    if strategy == "ddp":
+    if not layout.sharded:
         model = GPT(config).to(device)
         if fp8:
             fp8_training.convert(model)
@@ -76,7 +100,7 @@ def build_model(
         model = GPT(config)
     if fp8:
         fp8_training.convert(model)
-    shard(model, dtype, hsdp_mesh(device, ranks_per_node) if strategy == "hsdp" else None)
+    shard(model, dtype, layout.mesh)
     model.to_empty(device=device)
     _replay_init(model, seed)
     return model
@@ -153,16 +177,16 @@ def shard(model: GPT, dtype: str, mesh: DeviceMesh | None = None) -> None:
         # Backward starts with the last block: keeping it gathered after forward saves an all-gather.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.hsdp = mesh is not None  # for strategy_of
 
 
-def wrap(model: GPT, strategy: str, info: DistInfo, compile_on: bool) -> torch.nn.Module:
-    """The module that training calls: compiled and wrapped for the strategy.
+def wrap(model: GPT, layout: Layout, compile_on: bool) -> torch.nn.Module:
+    """The module that training calls: compiled and wrapped for the layout's strategy.
 
     For fsdp, `shard` must already have run (before the optimizer is built); each block is
     compiled on its own, which keeps FSDP's hooks between compiled regions.
     """
-    if strategy in ("fsdp", "hsdp"):
+    info = layout.info
+    if layout.sharded:
         if compile_on:
             for block in model.transformer.h:
                 block.compile()
@@ -173,12 +197,6 @@ def wrap(model: GPT, strategy: str, info: DistInfo, compile_on: bool) -> torch.n
     # Gradients as views into DDP's buckets: one copy of them, not two.
     device_ids = [info.local_rank] if info.device_type == "cuda" else None
     return DDP(compiled, device_ids=device_ids, gradient_as_bucket_view=True)
-
-
-def strategy_of(model: torch.nn.Module) -> str:
-    if not isinstance(model, FSDPModule):
-        return "ddp"
-    return "hsdp" if getattr(model, "hsdp", False) else "fsdp"
 
 
 def for_eval(model: torch.nn.Module) -> torch.nn.Module:

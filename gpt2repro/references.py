@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from data_prep.sources import dataset_name
 from gpt2repro import shards
+from gpt2repro.corpora import dataset_name
 from gpt2repro.evaluate import PUBLISHED_BASELINES
 
 ASSETS = Path(__file__).parent / "assets" / "references"

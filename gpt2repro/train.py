@@ -114,16 +114,16 @@ class Engine:
     autocast: torch.autocast
 
 
-def build_engine(cfg: TrainConfig, info: D.DistInfo, loader, seed: int) -> Engine:
+def build_engine(cfg: TrainConfig, layout: parallel.Layout, loader, seed: int) -> Engine:
     """The settled cfg's model (the weights GPT gets after torch.manual_seed(seed), whatever the layout), laid
     out for its strategy, compiled if it says so, with its optimizer and scaler."""
-    _, autocast = precision(cfg.dtype, info.device_type)
-    raw_model = parallel.build_model(C.model_config(cfg), cfg.strategy, cfg.dtype, info.device, seed, fp8=cfg.fp8,
-                                     ranks_per_node=info.local_world_size)  # fmt: skip
+    device_type = layout.info.device_type
+    _, autocast = precision(cfg.dtype, device_type)
+    raw_model = parallel.build_model(C.model_config(cfg), layout, cfg.dtype, seed, fp8=cfg.fp8)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.fused_loss = cfg.fused_loss == "true"
-    optimizer, scaler = make_optimizer(raw_model, cfg), make_scaler(cfg.dtype, info.device_type)
-    model = parallel.wrap(raw_model, cfg.strategy, info, cfg.compile == "true")
+    optimizer, scaler = make_optimizer(raw_model, cfg), make_scaler(cfg.dtype, device_type)
+    model = parallel.wrap(raw_model, layout, cfg.compile == "true")
     return Engine(cfg, model, raw_model, optimizer, scaler, loader, autocast)
 
 
@@ -247,7 +247,8 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
             f"--strategy {cfg.strategy} shards the model across ranks: launch 2 or more with torchrun, or use "
             "--strategy ddp."
         )
-    spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, info.world_size, info.rank)
+    layout = parallel.layout(cfg.strategy, info)  # this rank's place among the data-parallel replicas
+    spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, layout.dp_size, layout.dp_rank)
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
     val_windows = EvalWindows(data_dir, "val", cfg.block_size, cfg.eval_tokens, cfg.vocab_size)
     hellaswag_examples = evaluate.read_hellaswag(cfg.hellaswag_file) if cfg.hellaswag_file else None
@@ -256,7 +257,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         comparison = references.Comparison(references.get(cfg.reference), references.dataset_of(data_dir))
 
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
-    engine = build_engine(cfg, info, loader, cfg.seed)
+    engine = build_engine(cfg, layout, loader, cfg.seed)
     state = TrainState()
     checkpointer = checkpoint.Checkpointer(run_dir, cfg, engine.raw_model, engine.optimizer, engine.scaler, info)
     resumed_from = checkpointer.resume(state)
@@ -265,7 +266,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         if cfg.init_from:  # read by rank 0, broadcast: FSDP ranks keep their shards
             weights.load_into(engine.raw_model, cfg.init_from, info)
     evaluator = evaluate.Evaluator(cfg, val_windows, hellaswag_examples, parallel.for_eval(engine.model),
-                                   engine.raw_model, info, engine.autocast)  # fmt: skip
+                                   engine.raw_model, layout, engine.autocast)  # fmt: skip
     if info.is_main:
         if warning := D.check_restart_store():
             print(warning, flush=True)

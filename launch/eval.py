@@ -25,7 +25,7 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 
 import torch  # noqa: E402
 
-from gpt2repro import checkpoint, evaluate, settings, weights  # noqa: E402
+from gpt2repro import checkpoint, evaluate, parallel, settings, weights  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
 from gpt2repro.errors import failure_message, print_error  # noqa: E402
@@ -90,18 +90,19 @@ def main(argv=None) -> int:
             model.to(info.device)
             _, autocast = precision(args.dtype, info.device_type, about.dtype)  # as asked, else the run's own
             result = {"model": args.hf or about.path}
+            replicas = parallel.layout("ddp", info)  # every rank holds the whole model and takes a share
             if args.data:
                 check_vocab(model, args.data)
                 max_tokens = args.max_tokens or default_tokens
                 block = model.config.block_size
                 windows = EvalWindows(args.data, args.split, block, max_tokens, model.config.vocab_size)
                 evaluated = torch.compile(model) if args.compile == "true" else model
-                loss = evaluate.val_loss(evaluated, windows, args.batch_size, info, autocast)
+                loss = evaluate.val_loss(evaluated, windows, args.batch_size, replicas, autocast)
                 result.update(data=args.data, split=args.split, num_tokens=len(windows) * block, loss=loss,
                               perplexity=evaluate.perplexity(loss))  # fmt: skip
             if args.hellaswag:
                 examples = evaluate.read_hellaswag(args.hellaswag)
-                result["hellaswag"] = evaluate.hellaswag(model, examples, info, autocast)
+                result["hellaswag"] = evaluate.hellaswag(model, examples, replicas, autocast)
             if info.is_main:
                 report(args, result, args.out or result_file)
         return 0

@@ -24,14 +24,14 @@ BIG = GPTConfig(vocab_size=1024, block_size=64, n_layer=8, n_head=16, n_embd=102
 
 with D.distributed_context("cpu") as info:
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    big = parallel.build_model(BIG, "fsdp", "float32", "cpu", seed=0)
+    big = parallel.build_model(BIG, parallel.layout("fsdp", info), "float32", seed=0)
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib) * 1024
     full_bytes = 4 * sum(p.numel() for p in big.parameters())  # the DTensors' global sizes
     assert grown < 0.8 * full_bytes, f"peak grew {grown / 2**20:.0f} MiB for a {full_bytes / 2**20:.0f} MiB model"
     del big
     torch.manual_seed(1337)
     reference = dict(GPT(CONFIG).named_parameters())
-    sharded = parallel.build_model(CONFIG, "fsdp", "float32", "cpu", seed=1337)
+    sharded = parallel.build_model(CONFIG, parallel.layout("fsdp", info), "float32", seed=1337)
     assert not any(p.is_meta for p in sharded.parameters())
     local = sum(p.to_local().numel() for p in sharded.parameters())
     assert local < sum(p.numel() for p in reference.values()) * 0.6, "each rank holds about half"
@@ -43,7 +43,7 @@ with D.distributed_context("cpu") as info:
     if importlib.util.find_spec("torchao") is not None:
         # torchao's Float8Linear runs (emulated) on a CPU; only the trainer's GPU check would refuse it.
         parallel.fp8_training.check_supported = lambda device: None
-        converted = parallel.build_model(CONFIG, "fsdp", "float32", "cpu", seed=1337, fp8=True)
+        converted = parallel.build_model(CONFIG, parallel.layout("fsdp", info), "float32", seed=1337, fp8=True)
         assert type(converted.transformer.h[0].attn.c_proj).__name__ == "Float8Linear"
         for name, param in converted.named_parameters():
             assert torch.equal(param.full_tensor(), reference[name].detach()), f"fp8: {name}"

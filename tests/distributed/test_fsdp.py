@@ -56,7 +56,7 @@ def test_fsdp_equals_single_process(oracle, fsdp_run):
     assert max(r["grad_norm"] for r in oracle) > 1.0
     assert_same_run(oracle, metrics(fsdp_run))
     meta = json.loads((fsdp_run / "checkpoints" / "step_00000006" / "meta.json").read_text())
-    assert meta["strategy"] == "fsdp" and meta["world_size"] == 2
+    assert meta["config"]["strategy"] == "fsdp" and meta["world_size"] == 2
     written = [name for name in meta["files"] if name.startswith("state/__")]
     assert len(written) == 2, written  # each rank wrote its own shard file
 

@@ -49,6 +49,21 @@ def assert_close_losses(a: dict, b: dict, rel: float = 1e-5):
         assert math.isclose(a[step], b[step], rel_tol=rel), (step, a[step], b[step])
 
 
+def test_a_runs_config_json_as_config_runs_the_same_run(reference, shakespeare_data, tmp_path):
+    """The contract: RUN/config.json holds what ran (settled, typed), and passed back as --config it is that run."""
+    recorded = json.loads((reference / "config.json").read_text())
+    assert (recorded["dtype"], recorded["compile"], recorded["fused_loss"], recorded["strategy"]) == (
+        "float32", False, True, "ddp")  # what ran on this CPU, not "auto"  # fmt: skip
+    assert recorded["requested"]["dtype"] == "auto" and recorded["requested"]["fused_loss"] == "auto"
+    again = tmp_path / "again"
+    run([sys.executable, TRAIN, "--config", str(reference / "config.json"), "--data", str(shakespeare_data),
+         "--out", str(again)])  # fmt: skip
+    assert losses(again) == losses(reference)  # bitwise: the same run
+    rerecorded = json.loads((again / "config.json").read_text())
+    assert {k: v for k, v in rerecorded.items() if k != "requested"} == {
+        k: v for k, v in recorded.items() if k != "requested"}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def two_ranks(shakespeare_data, tmp_path_factory):
     """Two ranks, no accumulation, the fused loss (the default); (run dir, torchrun's result)."""

@@ -273,7 +273,7 @@ def test_ddp_on_cuda_is_given_the_local_gpu():
     wrapped = Recorder()
     info = D.DistInfo(rank=5, local_rank=1, world_size=8, device="cuda:1")
     with fake_gpu("sm90"), mock.patch.object(parallel, "DDP", wrapped):
-        parallel.wrap(torch.nn.Linear(2, 2), "ddp", info, compile_on=False)
+        parallel.wrap(torch.nn.Linear(2, 2), parallel.Layout(info, dp_rank=5, dp_size=8), compile_on=False)
     (args, kwargs), = wrapped.calls  # fmt: skip
     assert kwargs == {"device_ids": [1], "gradient_as_bucket_view": True}
 

@@ -10,6 +10,7 @@ from gpt2repro import distributed as D
 from gpt2repro import evaluate
 from gpt2repro.config import TrainConfig
 from gpt2repro.model import GPT, GPTConfig
+from gpt2repro.parallel import Layout
 
 WORDS = "the king went home and then she said over the hill".split()
 EXAMPLES = [
@@ -27,7 +28,7 @@ def test_hellaswag_on_compiled_blocks_compiles_nothing():
     examples = EXAMPLES
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    scores = evaluate.hellaswag(model, examples, D.DistInfo(), contextlib.nullcontext())
+    scores = evaluate.hellaswag(model, examples, Layout(D.DistInfo()), contextlib.nullcontext())
     assert scores["num_examples"] == 8
     assert sum(torch._dynamo.utils.counters["frames"].values()) == 0, dict(torch._dynamo.utils.counters["frames"])
 
@@ -52,7 +53,7 @@ def test_hellaswag_in_an_evaluation_runs_under_the_runs_autocast(monkeypatch):
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     cfg = TrainConfig(batch_size=2)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    evaluator = evaluate.Evaluator(cfg, None, EXAMPLES, model, model, D.DistInfo(), autocast)
+    evaluator = evaluate.Evaluator(cfg, None, EXAMPLES, model, model, Layout(D.DistInfo()), autocast)
     monkeypatch.setattr(evaluate, "val_loss", lambda *args: 0.0)  # HellaSwag's matmuls alone
     with MatmulDtypes() as dtypes:
         results = evaluator()

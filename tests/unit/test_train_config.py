@@ -14,6 +14,7 @@ from gpt2repro import config as C
 from gpt2repro import shards
 from gpt2repro.data import BatchSpec, ShardLoader
 from gpt2repro.settings import Machine, settle
+from gpt2repro.train import run_record
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,12 +129,61 @@ def test_config_file(tmp_path):
 
 
 def test_a_runs_own_config_json_is_a_valid_config(tmp_path):
-    cfg = C.resolve(C.PRESETS["gpt2-124m"], 16)
+    cfg = settle(C.PRESETS["gpt2-124m"], Machine("cpu", world_size=16))
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({**cfg.to_dict(), "world_size": 16, "data": "data/owt"}))
-    again = C.resolve(C.load_base(str(path)), 8)  # the same global batch on another world size
+    path.write_text(json.dumps(run_record(C.PRESETS["gpt2-124m"], cfg, 16, "data/owt")))
+    again = settle(C.load_base(str(path)), Machine("cpu", world_size=8))  # the same global batch on 8 ranks
     assert again.total_batch_tokens == cfg.total_batch_tokens and again.grad_accum_steps == 4
     assert again.replace(grad_accum_steps=cfg.grad_accum_steps) == cfg
+
+
+# A CPU, one 8-GPU node of H100s, and 32 V100s of 16 GB in nodes of 8 (float16, hsdp for the big sizes).
+MACHINES = {
+    "cpu": Machine("cpu"),
+    "8xH100": Machine("cuda", 8, 8, 80 * 2**30, "NVIDIA H100 80GB HBM3", True),
+    "32xV100": Machine("cuda", 32, 8, 16 * 2**30, "Tesla V100-SXM2-16GB", False),
+}
+
+
+@pytest.mark.parametrize("machine", list(MACHINES))
+@pytest.mark.parametrize("preset", list(C.PRESETS))
+def test_every_preset_settles_to_concrete_values_that_round_trip_through_config_json(preset, machine, tmp_path):
+    asked, here = C.PRESETS[preset], MACHINES[machine]
+    if asked.init_from:  # the shape comes from the source's weights (the launcher reads it first)
+        asked = asked.replace(init_from="")
+    cfg = settle(asked, here)
+    assert cfg.device in ("cpu", "cuda") and cfg.dtype in ("float32", "bfloat16", "float16")
+    assert cfg.compile in ("true", "false") and cfg.fused_loss in ("true", "false")
+    assert cfg.strategy in ("ddp", "fsdp", "hsdp")
+    assert cfg.batch_size * cfg.grad_accum_steps * here.world_size * cfg.block_size == cfg.total_batch_tokens
+    record = run_record(asked, cfg, here.world_size, "data/owt")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(record))
+    written = json.loads(path.read_text())
+    assert set(written) == set(C.FIELD_TYPES) | set(C.RUN_KEYS)  # every field, and only the run's own keys
+    assert all(isinstance(written[name], bool) for name in C.SWITCHES)  # typed, not "true" strings
+    assert written["requested"]["dtype"] == "auto" and written["dtype"] == cfg.dtype  # what was asked, beside
+    assert settle(C.load_base(str(path)), here) == cfg  # the same run again
+    # and through the command line, as `--config RUN/config.json --field value` reads it
+    again, given = C.parse_overrides(C.load_base(str(path)), ["--max_steps", str(cfg.max_steps)])
+    assert settle(again, here, given) == cfg
+
+
+def test_settling_decides_for_the_machine():
+    h100, v100, cpu = MACHINES["8xH100"], MACHINES["32xV100"], MACHINES["cpu"]
+    assert settle(C.TrainConfig(), h100).dtype == "bfloat16" and settle(C.TrainConfig(), v100).dtype == "float16"
+    assert (settle(C.TrainConfig(), cpu).compile, settle(C.TrainConfig(), cpu).fused_loss) == ("false", "true")
+    assert (settle(C.TrainConfig(), h100).compile, settle(C.TrainConfig(), h100).fused_loss) == ("true", "false")
+    # 1558M fits ddp in 40 GB; in 24 GB on 4 nodes of 8 it shards within the nodes; in 16 GB across all.
+    a100s, l4s = Machine("cuda", 32, 8, 40 * 2**30), Machine("cuda", 32, 8, 24 * 2**30)
+    assert [settle(C.PRESETS["gpt2-1558m"], m).strategy for m in (a100s, l4s, v100)] == ["ddp", "hsdp", "fsdp"]
+    assert settle(C.PRESETS["gpt2-124m"], h100).strategy == "ddp"
+    assert settle(C.TrainConfig(optimizer="muon", lr=1e-3), cpu).muon_lr == 2e-3
+    assert settle(C.TrainConfig(lr_schedule="wsd", max_steps=1000), cpu).decay_steps == 200
+    assert settle(C.TrainConfig(), h100).peak_tflops == 989.0 and settle(C.TrainConfig(), cpu).peak_tflops == 0.0
+    typed = C.TrainConfig(dtype="float32", compile="false", fused_loss="true", strategy="fsdp")
+    assert settle(typed, h100).replace(gpu_memory_gb=0, peak_tflops=0, device="auto") == typed.replace(
+        total_batch_tokens=typed.batch_size * 1024 * 8)  # typed values are kept as they are  # fmt: skip
 
 
 def _loader(tmp_path, spec: BatchSpec) -> ShardLoader:
