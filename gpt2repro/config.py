@@ -118,8 +118,18 @@ def model_shape(preset: str) -> dict:
 # two) split evenly; other world sizes get the nearest global batch they can split (resolve_batch).
 _GPT2_124M = TrainConfig(**model_shape("gpt2-124m"), batch_size=16, total_batch_tokens=2**19)
 _LLMC_124M = TrainConfig(
-    **model_shape("gpt2-124m"), batch_size=64, total_batch_tokens=524_288, lr=6e-4, min_lr=0.0, warmup_steps=700,
-    max_steps=18_865, weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_tokens=10 * 2**20, ckpt_interval=5000,
+    **model_shape("gpt2-124m"),
+    batch_size=64,
+    total_batch_tokens=524_288,
+    lr=6e-4,
+    min_lr=0.0,
+    warmup_steps=700,
+    max_steps=18_865,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    eval_interval=250,
+    eval_tokens=10 * 2**20,
+    ckpt_interval=5000,
     reference="llmc-124m-fineweb10B",
 )
 PRESETS: dict[str, TrainConfig] = {

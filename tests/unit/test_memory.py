@@ -1,7 +1,6 @@
 """The memory planner against what training really allocates, and the --dry_run command."""
 
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -94,31 +93,23 @@ def test_planner_counts_the_parameters_of_the_model(preset):
     assert plan.optimizer == 8 * plan.num_params // 8  # AdamW's two fp32 moments, sharded over 8 ranks
 
 
-@pytest.fixture(scope="module")
-def train_main():
-    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def test_dry_run_prints_the_plan_and_auto_picks_fsdp_when_ddp_does_not_fit():
+    def dry_run(preset: str, world_size: int, gpu_memory_gb: float, per_node: int = 0, **typed) -> str:
+        machine = settings.Machine.planned(world_size, per_node or world_size, gpu_memory_gb, settings.Machine("cpu"))
+        return settings.dry_run(PRESETS[preset].replace(**typed), frozenset(typed), machine)
 
-
-def test_dry_run_prints_the_plan_and_auto_picks_fsdp_when_ddp_does_not_fit(train_main, capsys):
-    def dry_run(*args: str) -> str:
-        assert train_main(["--dry_run", "true", "--device", "cpu", *args]) == 0
-        return capsys.readouterr().out
-
-    fits = dry_run("--config", "gpt2-774m", "--world_size", "8", "--gpu_memory_gb", "80")
+    fits = dry_run("gpt2-774m", 8, 80)
     assert "strategy auto -> ddp" in fits and "fits in 80.0 GiB" in fits
     assert "774,090,240 parameters" in fits and "optimizer" in fits and "activations" in fits
 
-    tight = dry_run("--config", "gpt2-1558m", "--world_size", "8", "--gpu_memory_gb", "24")
+    tight = dry_run("gpt2-1558m", 8, 24)
     assert "strategy auto -> fsdp" in tight and "fits in 24.0 GiB" in tight
 
-    forced = dry_run("--config", "gpt2-1558m", "--world_size", "8", "--gpu_memory_gb", "24", "--strategy", "ddp")
+    forced = dry_run("gpt2-1558m", 8, 24, strategy="ddp")
     assert "does NOT fit in 24.0 GiB" in forced and "--strategy fsdp" in forced
 
     # Two nodes of 8: sharding within a node fits, so the all-gathers stay inside the nodes.
-    nodes = dry_run("--config", "gpt2-1558m", "--world_size", "16", "--gpus_per_node", "8", "--gpu_memory_gb", "24")
+    nodes = dry_run("gpt2-1558m", 16, 24, per_node=8)
     assert "strategy auto -> hsdp" in nodes and "fits in 24.0 GiB" in nodes
 
 

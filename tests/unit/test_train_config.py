@@ -230,5 +230,3 @@ def test_a_run_from_before_a_field_existed_still_resumes(tmp_path):
         check_run_dir(tmp_path, cfg.replace(init_from="gpt2"), here)
     with pytest.raises(ValueError, match=r"dtype: 'float32' -> 'bfloat16'"):
         check_run_dir(tmp_path, cfg.replace(dtype="bfloat16"), here)
-
-
