@@ -80,7 +80,7 @@ GPU = Sizes(
             "1558M b8 FSDP + act. ckpt",
             ["--preset", "gpt2-1558m", "--batch_size", "8", "--strategy", "fsdp", "--activation_checkpointing", "true"],
         ),
-    ],  # fmt: skip
+    ],
     train=[
         "--config",
         "gpt2-124m",
@@ -94,7 +94,7 @@ GPU = Sizes(
         "16384",
         "--dtype",
         "bfloat16",
-    ],  # fmt: skip
+    ],
     bench=["--dtype", "bfloat16", "--compile", "true", "--steps", "10", "--warmup", "3"],
     eval=["--batch-size", "16", "--compile", "true"],  # training's micro-batch, compiled as its evaluations
     # 4096 x 1024 tokens of 50304 fp32 logits: 800 GiB, on any GPU.
@@ -110,7 +110,7 @@ SMOKE = Sizes(
             "toy FSDP + act. ckpt",
             [*_TOY, "--batch_size", "4", "--strategy", "fsdp", "--activation_checkpointing", "true"],
         )
-    ],  # fmt: skip
+    ],
     train=[
         "--config",
         "shakespeare-cpu",
@@ -128,7 +128,7 @@ SMOKE = Sizes(
         "4096",
         "--device",
         "cpu",
-    ],  # fmt: skip
+    ],
     bench=["--dtype", "float32", "--compile", "false", "--steps", "3", "--warmup", "1"],
     eval=["--batch-size", "8", "--compile", "false"],  # as training evaluates on a CPU
     # 20000 x 32 tokens of 50304 fp32 logits at once: 120 GiB, more than any CPU host here will allocate; the
@@ -150,7 +150,7 @@ SMOKE = Sizes(
         "false",
         "--device",
         "cpu",
-    ],  # fmt: skip
+    ],
     cuda=False,
 )
 
@@ -247,12 +247,16 @@ def speed_and_memory(sizes: Sizes, work: Path, skip: set[str], budget: Budget) -
         if i < n_speed:
             speed.lines.append(f"{label}: " + " | ".join(_speed_cell(r, ran[0] if ran else None) for r in results))
         if i == 0 and not sizes.cuda:
-            memory.lines.append("(a CPU: measured is the whole process's peak RSS, Python and torch included; "
-                                "the planner counts tensors)")  # fmt: skip
+            memory.lines.append(
+                "(a CPU: measured is the whole process's peak RSS, Python and torch included; "
+                "the planner counts tensors)"
+            )
         for r in ran:
             error = r["planned_bytes"] / r["peak_bytes"] - 1
-            memory.lines.append(f"{label} {r['name']}: planned {r['planned_bytes'] / GiB:.2f} GiB, measured "
-                                f"{r['peak_bytes'] / GiB:.2f} GiB ({100 * error:+.0f}%)")  # fmt: skip
+            memory.lines.append(
+                f"{label} {r['name']}: planned {r['planned_bytes'] / GiB:.2f} GiB, measured "
+                f"{r['peak_bytes'] / GiB:.2f} GiB ({100 * error:+.0f}%)"
+            )
     return [stage for stage in (speed, memory) if stage.name not in skip]
 
 
@@ -271,8 +275,19 @@ PROFILED = (31, 32)  # steps of the train stage that are traced
 
 def train_resume_eval(sizes: Sizes, data: Path, work: Path, budget: Budget) -> list[Stage]:
     run_dir = work / "run"
-    common = [*sizes.train, "--data", str(data), "--out", str(run_dir), "--log_interval", "10",
-              "--eval_interval", "20", "--ckpt_interval", "20"]  # fmt: skip
+    common = [
+        *sizes.train,
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--log_interval",
+        "10",
+        "--eval_interval",
+        "20",
+        "--ckpt_interval",
+        "20",
+    ]
     stages = []
     for name, steps in (("train", 40), ("resume", 60)):
         stage = Stage(name)
@@ -326,8 +341,17 @@ def eval_stage(sizes: Sizes, data: Path, run_dir: Path, work: Path, logged: floa
     if budget.skips(stage):
         return stage
     result_file = work / "eval.json"
-    cmd = [sys.executable, "launch/eval.py", "--ckpt", str(run_dir), "--data", str(data), "--out", str(result_file),
-           *sizes.eval]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "launch/eval.py",
+        "--ckpt",
+        str(run_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(result_file),
+        *sizes.eval,
+    ]
     proc = timed_run(stage, cmd, 300, budget)
     if proc.returncode:
         stage.ok, stage.lines = False, [failure(proc)]
@@ -404,8 +428,10 @@ def main() -> int:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     minutes = (time.perf_counter() - started) / 60
-    print(f"gpu_check{' --smoke' if args.smoke else ''} on {device}, torch {torch.__version__}: {minutes:.1f} min; "
-          f"results in {work}")  # fmt: skip
+    print(
+        f"gpu_check{' --smoke' if args.smoke else ''} on {device}, torch {torch.__version__}: {minutes:.1f} min; "
+        f"results in {work}"
+    )
     for stage in stages:
         status = "ok" if stage.ok else "FAILED"
         for i, line in enumerate(stage.lines or [""]):

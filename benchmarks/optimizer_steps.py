@@ -64,8 +64,11 @@ def main() -> None:
     p.add_argument("--eval_tokens", type=int, default=16384)
     p.add_argument("--adamw_lrs", default="1e-3,2e-3,4e-3", help="AdamW's sweep")
     p.add_argument("--muon_lrs", default="2e-3,4e-3,8e-3", help="Muon's sweep (its matrices' lr)")
-    p.add_argument("--step_times", action="store_true",
-                   help="also time the optimizer step alone at GPT-2 124M's shapes (minutes on a CPU)")  # fmt: skip
+    p.add_argument(
+        "--step_times",
+        action="store_true",
+        help="also time the optimizer step alone at GPT-2 124M's shapes (minutes on a CPU)",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -73,16 +76,34 @@ def main() -> None:
         data = args.data or prepare_shakespeare(Path(tmp) / "shakespeare")
         out = Path(args.out or Path(tmp) / "runs")
         base = C.TrainConfig(
-            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-            batch_size=args.batch_size, max_steps=args.steps, warmup_steps=args.warmup_steps,
-            eval_interval=args.eval_interval, eval_tokens=args.eval_tokens, log_interval=args.eval_interval,
-            ckpt_interval=args.steps, keep_ckpts=1, compile="false", min_lr=0.0,
-        )  # fmt: skip
-        adamw = {lr: train(base.replace(lr=lr, min_lr=lr / 10), data, out / f"adamw_lr{lr:g}") for lr in
-                 floats(args.adamw_lrs)}  # fmt: skip
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            n_embd=args.n_embd,
+            block_size=args.block_size,
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            warmup_steps=args.warmup_steps,
+            eval_interval=args.eval_interval,
+            eval_tokens=args.eval_tokens,
+            log_interval=args.eval_interval,
+            ckpt_interval=args.steps,
+            keep_ckpts=1,
+            compile="false",
+            min_lr=0.0,
+        )
+        adamw = {
+            lr: train(base.replace(lr=lr, min_lr=lr / 10), data, out / f"adamw_lr{lr:g}")
+            for lr in floats(args.adamw_lrs)
+        }
         best_adamw_lr = min(adamw, key=lambda lr: adamw[lr]["val"][-1][1])
-        muon = {lr: train(base.replace(optimizer="muon", muon_lr=lr, lr=best_adamw_lr, min_lr=best_adamw_lr / 10),
-                          data, out / f"muon_lr{lr:g}") for lr in floats(args.muon_lrs)}  # fmt: skip
+        muon = {
+            lr: train(
+                base.replace(optimizer="muon", muon_lr=lr, lr=best_adamw_lr, min_lr=best_adamw_lr / 10),
+                data,
+                out / f"muon_lr{lr:g}",
+            )
+            for lr in floats(args.muon_lrs)
+        }
     results = report(adamw, muon, best_adamw_lr, base)
     if args.step_times:
         results["optimizer_step_124m"] = optimizer_step_times()
@@ -96,8 +117,14 @@ def floats(text: str) -> list[float]:
 
 
 def prepare_shakespeare(out: Path) -> str:
-    cmd = [sys.executable, str(REPO / "data_prep" / "prepare.py"), "--out", str(out), "--files",
-           str(REPO / "examples" / "tinyshakespeare.txt")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "data_prep" / "prepare.py"),
+        "--out",
+        str(out),
+        "--files",
+        str(REPO / "examples" / "tinyshakespeare.txt"),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return str(out)
 
@@ -113,8 +140,11 @@ def train(cfg: C.TrainConfig, data: str, run_dir: Path) -> dict:
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
     ms = 1000 * cfg.batch_size * cfg.block_size / statistics.median(speeds)
-    print(f"{label:>16}: val {val[-1][1]:.4f} after {val[-1][0]} steps, {ms:.0f} ms/step "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    print(
+        f"{label:>16}: val {val[-1][1]:.4f} after {val[-1][0]} steps, {ms:.0f} ms/step "
+        f"({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
     return {"val": val, "ms_per_step": ms, "tokens_per_step": cfg.batch_size * cfg.block_size}
 
 
@@ -127,23 +157,36 @@ def report(adamw: dict, muon: dict, best_adamw_lr: float, base: C.TrainConfig) -
     a, m = adamw[best_adamw_lr], muon[best_muon_lr]
     target = a["val"][-1][1]
     a_steps, m_steps = steps_to(a["val"], target), steps_to(m["val"], target)
-    lines = [f"\nbest: AdamW lr {best_adamw_lr:g}, Muon lr {best_muon_lr:g} (its AdamW part at {best_adamw_lr:g}); "
-             f"target: AdamW's final val {target:.4f}"]  # fmt: skip
+    lines = [
+        f"\nbest: AdamW lr {best_adamw_lr:g}, Muon lr {best_muon_lr:g} (its AdamW part at {best_adamw_lr:g}); "
+        f"target: AdamW's final val {target:.4f}"
+    ]
     lines.append(f"{'':>8} {'steps':>7} {'tokens':>11} {'train s':>8} {'ms/step':>8}")
     for name, run, steps in (("AdamW", a, a_steps), ("Muon", m, m_steps)):
         if steps is None:
             lines.append(f"{name:>8} {'not reached':>7}")
             continue
-        lines.append(f"{name:>8} {steps:>7} {steps * run['tokens_per_step']:>11,} "
-                     f"{steps * run['ms_per_step'] / 1000:>8.0f} {run['ms_per_step']:>8.0f}")  # fmt: skip
+        lines.append(
+            f"{name:>8} {steps:>7} {steps * run['tokens_per_step']:>11,} "
+            f"{steps * run['ms_per_step'] / 1000:>8.0f} {run['ms_per_step']:>8.0f}"
+        )
     if a_steps and m_steps:
         lines.append(f"Muon reaches it in {m_steps / a_steps:.2f}x AdamW's steps")
-    lines.append("val loss at equal steps: " + ", ".join(
-        f"{s}: {va:.3f} vs {vm:.3f}" for (s, va), (_, vm) in zip(a["val"], m["val"], strict=True)))  # fmt: skip
+    lines.append(
+        "val loss at equal steps: "
+        + ", ".join(f"{s}: {va:.3f} vs {vm:.3f}" for (s, va), (_, vm) in zip(a["val"], m["val"], strict=True))
+    )
     print("\n".join(lines), flush=True)
-    return {"best_adamw_lr": best_adamw_lr, "best_muon_lr": best_muon_lr, "target": target,
-            "adamw_steps": a_steps, "muon_steps": m_steps, "adamw": adamw, "muon": muon,
-            "config": base.to_dict()}  # fmt: skip
+    return {
+        "best_adamw_lr": best_adamw_lr,
+        "best_muon_lr": best_muon_lr,
+        "target": target,
+        "adamw_steps": a_steps,
+        "muon_steps": m_steps,
+        "adamw": adamw,
+        "muon": muon,
+        "config": base.to_dict(),
+    }
 
 
 def optimizer_step_times(repeats: int = 3) -> dict:
@@ -156,8 +199,10 @@ def optimizer_step_times(repeats: int = 3) -> dict:
         p.grad = torch.randn_like(p) * 1e-3
     cfg = C.TrainConfig(optimizer="muon", dtype="float32")
     seconds = {}
-    for name, optimizer in (("adamw", torch.optim.AdamW(model.optim_groups(0.1), lr=1e-4, fused=True)),
-                            ("muon", MuonAdamW(model, cfg))):  # fmt: skip
+    for name, optimizer in (
+        ("adamw", torch.optim.AdamW(model.optim_groups(0.1), lr=1e-4, fused=True)),
+        ("muon", MuonAdamW(model, cfg)),
+    ):
         optimizer.step()  # state allocated
         times = []
         for _ in range(repeats):

@@ -86,18 +86,28 @@ def main() -> None:
         if info.device_type == "cpu" and not overrides:  # the CPU reference: ~16M parameters, as nanoGPT's CPU runs
             overrides = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=8)
         cfg = PRESETS[args.preset].replace(
-            **overrides, grad_accum_steps=args.grad_accum_steps, total_batch_tokens=0, dtype=args.dtype,
-            strategy=args.strategy, activation_checkpointing=args.activation_checkpointing == "true",
-            compile=args.compile, peak_tflops=args.peak_tflops,
-        )  # fmt: skip
+            **overrides,
+            grad_accum_steps=args.grad_accum_steps,
+            total_batch_tokens=0,
+            dtype=args.dtype,
+            strategy=args.strategy,
+            activation_checkpointing=args.activation_checkpointing == "true",
+            compile=args.compile,
+            peak_tflops=args.peak_tflops,
+        )
         ours = cfg.replace(fused_loss=args.fused_loss)
         unfused = cfg.replace(fused_loss="false")
         # (config, return_logits): plain is nanoGPT's step, its compiled forward outputs the logits;
         # unfused is ours with the plain loss (the logits exist, inside the compiled forward only);
         # fused is ours with the fused loss; ours is the trainer's default for this device (fused_loss auto).
-        rows = {"plain": (unfused, True), "unfused": (unfused, False), "fused": (cfg.replace(fused_loss="true"), False),
-                "ours": (ours, False), "fp8": (ours.replace(fp8=True), False),
-                "muon": (ours.replace(optimizer="muon"), False)}  # fmt: skip
+        rows = {
+            "plain": (unfused, True),
+            "unfused": (unfused, False),
+            "fused": (cfg.replace(fused_loss="true"), False),
+            "ours": (ours, False),
+            "fp8": (ours.replace(fp8=True), False),
+            "muon": (ours.replace(optimizer="muon"), False),
+        }
         unknown = set(args.rows.split(",")) - set(rows)
         if unknown:
             p.error(f"unknown --rows {', '.join(sorted(unknown))}; choose from {', '.join(rows)}")
@@ -190,15 +200,19 @@ def measure(name: str, asked, return_logits: bool, args, info: D.DistInfo) -> Ro
     seconds = statistics.median(run(args.steps))
     seconds = D.all_reduce_max(torch.tensor(seconds, device=device), info).item()
     tokens_per_s = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * info.world_size / seconds
-    util = mfu(engine.raw_model.flops_per_token(cfg.block_size), tokens_per_s / info.world_size,
-               cfg.peak_tflops * 1e12 or None)  # fmt: skip
+    util = mfu(
+        engine.raw_model.flops_per_token(cfg.block_size), tokens_per_s / info.world_size, cfg.peak_tflops * 1e12 or None
+    )
     peak = torch.cuda.max_memory_allocated() if cuda else peak_host_bytes()
     peak = int(D.all_reduce_max(torch.tensor(float(peak), device=device), info).item())
     if info.is_main:
-        print(f"{name}: {plan.num_params:,} params, n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size} "
-              f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | {cfg.dtype}, {cfg.strategy}, compile "
-              f"{cfg.compile}, activation checkpointing {cfg.activation_checkpointing}, "
-              f"fused loss {cfg.fused_loss}", flush=True)  # fmt: skip
+        print(
+            f"{name}: {plan.num_params:,} params, n_layer {cfg.n_layer} n_embd {cfg.n_embd} block {cfg.block_size} "
+            f"micro-batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | {cfg.dtype}, {cfg.strategy}, compile "
+            f"{cfg.compile}, activation checkpointing {cfg.activation_checkpointing}, "
+            f"fused loss {cfg.fused_loss}",
+            flush=True,
+        )
     return Row(name, tokens_per_s, 1000 * seconds, util, peak, plan.total)
 
 
@@ -220,23 +234,32 @@ def _mark(cuda: bool):
 def report(rows: list[Row], info: D.DistInfo) -> str:
     """One table: a row per configuration, then each row against the first (the plain step)."""
     cuda = info.device_type == "cuda"
-    where = f"{info.world_size} x {torch.cuda.get_device_name()}" if cuda else (
-        f"{info.world_size} x CPU process, {torch.get_num_threads()} threads")  # fmt: skip
+    where = (
+        f"{info.world_size} x {torch.cuda.get_device_name()}"
+        if cuda
+        else (f"{info.world_size} x CPU process, {torch.get_num_threads()} threads")
+    )
     memory = "peak GPU memory (max_memory_allocated)" if cuda else "peak RSS (whole process)"
-    lines = [f"{where}; tokens/s over all ranks, memory per rank: {memory}, planner's estimate beside it",
-             f"{'row':<8} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'planned':>8}"]  # fmt: skip
+    lines = [
+        f"{where}; tokens/s over all ranks, memory per rank: {memory}, planner's estimate beside it",
+        f"{'row':<8} {'tokens/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GiB':>9} {'planned':>8}",
+    ]
     for r in rows:
         if r.skipped or r.failed:
             lines.append(f"{r.name:<8} skipped: {r.skipped}" if r.skipped else f"{r.name:<8} FAILED: {r.failed}")
             continue
         util = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
-        lines.append(f"{r.name:<8} {r.tokens_per_s:>12,.0f} {r.ms_per_step:>9.1f} {util:>7} "
-                     f"{r.peak_bytes / GiB:>9.2f} {r.planned_bytes / GiB:>8.2f}")  # fmt: skip
+        lines.append(
+            f"{r.name:<8} {r.tokens_per_s:>12,.0f} {r.ms_per_step:>9.1f} {util:>7} "
+            f"{r.peak_bytes / GiB:>9.2f} {r.planned_bytes / GiB:>8.2f}"
+        )
     ran = [r for r in rows if not (r.skipped or r.failed)]
     base = ran[0] if ran else None
     for r in ran[1:]:
-        lines.append(f"{r.name} vs {base.name}: {r.tokens_per_s / base.tokens_per_s:.2f}x tokens/s, "
-                     f"{r.peak_bytes / base.peak_bytes:.2f}x peak memory")  # fmt: skip
+        lines.append(
+            f"{r.name} vs {base.name}: {r.tokens_per_s / base.tokens_per_s:.2f}x tokens/s, "
+            f"{r.peak_bytes / base.peak_bytes:.2f}x peak memory"
+        )
     if ran and not any(r.mfu for r in ran):
         lines.append("MFU n/a: no known peak for this device; pass --peak_tflops")
     return "\n".join(lines)

@@ -135,8 +135,14 @@ def save_state(
         name = f".partial_{split}_{generation}.bin"
         shards.write_shard(out_dir / name, writer.partial)
         partial_files[split] = name
-    state = {"build": build, "num_docs": num_docs, "next_doc": next_doc, "generation": generation,
-             "shards": {s: w.done for s, w in writers.items()}, "partial_files": partial_files}  # fmt: skip
+    state = {
+        "build": build,
+        "num_docs": num_docs,
+        "next_doc": next_doc,
+        "generation": generation,
+        "shards": {s: w.done for s, w in writers.items()},
+        "partial_files": partial_files,
+    }
     shards.write_json_atomic(out_dir / STATE_NAME, state)
     for stale in out_dir.glob(".partial_*.bin"):
         if stale.name not in partial_files.values():
@@ -283,8 +289,14 @@ def prepare(args: argparse.Namespace) -> int:
     source = make_source(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build = {"tokenizer": TOKENIZER, "source": source.describe(), "shard_tokens": args.shard_tokens,
-             "val_docs": args.val_docs, "seed": args.seed, "val_first_tokens": val_first_tokens(args)}  # fmt: skip
+    build = {
+        "tokenizer": TOKENIZER,
+        "source": source.describe(),
+        "shard_tokens": args.shard_tokens,
+        "val_docs": args.val_docs,
+        "seed": args.seed,
+        "val_first_tokens": val_first_tokens(args),
+    }
     manifest = shards.read_manifest(out_dir)
     if manifest is not None:
         if not same_build(manifest.get("build", {}), build):
@@ -388,9 +400,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="output directory for shards and manifest.json")
     p.add_argument("--verify", metavar="DIR", help="re-hash every shard of DIR against its manifest, then exit")
-    p.add_argument("--dataset", default=None,
-                   help=f"{', '.join(DATASETS)}, or a Hugging Face dataset id (default openwebtext); with --files: "
-                   "which of those names the files hold (a local copy)")  # fmt: skip
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help=f"{', '.join(DATASETS)}, or a Hugging Face dataset id (default openwebtext); with --files: "
+        "which of those names the files hold (a local copy)",
+    )
     p.add_argument("--name", default=None, help="dataset configuration name")
     p.add_argument("--split", default="train", help="dataset split to read (default train)")
     p.add_argument("--revision", default=None, help="dataset revision (OpenWebText: its parquet export)")
@@ -398,8 +413,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-field", default="text", help="column holding the text (default text)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     p.add_argument("--val-docs", type=int, default=None, help="val documents (default 0.0005 of the corpus)")
-    p.add_argument("--val-first-tokens", type=int, default=None,
-                   help="the first N tokens are val, as llm.c (default for the FineWeb datasets: 100M)")  # fmt: skip
+    p.add_argument(
+        "--val-first-tokens",
+        type=int,
+        default=None,
+        help="the first N tokens are val, as llm.c (default for the FineWeb datasets: 100M)",
+    )
     p.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokeniser processes (default: all cores)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the val draw")
     args = p.parse_args(argv)

@@ -34,8 +34,14 @@ class HubSource:
     text_field: str
 
     def describe(self) -> dict:
-        return {"kind": "hub", "dataset": self.dataset, "name": self.name, "split": self.split,
-                "revision": self.revision, "text_field": self.text_field}  # fmt: skip
+        return {
+            "kind": "hub",
+            "dataset": self.dataset,
+            "name": self.name,
+            "split": self.split,
+            "revision": self.revision,
+            "text_field": self.text_field,
+        }
 
     def _load(self):
         load_dataset = _datasets_loader()

@@ -72,11 +72,18 @@ class Checkpointer:
         then keeps the last good checkpoint too while the newest ones follow non-finite losses."""
         rng_states = D.gather_objects(rng_state(), self.info)  # collective: every rank takes part
         trainer = {
-            "step": state.step, "tokens": state.tokens, "skipped_steps": state.skipped_steps,
-            "scaler": self.scaler.state_dict(), "rng": rng_states,
-        }  # fmt: skip
-        meta = {"config": to_json(self.cfg), "model": dataclasses.asdict(self.raw_model.config),
-                "world_size": self.info.world_size, "tokens": state.tokens}  # fmt: skip
+            "step": state.step,
+            "tokens": state.tokens,
+            "skipped_steps": state.skipped_steps,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,
+        }
+        meta = {
+            "config": to_json(self.cfg),
+            "model": dataclasses.asdict(self.raw_model.config),
+            "world_size": self.info.world_size,
+            "tokens": state.tokens,
+        }
         good = self.last_good(state.step, consecutive_bad)
         self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
         if self.info.is_main:
@@ -107,14 +114,21 @@ class Checkpointer:
         if path is None:
             return None
         saved = read_meta(path)["config"]
-        mismatched = [f"{f}={saved[f]} (checkpoint) vs {getattr(self.cfg, f)} (config)"
-                      for f in MODEL_FIELDS if saved.get(f) != getattr(self.cfg, f)]  # fmt: skip
+        mismatched = [
+            f"{f}={saved[f]} (checkpoint) vs {getattr(self.cfg, f)} (config)"
+            for f in MODEL_FIELDS
+            if saved.get(f) != getattr(self.cfg, f)
+        ]
         if mismatched:
             raise ValueError(f"Checkpoint {path} is for another model shape: {', '.join(mismatched)}.")
         loaded = self.training_state()
         load_state(path, loaded, self.info)
-        set_state_dict(self.raw_model, self.optimizer, model_state_dict=with_tied(loaded["model"]),
-                       optim_state_dict=loaded["optimizer"])  # fmt: skip
+        set_state_dict(
+            self.raw_model,
+            self.optimizer,
+            model_state_dict=with_tied(loaded["model"]),
+            optim_state_dict=loaded["optimizer"],
+        )
         trainer = read_trainer(path)
         self.scaler.load_state_dict(trainer["scaler"])
         state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]

@@ -26,8 +26,20 @@ class Run:
 
 
 # What a reader comparing two runs needs to tell them apart: a run's settled values, from its config.json.
-SETTINGS = ("dtype", "compile", "fused_loss", "strategy", "world_size", "batch_size", "grad_accum_steps",
-            "total_batch_tokens", "optimizer", "lr", "activation_checkpointing", "fp8")  # fmt: skip
+SETTINGS = (
+    "dtype",
+    "compile",
+    "fused_loss",
+    "strategy",
+    "world_size",
+    "batch_size",
+    "grad_accum_steps",
+    "total_batch_tokens",
+    "optimizer",
+    "lr",
+    "activation_checkpointing",
+    "fp8",
+)
 
 
 def read_settings(run_dir: str | os.PathLike) -> dict | None:
@@ -69,8 +81,13 @@ def table(runs: list[Run], baselines: dict[str, dict], names: list[str]) -> list
     rows = []
     for run in runs:
         vals = [r["val_loss"] for r in run.evals]
-        row = {"run": run.name, "final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals, default=None),
-               "tokens": (run.evals or run.steps)[-1]["tokens"], **(run.settings or {})}  # fmt: skip
+        row = {
+            "run": run.name,
+            "final_val_loss": vals[-1] if vals else None,
+            "best_val_loss": min(vals, default=None),
+            "tokens": (run.evals or run.steps)[-1]["tokens"],
+            **(run.settings or {}),
+        }
         for name in names:
             target = baselines[name]["val_loss"]
             hit = next((r["tokens"] for r in run.evals if r["val_loss"] <= target), None)
@@ -86,8 +103,11 @@ def format_table(rows: list[dict], names: list[str]) -> str:
 
     lines = []
     for row in rows:
-        parts = [f"{row['run']}: final val {num(row['final_val_loss'], '.4f')}",
-                 f"best {num(row['best_val_loss'], '.4f')}", f"at {row['tokens']:,} tokens"]  # fmt: skip
+        parts = [
+            f"{row['run']}: final val {num(row['final_val_loss'], '.4f')}",
+            f"best {num(row['best_val_loss'], '.4f')}",
+            f"at {row['tokens']:,} tokens",
+        ]
         for name in names:
             hit = row[f"{name}_reached_at_tokens"]
             reached = f"reached at {hit:,} tokens" if hit is not None else "not reached"
@@ -108,11 +128,21 @@ def verdicts(run: Run, reference: Reference, target: Reference | None) -> tuple[
     """Each eval of the run against the reference curve (references.Comparison's fields), and one sentence:
     the projection to the target, or why there is none."""
     comparison = references.Comparison(reference, run.dataset)
-    rows = [{"run": run.name, "step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"],
-             **comparison.fields(r["tokens"], r["val_loss"])} for r in run.evals]  # fmt: skip
+    rows = [
+        {
+            "run": run.name,
+            "step": r["step"],
+            "tokens": r["tokens"],
+            "val_loss": r["val_loss"],
+            **comparison.fields(r["tokens"], r["val_loss"]),
+        }
+        for r in run.evals
+    ]
     if references.datasets_differ(run.dataset, reference):
-        return rows, (f"{run.name}: trained on {run.dataset}, {reference.name} on {reference.dataset}: the datasets "
-                      "differ, so there is no verdict or projection")  # fmt: skip
+        return rows, (
+            f"{run.name}: trained on {run.dataset}, {reference.name} on {reference.dataset}: the datasets "
+            "differ, so there is no verdict or projection"
+        )
     if target is None:
         return rows, f"{run.name}: no target loss is known for {run.dataset or 'its dataset'}; pass --target"
     evals = [(r["tokens"], r["val_loss"]) for r in run.evals]
@@ -130,8 +160,15 @@ def format_verdicts(rows: list[dict], reference: Reference, last: int = 10) -> s
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], baselines: dict[str, dict], names: list[str], out: str, log_x: bool, smoothing: float,
-         refs: list[Reference] = ()):  # fmt: skip
+def plot(
+    runs: list[Run],
+    baselines: dict[str, dict],
+    names: list[str],
+    out: str,
+    log_x: bool,
+    smoothing: float,
+    refs: list[Reference] = (),
+):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,23 +179,52 @@ def plot(runs: list[Run], baselines: dict[str, dict], names: list[str], out: str
         color = f"C{i}"
         if run.steps:
             tokens = [r["tokens"] for r in run.steps]
-            ax.plot(tokens, smooth([r["loss"] for r in run.steps], smoothing), color=color, alpha=0.45,
-                    lw=1, label=f"{run.name} train (smoothed)")  # fmt: skip
+            ax.plot(
+                tokens,
+                smooth([r["loss"] for r in run.steps], smoothing),
+                color=color,
+                alpha=0.45,
+                lw=1,
+                label=f"{run.name} train (smoothed)",
+            )
         if run.evals:
-            ax.plot([r["tokens"] for r in run.evals], [r["val_loss"] for r in run.evals], color=color, lw=2,
-                    marker="o", ms=3, label=f"{run.name} val")  # fmt: skip
+            ax.plot(
+                [r["tokens"] for r in run.evals],
+                [r["val_loss"] for r in run.evals],
+                color=color,
+                lw=2,
+                marker="o",
+                ms=3,
+                label=f"{run.name} val",
+            )
     for j, name in enumerate(names):
         row = baselines[name]
-        ax.axhline(row["val_loss"], color="k", ls=["--", ":", "-.", (0, (5, 1))][j % 4], lw=1,
-                   label=f"{name} val {row['val_loss']:.3f} ({row.get('source', 'published')})")  # fmt: skip
+        ax.axhline(
+            row["val_loss"],
+            color="k",
+            ls=["--", ":", "-.", (0, (5, 1))][j % 4],
+            lw=1,
+            label=f"{name} val {row['val_loss']:.3f} ({row.get('source', 'published')})",
+        )
     dashes = ["--", ":", "-.", (0, (5, 1))]
     for j, ref in enumerate(refs):
         if ref.is_curve:  # from its first eval after step 0 (step 0 has no place on a log axis)
-            ax.plot(ref.tokens[1:], ref.val_losses[1:], color="0.25", lw=1.5, alpha=0.8,
-                    label=f"{ref.name} val ({ref.dataset})")  # fmt: skip
+            ax.plot(
+                ref.tokens[1:],
+                ref.val_losses[1:],
+                color="0.25",
+                lw=1.5,
+                alpha=0.8,
+                label=f"{ref.name} val ({ref.dataset})",
+            )
         else:
-            ax.axhline(ref.val_loss, color="0.45", ls=dashes[j % 4], lw=1,
-                       label=f"{ref.name} val {ref.val_loss:.3f} ({ref.dataset})")  # fmt: skip
+            ax.axhline(
+                ref.val_loss,
+                color="0.45",
+                ls=dashes[j % 4],
+                lw=1,
+                label=f"{ref.name} val {ref.val_loss:.3f} ({ref.dataset})",
+            )
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss")
     if log_x:

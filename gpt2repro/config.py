@@ -198,7 +198,7 @@ PRESETS: dict[str, TrainConfig] = {
         log_interval=100,
         ckpt_interval=500,
         compile="false",
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -417,8 +417,10 @@ def describe_batch(asked: TrainConfig, cfg: TrainConfig, world_size: int, given:
             notes.append(f"--grad_accum_steps given, so total_batch_tokens {asked.total_batch_tokens:,} is not used")
     elif asked.total_batch_tokens:
         if cfg.total_batch_tokens != asked.total_batch_tokens:
-            notes.append(f"total_batch_tokens {asked.total_batch_tokens:,} -> {cfg.total_batch_tokens:,}, the "
-                         f"nearest that {world_size} rank(s) split evenly")  # fmt: skip
+            notes.append(
+                f"total_batch_tokens {asked.total_batch_tokens:,} -> {cfg.total_batch_tokens:,}, the "
+                f"nearest that {world_size} rank(s) split evenly"
+            )
         notes.append("grad_accum_steps derived from total_batch_tokens")
     line += f" ({'; '.join(notes)})" if notes else ""
     asked_total, total = asked.total_batch_tokens, cfg.total_batch_tokens
@@ -440,8 +442,15 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
     except ValueError as e:
         problems.append(str(e))
     problems += shape_problems(cfg)  # the model's own validation
-    positive = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "log_interval", "ckpt_interval",
-                "keep_ckpts")  # fmt: skip
+    positive = (
+        "batch_size",
+        "grad_accum_steps",
+        "max_steps",
+        "eval_interval",
+        "log_interval",
+        "ckpt_interval",
+        "keep_ckpts",
+    )
     problems += [f"{name} must be at least 1, got {getattr(cfg, name)}" for name in positive if getattr(cfg, name) < 1]
     if cfg.vocab_size > 65536:
         problems.append(f"vocab_size {cfg.vocab_size} does not fit the uint16 token shards (at most 65536)")

@@ -87,8 +87,9 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     if chosen.startswith("cuda"):
         torch.cuda.set_device(chosen)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=chosen,
-                    local_world_size=local_world_size)  # fmt: skip
+    info = DistInfo(
+        rank=rank, local_rank=local_rank, world_size=world_size, device=chosen, local_world_size=local_world_size
+    )
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.startswith("cuda") else "gloo"
         # A hung NCCL collective then tears the process down after `timeout`, so that torchrun or
@@ -105,8 +106,9 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
             with Watchdog(RESTART_JOIN_TIMEOUT_S, info, message) as watchdog:
                 watchdog.beat()
                 try:
-                    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                                            device_id=device_id)  # fmt: skip
+                    dist.init_process_group(
+                        backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
+                    )
                     _barrier()
                 except RuntimeError as e:
                     raise ValueError(

@@ -31,9 +31,16 @@ def hang_sentence(within: str, detail: str = "") -> str:
 
 
 # What gloo (and NCCL, once torchrun tears a group down) say when the rank at the other end is gone.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-              "NCCL communicator was aborted", "ProcessGroup abort", "has been destroyed",
-              "ncclRemoteError")  # fmt: skip
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Connection refused",
+    "NCCL communicator was aborted",
+    "ProcessGroup abort",
+    "has been destroyed",
+    "ncclRemoteError",
+)
 # A collective or the rendezvous store gave up waiting: gloo's "Timed out waiting ... for recv", NCCL's
 # watchdog "ran for ... milliseconds before timing out", the store's "Socket Timeout".
 _TIMED_OUT = re.compile(r"timed out|timing out|timeout", re.IGNORECASE)

@@ -43,8 +43,7 @@ class Evaluator:
     """Evaluation during training, and when: every eval_interval steps and at the last step. The val
     loss over the fixed windows, and HellaSwag's acc_norm when a HellaSwag file is given."""
 
-    def __init__(self, cfg, windows: EvalWindows, hellaswag_examples: list | None, model, raw_model, layout,
-                 autocast):  # fmt: skip
+    def __init__(self, cfg, windows: EvalWindows, hellaswag_examples: list | None, model, raw_model, layout, autocast):
         self.cfg, self.windows, self.hellaswag_examples = cfg, windows, hellaswag_examples
         self.model, self.raw_model, self.layout, self.autocast = model, raw_model, layout, autocast
 

@@ -125,12 +125,22 @@ def estimate(
     else:
         activations = tokens * (L * per_layer + head + dropout_masks) + loss + copies * N
     return MemoryPlan(
-        num_params=N, world_size=world_size, batch_size=batch_size, block_size=T,
-        grad_accum_steps=grad_accum_steps, dtype=dtype, strategy=strategy,
-        activation_checkpointing=activation_checkpointing, fused_loss=fused_loss, compiled=compiled,
-        weights=weights, gradients=gradients, optimizer=optimizer_bytes, activations=activations,
+        num_params=N,
+        world_size=world_size,
+        batch_size=batch_size,
+        block_size=T,
+        grad_accum_steps=grad_accum_steps,
+        dtype=dtype,
+        strategy=strategy,
+        activation_checkpointing=activation_checkpointing,
+        fused_loss=fused_loss,
+        compiled=compiled,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer_bytes,
+        activations=activations,
         optimizer_kind=optimizer,
-    )  # fmt: skip
+    )
 
 
 def _loss_bytes(tokens: int, V: int, C: int, half: int, fused: bool, compiled: bool, product: int) -> int:

@@ -91,9 +91,14 @@ class WandbSink:
         run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else secrets.token_hex(4)
         write_json_atomic(id_file, {"id": run_id})
         self.run = wandb.init(
-            project=project, name=name or run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
-            mode=mode, config=config,
-        )  # fmt: skip
+            project=project,
+            name=name or run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+        )
 
     def log(self, record: dict) -> None:
         self.run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
@@ -146,8 +151,9 @@ class RunLog:
             self.started = _started(run.run_dir)
             self.file = MetricsLog(run.run_dir / "metrics.jsonl", run.state.step)
             if run.cfg.wandb != "disabled":
-                self.sink = WandbSink(run.cfg.wandb, run.run_dir, run.cfg.wandb_project, run.cfg.wandb_run_name,
-                                      run.cfg.to_dict())  # fmt: skip
+                self.sink = WandbSink(
+                    run.cfg.wandb, run.run_dir, run.cfg.wandb_project, run.cfg.wandb_run_name, run.cfg.to_dict()
+                )
 
     def __enter__(self) -> RunLog:
         return self
@@ -172,12 +178,17 @@ class RunLog:
         train_s, steps = self.throughput.close(state.step)
         tok_s = self.tokens_per_step * steps / train_s if steps else None  # none yet: the first step
         self.record = {
-            "step": state.step, "tokens": state.tokens, "loss": loss.item(), "lr": lr_at(state.step, self.cfg),
-            "grad_norm": grad_norm.item(), "tokens_per_s": tok_s,
+            "step": state.step,
+            "tokens": state.tokens,
+            "loss": loss.item(),
+            "lr": lr_at(state.step, self.cfg),
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tok_s,
             "mfu": mfu(self.flops_per_token, tok_s / self.info.world_size, self.peak) if tok_s else None,
-            "elapsed_s": None, "skipped_steps": state.skipped_steps,
+            "elapsed_s": None,
+            "skipped_steps": state.skipped_steps,
             "eta_s": self.throughput.eta_s(self.cfg.max_steps - state.step),
-        }  # fmt: skip
+        }
 
     def evaluation(self, state, results: dict, seconds: float) -> None:
         """The evaluation's results, judged against the run's reference curve (--reference) if it has one."""

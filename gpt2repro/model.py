@@ -76,9 +76,11 @@ class GPTConfig:
 def shape_problems(config) -> list[str]:
     """What is wrong with a model shape (GPTConfig's fields, read from any object that has them: the
     training config validates through here too), one sentence each."""
-    problems = [f"{name} must be at least 1, got {getattr(config, name)}"
-                for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple")
-                if getattr(config, name, 1) < 1]  # fmt: skip
+    problems = [
+        f"{name} must be at least 1, got {getattr(config, name)}"
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple")
+        if getattr(config, name, 1) < 1
+    ]
     if config.n_head >= 1 and config.n_embd % config.n_head != 0:
         problems.append(
             f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
@@ -207,9 +209,12 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: list | None = None,
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: list | None = None,
         return_logits: bool = True,
-    ):  # fmt: skip
+    ):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
         Targets equal to -1 are ignored by the loss. kv_cache (generation): a list with one

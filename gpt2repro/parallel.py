@@ -57,19 +57,28 @@ def layout(strategy: str, info: DistInfo) -> Layout:
     return Layout(info, strategy, info.rank, info.world_size, mesh)
 
 
-def plan(cfg: TrainConfig, config: GPTConfig, world_size: int, gpu_bytes: float, device_type: str,
-         ranks_per_node: int = 0) -> memory.MemoryPlan:  # fmt: skip
+def plan(
+    cfg: TrainConfig, config: GPTConfig, world_size: int, gpu_bytes: float, device_type: str, ranks_per_node: int = 0
+) -> memory.MemoryPlan:
     """The memory plan of cfg's layout (its dtype, compile and fused loss settled: gpt2repro/settings.py) on
     device_type, with strategy auto resolved (to ddp, fsdp, or hsdp when the ranks span several nodes of
     ranks_per_node; 0: one node)."""
 
     def estimate(strategy: str) -> memory.MemoryPlan:
         return memory.estimate(
-            config, batch_size=cfg.batch_size, world_size=world_size, dtype=cfg.dtype, strategy=strategy,
-            activation_checkpointing=cfg.activation_checkpointing, grad_accum_steps=cfg.grad_accum_steps,
-            fused_loss=cfg.fused_loss == "true", compiled=cfg.compile == "true", ranks_per_node=ranks_per_node,
-            optimizer=cfg.optimizer, device_type=device_type,
-        )  # fmt: skip
+            config,
+            batch_size=cfg.batch_size,
+            world_size=world_size,
+            dtype=cfg.dtype,
+            strategy=strategy,
+            activation_checkpointing=cfg.activation_checkpointing,
+            grad_accum_steps=cfg.grad_accum_steps,
+            fused_loss=cfg.fused_loss == "true",
+            compiled=cfg.compile == "true",
+            ranks_per_node=ranks_per_node,
+            optimizer=cfg.optimizer,
+            device_type=device_type,
+        )
 
     if cfg.strategy != "auto":
         return estimate(cfg.strategy)

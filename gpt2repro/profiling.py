@@ -88,8 +88,9 @@ class StepProfiler:
 
     def _start(self) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.info.device_type == "cuda" else [])
-        self._profile = profile(activities=activities, record_shapes=True, profile_memory=True,
-                                with_stack=self.with_stack)  # fmt: skip
+        self._profile = profile(
+            activities=activities, record_shapes=True, profile_memory=True, with_stack=self.with_stack
+        )
         self._profile.__enter__()
 
     def _stop(self) -> None:
@@ -103,8 +104,11 @@ class StepProfiler:
         if self.info.is_main:
             where = self.run_dir / "profile"
             ranks = f"rank{{0..{self.info.world_size - 1}}}" if self.info.is_distributed else "rank0"
-            print(f"profile of steps {first}-{last}: {where}/{ranks}/{path.name} (open it in chrome://tracing or "
-                  f"ui.perfetto.dev, or run tensorboard --logdir {where})", flush=True)  # fmt: skip
+            print(
+                f"profile of steps {first}-{last}: {where}/{ranks}/{path.name} (open it in chrome://tracing or "
+                f"ui.perfetto.dev, or run tensorboard --logdir {where})",
+                flush=True,
+            )
 
     def __enter__(self) -> StepProfiler:
         return self

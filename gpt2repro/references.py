@@ -91,8 +91,13 @@ def _gpt2(size: str, dataset: str, val_loss: float, source: str) -> Reference:
 def registry() -> dict[str, Reference]:
     with open(ASSETS / "llmc-gpt2-124m-fineweb10B-val.csv") as f:
         rows = list(csv.DictReader(f))
-    llmc = Reference("llmc-124m-fineweb10B", "fineweb10B", LLMC, tuple(float(r["tokens"]) for r in rows),
-                     tuple(float(r["val_loss"]) for r in rows))  # fmt: skip
+    llmc = Reference(
+        "llmc-124m-fineweb10B",
+        "fineweb10B",
+        LLMC,
+        tuple(float(r["tokens"]) for r in rows),
+        tuple(float(r["val_loss"]) for r in rows),
+    )
     fineweb = {"124m": 3.424958, "350m": 3.083089, "774m": 3.000580, "1558m": 2.831273}
     owt = {name.removeprefix("gpt2-"): row["val_loss"] for name, row in PUBLISHED_BASELINES.items()}
     refs = [llmc]
@@ -125,8 +130,9 @@ def from_run(run_dir: str | os.PathLike) -> Reference:
     if not evals:
         raise ValueError(f"reference run {run_dir} has no val_loss in its metrics.jsonl yet.")
     tokens = sorted(evals)
-    return Reference(str(run_dir), run_dataset(run_dir), f"run {run_dir}", tuple(tokens),
-                     tuple(evals[t] for t in tokens))  # fmt: skip
+    return Reference(
+        str(run_dir), run_dataset(run_dir), f"run {run_dir}", tuple(tokens), tuple(evals[t] for t in tokens)
+    )
 
 
 def run_dataset(run_dir: str | os.PathLike) -> str | None:
@@ -213,8 +219,7 @@ class Projection:
     sentence: str
 
 
-def projection(evals: list[tuple[float, float]], reference: Reference, target: Reference,
-               last: int = 3) -> Projection:  # fmt: skip
+def projection(evals: list[tuple[float, float]], reference: Reference, target: Reference, last: int = 3) -> Projection:
     """When a run (its (tokens, val loss) evals, in order) reaches target.val_loss.
 
     Assumption (stated in the sentence): for the same loss, the run keeps needing the same multiple
@@ -225,20 +230,35 @@ def projection(evals: list[tuple[float, float]], reference: Reference, target: R
     hit = next((t for t, v in evals if v <= goal), None)
     ref_tokens = reference.tokens_to_reach(goal)
     if hit is not None:
-        return Projection(target, hit, True, None, ref_tokens, 0,
-                          f"reached {target.name}'s val {goal:.4f} at {_tokens(hit)} tokens")  # fmt: skip
+        return Projection(
+            target, hit, True, None, ref_tokens, 0, f"reached {target.name}'s val {goal:.4f} at {_tokens(hit)} tokens"
+        )
     ratios = []
     for t, v in [(t, v) for t, v in evals if t > 0 and math.isfinite(v)][-last:]:
         at = reference.tokens_to_reach(v)
         if at is not None:
             ratios.append(t / at)
     if not ratios:
-        return Projection(target, None, False, None, ref_tokens, 0,
-                          f"no projection to {target.name}'s val {goal:.4f}: the run's recent losses lie outside "
-                          f"{reference.name}'s curve")  # fmt: skip
+        return Projection(
+            target,
+            None,
+            False,
+            None,
+            ref_tokens,
+            0,
+            f"no projection to {target.name}'s val {goal:.4f}: the run's recent losses lie outside "
+            f"{reference.name}'s curve",
+        )
     if ref_tokens is None:
-        return Projection(target, None, False, statistics.median(ratios), None, len(ratios),
-                          f"no projection: {reference.name} never reaches {target.name}'s val {goal:.4f}")  # fmt: skip
+        return Projection(
+            target,
+            None,
+            False,
+            statistics.median(ratios),
+            None,
+            len(ratios),
+            f"no projection: {reference.name} never reaches {target.name}'s val {goal:.4f}",
+        )
     ratio = statistics.median(ratios)
     projected = ratio * ref_tokens
     sentence = (

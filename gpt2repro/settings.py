@@ -89,8 +89,14 @@ def _switch(setting: str, auto: bool) -> str:
 
 def plan(cfg: C.TrainConfig, machine: Machine) -> memory.MemoryPlan:
     """The memory plan of a settled cfg on machine (strategy auto: the one the planner picks)."""
-    return parallel.plan(cfg, C.model_config(cfg), machine.world_size, cfg.gpu_memory_gb * memory.GiB,
-                         machine.device_type, machine.ranks_per_node)  # fmt: skip
+    return parallel.plan(
+        cfg,
+        C.model_config(cfg),
+        machine.world_size,
+        cfg.gpu_memory_gb * memory.GiB,
+        machine.device_type,
+        machine.ranks_per_node,
+    )
 
 
 def requested(asked: C.TrainConfig, settled: C.TrainConfig) -> dict:

@@ -160,8 +160,11 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, machine: Machine) -> None:
         return
     recorded = json.loads(path.read_text())
     old = settings.settle(C.from_json(recorded, str(path)), machine)
-    diffs = [f"{f}: {getattr(old, f)!r} -> {getattr(cfg, f)!r}" for f in C.FIELD_TYPES
-             if f not in C.RESUMABLE and getattr(old, f) != getattr(cfg, f)]  # fmt: skip
+    diffs = [
+        f"{f}: {getattr(old, f)!r} -> {getattr(cfg, f)!r}"
+        for f in C.FIELD_TYPES
+        if f not in C.RESUMABLE and getattr(old, f) != getattr(cfg, f)
+    ]
     old_global = recorded.get("batch_size", 0) * recorded.get("grad_accum_steps", 0) * recorded.get("world_size", 0)
     new_global = cfg.batch_size * cfg.grad_accum_steps * machine.world_size
     if old_global != new_global:
@@ -194,8 +197,9 @@ class Run:
         return self.engine.loader.spec.global_windows * self.cfg.block_size
 
 
-def fit(asked: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo,
-        given: frozenset[str] = frozenset()) -> TrainState:  # fmt: skip
+def fit(
+    asked: TrainConfig, data_dir: str, run_dir: str | Path, info: D.DistInfo, given: frozenset[str] = frozenset()
+) -> TrainState:
     """Train (or resume) a run in run_dir; every rank calls this. asked is settled for this machine
     (gpt2repro/settings.py; given: the fields typed on the command line). Returns the final state."""
     run = setup(asked, given, data_dir, Path(run_dir), info)
@@ -265,8 +269,9 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
         if cfg.init_from:  # read by rank 0, broadcast: FSDP ranks keep their shards
             weights.load_into(engine.raw_model, cfg.init_from, info)
-    evaluator = evaluate.Evaluator(cfg, val_windows, hellaswag_examples, parallel.for_eval(engine.model),
-                                   engine.raw_model, layout, engine.autocast)  # fmt: skip
+    evaluator = evaluate.Evaluator(
+        cfg, val_windows, hellaswag_examples, parallel.for_eval(engine.model), engine.raw_model, layout, engine.autocast
+    )
     if info.is_main:
         if warning := D.check_restart_store():
             print(warning, flush=True)
@@ -284,16 +289,24 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
             print(comparison.describe(), flush=True)
         gpu_bytes = machine.gpu_memory_bytes
         if gpu_bytes and not plan.fits(gpu_bytes):
-            print(f"warning: the memory planner estimates {plan.total / GiB:.1f} GiB per GPU, more than fits in "
-                  f"{gpu_bytes / GiB:.1f} GiB; see --dry_run true for the breakdown", flush=True)  # fmt: skip
+            print(
+                f"warning: the memory planner estimates {plan.total / GiB:.1f} GiB per GPU, more than fits in "
+                f"{gpu_bytes / GiB:.1f} GiB; see --dry_run true for the breakdown",
+                flush=True,
+            )
     return Run(cfg, info, run_dir, engine, state, checkpointer, evaluator, comparison)
 
 
 def run_record(asked: TrainConfig, cfg: TrainConfig, world_size: int, data_dir: str) -> dict:
     """A run's config.json: the settled fields (typed; it works as --config), the launch and the data, and
     under "requested" what was asked where settling changed it."""
-    return {**C.to_json(cfg), "world_size": world_size, "data": data_dir, "dataset": references.dataset_of(data_dir),
-            "requested": settings.requested(asked, cfg)}  # fmt: skip
+    return {
+        **C.to_json(cfg),
+        "world_size": world_size,
+        "data": data_dir,
+        "dataset": references.dataset_of(data_dir),
+        "requested": settings.requested(asked, cfg),
+    }
 
 
 class Stopper:
@@ -337,8 +350,11 @@ class Stopper:
 
     def announce(self, stop: int, step: int, saved: Path | None) -> None:
         if self.is_main:
-            print(f"stopping on {signal.Signals(stop).name} at step {step}: checkpoint {saved} "
-                  "is written; rerun the same command to resume", flush=True)  # fmt: skip
+            print(
+                f"stopping on {signal.Signals(stop).name} at step {step}: checkpoint {saved} "
+                "is written; rerun the same command to resume",
+                flush=True,
+            )
 
 
 def check_out_dir(run_dir: Path) -> None:

@@ -160,14 +160,18 @@ def _on_rank0(fn, info: D.DistInfo | None, *args, share: bool = True):
     return result
 
 
-def with_source_shape(cfg: C.TrainConfig, given: frozenset[str] = frozenset(), info: D.DistInfo | None = None
-                      ) -> C.TrainConfig:  # fmt: skip
+def with_source_shape(
+    cfg: C.TrainConfig, given: frozenset[str] = frozenset(), info: D.DistInfo | None = None
+) -> C.TrainConfig:
     """cfg with the network shape of cfg.init_from (read by rank 0 only, given info); a typed shape
     flag that disagrees is an error. block_size may only crop the source's."""
     source = _on_rank0(_init_from_shape, info, cfg.init_from)
     fixed = [f for f in C.MODEL_FIELDS if f != "block_size"]
-    conflicts = [f"--{f} {getattr(cfg, f)} (the source has {getattr(source, f)})"
-                 for f in fixed if f in given and getattr(cfg, f) != getattr(source, f)]  # fmt: skip
+    conflicts = [
+        f"--{f} {getattr(cfg, f)} (the source has {getattr(source, f)})"
+        for f in fixed
+        if f in given and getattr(cfg, f) != getattr(source, f)
+    ]
     if "block_size" in given and cfg.block_size > source.block_size:
         conflicts.append(f"--block_size {cfg.block_size} (the source's is {source.block_size}; it can only crop)")
     if conflicts:

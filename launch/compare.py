@@ -41,15 +41,20 @@ def default_baselines_file(run_dir: str) -> Path | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--baseline", nargs="*", default=None,
-                   help=f"of {', '.join(PUBLISHED_BASELINES)} (default gpt2-124m, none with --reference)")  # fmt: skip
+    p.add_argument(
+        "--baseline",
+        nargs="*",
+        default=None,
+        help=f"of {', '.join(PUBLISHED_BASELINES)} (default gpt2-124m, none with --reference)",
+    )
     p.add_argument("--baselines", help="measured baselines file (launch/eval.py --hf)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument("--log-x", action="store_true", help="log-scaled tokens axis")
     p.add_argument("--smoothing", type=float, default=0.9, help="EMA weight for the train loss (0: none)")
-    p.add_argument("--reference", nargs="*", default=[],
-                   help=f"of {', '.join(references.registry())}, or run directories")  # fmt: skip
+    p.add_argument(
+        "--reference", nargs="*", default=[], help=f"of {', '.join(references.registry())}, or run directories"
+    )
     p.add_argument("--target", help="the val loss to project to, a reference name (default: gpt2-124m@DATASET)")
     args = p.parse_args(argv)
     if args.baseline is None:  # OpenWebText's GPT-2 124M, unless references say what to compare with

@@ -45,15 +45,23 @@ def parse(argv):
     p.add_argument("--split", default="val")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--compile", default="false", choices=("true", "false"),
-                   help="torch.compile the model for the val loss, as training's evaluations run on a GPU (with "
-                        "training's --batch_size too, the same computation as its logged val_loss)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        default="false",
+        choices=("true", "false"),
+        help="torch.compile the model for the val loss, as training's evaluations run on a GPU (with "
+        "training's --batch_size too, the same computation as its logged val_loss)",
+    )
     p.add_argument("--hellaswag", help="HellaSwag jsonl (ctx, endings, label)")
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or printed only)")
     p.add_argument("--baselines", help="baselines file for --hf results (default DATA/baselines.json)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="autocast dtype; auto: the run's own (a checkpoint), else bfloat16 on a GPU")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="autocast dtype; auto: the run's own (a checkpoint), else bfloat16 on a GPU",
+    )
     args = p.parse_args(argv)
     if not args.data and not args.hellaswag:
         p.error("pass --data DIR (loss) and/or --hellaswag FILE")
@@ -67,8 +75,10 @@ def load_model(args, device_type: str) -> tuple[GPT, weights.About, int, Path | 
         model.fused_loss = settings.fused_loss_pays(device_type)  # as training settles it on this device
     eval_tokens = about.run.eval_tokens if about.run else DEFAULT_EVAL_TOKENS  # the run's val_loss used these
     path = Path(about.path)
-    result_file = {"checkpoint": path / f"eval_{args.split}.json",
-                   "export": path.with_name(f"{path.stem}.eval_{args.split}.json")}.get(about.kind)  # fmt: skip
+    result_file = {
+        "checkpoint": path / f"eval_{args.split}.json",
+        "export": path.with_name(f"{path.stem}.eval_{args.split}.json"),
+    }.get(about.kind)
     return model, about, eval_tokens, result_file
 
 
@@ -98,8 +108,13 @@ def main(argv=None) -> int:
                 windows = EvalWindows(args.data, args.split, block, max_tokens, model.config.vocab_size)
                 evaluated = torch.compile(model) if args.compile == "true" else model
                 loss = evaluate.val_loss(evaluated, windows, args.batch_size, replicas, autocast)
-                result.update(data=args.data, split=args.split, num_tokens=len(windows) * block, loss=loss,
-                              perplexity=evaluate.perplexity(loss))  # fmt: skip
+                result.update(
+                    data=args.data,
+                    split=args.split,
+                    num_tokens=len(windows) * block,
+                    loss=loss,
+                    perplexity=evaluate.perplexity(loss),
+                )
             if args.hellaswag:
                 examples = evaluate.read_hellaswag(args.hellaswag)
                 result["hellaswag"] = evaluate.hellaswag(model, examples, replicas, autocast)
@@ -119,8 +134,10 @@ def main(argv=None) -> int:
 
 def report(args, result: dict, out: str | Path | None) -> None:
     if "loss" in result:
-        print(f"{result['model']}: {args.split} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
-              f"over {result['num_tokens']:,} tokens")  # fmt: skip
+        print(
+            f"{result['model']}: {args.split} loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+            f"over {result['num_tokens']:,} tokens"
+        )
     if "hellaswag" in result:
         h = result["hellaswag"]
         print(f"{result['model']}: HellaSwag acc {h['acc']:.4f}, acc_norm {h['acc_norm']:.4f} ({h['num_examples']})")

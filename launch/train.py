@@ -35,8 +35,11 @@ from gpt2repro.weights import with_source_shape  # noqa: E402
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset[str]]:
     fields = ", ".join(C.FIELD_TYPES)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"fields: {fields}; presets: {', '.join(C.PRESETS)}")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"fields: {fields}; presets: {', '.join(C.PRESETS)}",
+    )
     p.add_argument("--config", required=True, help="preset name or JSON file")
     p.add_argument("--data", help="prepared dataset directory (data_prep/prepare.py)")
     p.add_argument("--out", help="run directory: config, metrics.jsonl, checkpoints")
@@ -46,8 +49,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset
         default=0,
         help="with --dry_run true: plan for this many GPUs (default: this launch's ranks)",
     )
-    p.add_argument("--gpus_per_node", type=int, default=0,
-                   help="with --dry_run true: GPUs per node, for hsdp (default: --world_size, one node)")  # fmt: skip
+    p.add_argument(
+        "--gpus_per_node",
+        type=int,
+        default=0,
+        help="with --dry_run true: GPUs per node, for hsdp (default: --world_size, one node)",
+    )
     args, rest = p.parse_known_args(argv)
     cfg, given = C.parse_overrides(C.load_base(args.config), rest)
     if not cfg.dry_run and not (args.data and args.out):

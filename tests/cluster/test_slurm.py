@@ -39,8 +39,9 @@ TRAIN = [*TINY, "--dtype", "float32", "--compile", "false", "--max_steps", STEPS
 
 
 def slurm(*args: str, check: bool = True, timeout: float = 60, extra_env: dict | None = None):
-    proc = subprocess.run(["bash", SLURM_SH, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**env(), **(extra_env or {})})  # fmt: skip
+    proc = subprocess.run(
+        ["bash", SLURM_SH, *args], capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})}
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -63,8 +64,20 @@ def cluster():
 def submit(data: Path, out: Path, *extra: str, sbatch_env: dict | None = None) -> tuple[str, Path]:
     """(job id, its log file): train.sbatch as users run it, with the CPU overrides."""
     log = out.parent / f"{out.name}.log"
-    cmd = ["run", "sbatch", "--parsable", *CPU_JOB, f"--output={log}", SBATCH,
-           "--data", str(data), "--out", str(out), *map(str, TRAIN), *map(str, extra)]  # fmt: skip
+    cmd = [
+        "run",
+        "sbatch",
+        "--parsable",
+        *CPU_JOB,
+        f"--output={log}",
+        SBATCH,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *map(str, TRAIN),
+        *map(str, extra),
+    ]
     job = slurm(*cmd, extra_env={"GPUS_PER_NODE": "2", **(sbatch_env or {})}).stdout.strip()
     return job, log
 
@@ -165,14 +178,17 @@ def test_a_lost_node_requeues_the_job_until_the_limit(uninterrupted, shakespeare
     wait_for(lambda: (out / "checkpoints" / "step_00000015").exists())
     text = log.read_text()
     lost = [line for line in text.splitlines() if "was lost" in line]
-    assert lost == [f"node n2 (srun task 1, 2 ranks) was lost; requeueing job {job} (1 of 1) to resume from the "
-                    "newest checkpoint"], text[-3000:]  # fmt: skip
+    assert lost == [
+        f"node n2 (srun task 1, 2 ranks) was lost; requeueing job {job} (1 of 1) to resume from the newest checkpoint"
+    ], text[-3000:]
     assert re.search(r"resumed from .*step_0000000(5|10)", text), text[-3000:]
     assert kill_node_step("n2")  # once more: past MAX_REQUEUES
     assert wait_for_end(job) == "FAILED"
     errors = [line for line in log.read_text().splitlines() if line.startswith("error: node")]
-    assert errors == [f"error: node n2 (srun task 1, 2 ranks) was lost, and job {job} was already requeued 1 time(s) "
-                      "(MAX_REQUEUES=1); resubmit it to resume from the newest checkpoint"]  # fmt: skip
+    assert errors == [
+        f"error: node n2 (srun task 1, 2 ranks) was lost, and job {job} was already requeued 1 time(s) "
+        "(MAX_REQUEUES=1); resubmit it to resume from the newest checkpoint"
+    ]
     reference = losses(uninterrupted[0])  # every step it logged is the uninterrupted run's
     for step, loss in losses(out).items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step

@@ -36,8 +36,14 @@ def measure(checkpointing: bool, info: D.DistInfo) -> dict:
             train_step(engine, step + 1)
             if step == 0:
                 tracker.reset_mod_stats()
-    plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=2,
-                           dtype="float32", strategy="fsdp", activation_checkpointing=checkpointing)  # fmt: skip
+    plan = memory.estimate(
+        model_config(cfg),
+        batch_size=cfg.batch_size,
+        world_size=2,
+        dtype="float32",
+        strategy="fsdp",
+        activation_checkpointing=checkpointing,
+    )
     measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     return {"checkpointing": checkpointing, "measured": measured, "estimate": plan.total, "world_size": info.world_size}
 

@@ -14,9 +14,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "launch" / "train.py")
 # A model small enough that a step takes tens of milliseconds on a 2-core CPU.
-TINY = ["--config", "shakespeare-cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-        "--batch_size", "4", "--eval_tokens", "512", "--warmup_steps", "2", "--log_interval", "1",
-        "--eval_interval", "1000", "--ckpt_interval", "1000", "--device", "cpu"]  # fmt: skip
+TINY = [
+    "--config",
+    "shakespeare-cpu",
+    "--n_layer",
+    "2",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "32",
+    "--batch_size",
+    "4",
+    "--eval_tokens",
+    "512",
+    "--warmup_steps",
+    "2",
+    "--log_interval",
+    "1",
+    "--eval_interval",
+    "1000",
+    "--ckpt_interval",
+    "1000",
+    "--device",
+    "cpu",
+]
 
 
 def env(fresh_rendezvous_store: bool = False) -> dict:

@@ -38,8 +38,10 @@ with D.distributed_context("cpu") as info:
     for name, param in sharded.named_parameters():
         assert torch.equal(param.full_tensor(), reference[name].detach()), name
     if info.is_main:
-        print(f"meta init equals the plain init: {len(reference)} tensors; peak grew {grown / 2**20:.0f} MiB "
-              f"for a {full_bytes / 2**20:.0f} MiB model")  # fmt: skip
+        print(
+            f"meta init equals the plain init: {len(reference)} tensors; peak grew {grown / 2**20:.0f} MiB "
+            f"for a {full_bytes / 2**20:.0f} MiB model"
+        )
     if importlib.util.find_spec("torchao") is not None:
         # torchao's Float8Linear runs (emulated) on a CPU; only the trainer's GPU check would refuse it.
         parallel.fp8_training.check_supported = lambda device: None

@@ -48,8 +48,11 @@ def test_eval_of_a_checkpoint_reproduces_its_logged_val_loss(shakespeare_data, t
 
 def test_eval_uses_the_runs_own_dtype(shakespeare_data, tmp_path):
     out = tmp_path / "bf16"
-    run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--eval_interval", 2, "--ckpt_interval", 2,
-                  "--dtype", "bfloat16"))  # fmt: skip
+    run(
+        train_cmd(
+            shakespeare_data, out, "--max_steps", 2, "--eval_interval", 2, "--ckpt_interval", 2, "--dtype", "bfloat16"
+        )
+    )
     logged = [r["val_loss"] for r in metrics(out) if "val_loss" in r][-1]
     evaluate = [sys.executable, EVAL, "--ckpt", str(out), "--data", str(shakespeare_data), "--batch-size", "4"]
     run(evaluate)
@@ -82,18 +85,52 @@ def test_finetune_from_a_hugging_face_directory_starts_at_its_weights(hf_dir, sh
     path, _ = hf_dir
     out = tmp_path / "ft"
     # A learning rate so small that one step leaves the weights as they were loaded.
-    args = ["--config", "shakespeare-cpu", "--init_from", str(path), "--lr", "1e-12", "--min_lr", "0",
-            "--warmup_steps", "0", "--max_steps", "1", "--eval_interval", "1", "--eval_tokens", "640",
-            "--batch_size", "4", "--device", "cpu"]  # fmt: skip
-    proc = run([sys.executable, str(REPO / "launch" / "train.py"), "--data", str(shakespeare_data), "--out", str(out),
-                *args])  # fmt: skip
+    args = [
+        "--config",
+        "shakespeare-cpu",
+        "--init_from",
+        str(path),
+        "--lr",
+        "1e-12",
+        "--min_lr",
+        "0",
+        "--warmup_steps",
+        "0",
+        "--max_steps",
+        "1",
+        "--eval_interval",
+        "1",
+        "--eval_tokens",
+        "640",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    proc = run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--data", str(shakespeare_data), "--out", str(out), *args]
+    )
     assert "from scratch" in proc.stdout  # a new run: step 0, fresh optimizer
     config = json.loads((out / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["block_size"]) == (2, 32, 64)  # the source's shape
     logged = metrics(out)[-1]["val_loss"]
     hf_eval = tmp_path / "hf.json"
-    run([sys.executable, EVAL, "--hf", str(path), "--data", str(shakespeare_data), "--max-tokens", "640",
-         "--out", str(hf_eval), "--baselines", str(tmp_path / "b.json")])  # fmt: skip
+    run(
+        [
+            sys.executable,
+            EVAL,
+            "--hf",
+            str(path),
+            "--data",
+            str(shakespeare_data),
+            "--max-tokens",
+            "640",
+            "--out",
+            str(hf_eval),
+            "--baselines",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert logged == pytest.approx(json.loads(hf_eval.read_text())["loss"], rel=1e-6)
 
     base = C.PRESETS["shakespeare-cpu"].replace(init_from=str(path))
@@ -149,12 +186,29 @@ def write_run(path, evals, steps=()):
 
 
 def test_compare_writes_a_plot_and_the_crossing_table(tmp_path):
-    write_run(tmp_path / "fast", [(1, 1000, 3.5), (2, 2000, 3.1), (3, 3000, 3.0)],
-              steps=[(1, 1000, 3.6), (2, 2000, 3.2), (3, 3000, 3.05)])  # fmt: skip
+    write_run(
+        tmp_path / "fast",
+        [(1, 1000, 3.5), (2, 2000, 3.1), (3, 3000, 3.0)],
+        steps=[(1, 1000, 3.6), (2, 2000, 3.2), (3, 3000, 3.05)],
+    )
     write_run(tmp_path / "slow", [(1, 1000, 4.0), (2, 2000, 3.6)])
     png, table = tmp_path / "c.png", tmp_path / "t.csv"
-    proc = run([sys.executable, COMPARE, str(tmp_path / "fast"), str(tmp_path / "slow"), "--baseline", "gpt2-124m",
-                "gpt2-350m", "--out", str(png), "--csv", str(table), "--log-x"])  # fmt: skip
+    proc = run(
+        [
+            sys.executable,
+            COMPARE,
+            str(tmp_path / "fast"),
+            str(tmp_path / "slow"),
+            "--baseline",
+            "gpt2-124m",
+            "gpt2-350m",
+            "--out",
+            str(png),
+            "--csv",
+            str(table),
+            "--log-x",
+        ]
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "gpt2-124m reached at 2,000 tokens (gap -0.1200)" in proc.stdout  # 3.1 <= 3.12 first at 2000
     assert "gpt2-350m not reached" in proc.stdout
@@ -166,8 +220,9 @@ def test_compare_writes_a_plot_and_the_crossing_table(tmp_path):
 
 
 def test_bad_inputs(hf_dir, shakespeare_data, tmp_path):
-    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=32,
-                                                                 n_layer=1, n_head=2))  # fmt: skip
+    small = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    )
     small.save_pretrained(tmp_path / "small")
     proc = run([sys.executable, EVAL, "--hf", str(tmp_path / "small"), "--data", str(shakespeare_data)], check=False)
     one_line_error(proc, "does not cover")
@@ -186,8 +241,10 @@ def test_bad_inputs(hf_dir, shakespeare_data, tmp_path):
 
 def test_periodic_hellaswag_during_training(shakespeare_data, tmp_path):
     file = tmp_path / "hs.jsonl"
-    examples = [{"ctx": f"ROMEO: {w}", "endings": ["good night", "the king", "a horse", "my lord"], "label": i % 4}
-                for i, w in enumerate(["O", "Ay", "Nay", "Well"])]  # fmt: skip
+    examples = [
+        {"ctx": f"ROMEO: {w}", "endings": ["good night", "the king", "a horse", "my lord"], "label": i % 4}
+        for i, w in enumerate(["O", "Ay", "Nay", "Well"])
+    ]
     file.write_text("".join(json.dumps(e) + "\n" for e in examples))
     out = tmp_path / "run"
     run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--eval_interval", 2, "--hellaswag_file", file))

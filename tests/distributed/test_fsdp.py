@@ -87,8 +87,21 @@ def test_two_rank_sharded_checkpoint_resumes_on_one_rank(fsdp_run, oracle, shake
 
 def test_bfloat16_fsdp_tracks_float32(fsdp_run, shakespeare_data, tmp_path):
     out = tmp_path / "bf16"
-    run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--grad_accum_steps", 2, "--strategy", "fsdp",
-                  "--dtype", "bfloat16", nproc=2))  # fmt: skip
+    run(
+        train_cmd(
+            shakespeare_data,
+            out,
+            "--max_steps",
+            2,
+            "--grad_accum_steps",
+            2,
+            "--strategy",
+            "fsdp",
+            "--dtype",
+            "bfloat16",
+            nproc=2,
+        )
+    )
     fp32 = losses(fsdp_run)
     for step, loss in losses(out).items():  # 16-bit compute, fp32 master weights and reductions
         assert math.isfinite(loss) and loss == pytest.approx(fp32[step], rel=2e-2)

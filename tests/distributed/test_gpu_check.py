@@ -39,9 +39,32 @@ BROKEN_FUSED_ROW = after_import("gpt2repro.loss", "module._has_fp32_output_gemm 
 def test_a_benchmark_row_that_breaks_is_reported_and_the_others_still_run(tmp_path):
     broken = env_with_sitecustomize(tmp_path / "broken", BROKEN_FUSED_ROW)
     rows = tmp_path / "rows.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--n_layer", "1", "--n_head", "2",
-           "--n_embd", "32", "--block_size", "32", "--batch_size", "2", "--dtype", "bfloat16", "--compile", "false",
-           "--steps", "1", "--warmup", "1", "--rows", "plain,fused,unfused", "--json", str(rows)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "train_throughput.py"),
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+        "--n_embd",
+        "32",
+        "--block_size",
+        "32",
+        "--batch_size",
+        "2",
+        "--dtype",
+        "bfloat16",
+        "--compile",
+        "false",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--rows",
+        "plain,fused,unfused",
+        "--json",
+        str(rows),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=broken, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["name"]: r for r in json.loads(rows.read_text())}

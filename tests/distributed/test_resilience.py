@@ -74,8 +74,9 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(shakespeare_d
 
 def test_a_second_signal_exits_at_once(shakespeare_data, tmp_path):
     out = tmp_path / "twice"
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, "--max_steps", 100000), env=env(), stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        train_cmd(shakespeare_data, out, "--max_steps", 100000), env=env(), stdout=subprocess.PIPE, text=True
+    )
     wait_for(lambda: logged_steps(out) >= 1)  # inside the training loop
     # Both signals land while the process is stopped, so they are handled back to back, before
     # the loop can act on the first (two signals of one kind would merge into one).
@@ -104,8 +105,13 @@ def test_sigusr1_to_one_rank_stops_all_ranks_together(shakespeare_data, tmp_path
     one_group = env_with_sitecustomize(tmp_path / "one_group", ONE_PROCESS_GROUP)
     out = tmp_path / "usr1"
     args = ["--max_steps", 100000, "--log_interval", 1000, "--ckpt_interval", 3]
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env=one_group,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        train_cmd(shakespeare_data, out, *args, nproc=2),
+        env=one_group,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rank1 = workers_of(proc)[1]
     wait_for(lambda: (out / "checkpoints" / "step_00000003").exists())
     os.kill(rank1, signal.SIGUSR1)  # rank 1 only
@@ -145,8 +151,9 @@ def test_two_agents_survive_one_killed_worker(two_rank_reference, shakespeare_da
     # Several nodes: with the fresh rendezvous store README asks for (restart counts are per node).
     # Slow steps: the kill lands with steps still to run.
     slow = env_with_sitecustomize(tmp_path / "slow", SLOW_STEPS, fresh_rendezvous_store=True)
-    agents = [subprocess.Popen(cmd, env=slow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for _ in range(2)]  # fmt: skip
+    agents = [
+        subprocess.Popen(cmd, env=slow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
     wait_for(lambda: (out / "checkpoints" / "step_00000004").exists())
     os.kill(children(agents[1].pid)[0], signal.SIGKILL)
     outputs = [a.communicate(timeout=240)[0] for a in agents]
@@ -164,8 +171,13 @@ def workers_of(torchrun: subprocess.Popen) -> list[int]:
 def test_a_signal_is_acted_on_at_the_next_step_whatever_log_interval(shakespeare_data, tmp_path):
     out = tmp_path / "grace"
     args = ["--max_steps", 100000, "--log_interval", 1000, "--ckpt_interval", 5]
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        train_cmd(shakespeare_data, out, *args, nproc=2),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     workers = workers_of(proc)
     wait_for(lambda: (out / "checkpoints" / "step_00000005").exists())
     for pid in workers:  # as Slurm's scancel / preemption: every task gets SIGTERM
@@ -189,10 +201,19 @@ SLOW_EVAL = slowed("gpt2repro.evaluate", "val_loss", COLLECTIVE_TIMEOUT_S + 1)
 def test_an_eval_and_a_checkpoint_longer_than_the_collective_timeout_are_no_hang(shakespeare_data, tmp_path):
     slow = env_with_sitecustomize(tmp_path / "slow", SLOW_FSYNC, SLOW_EVAL)
     out = tmp_path / "slow"
-    args = ["--max_steps", 6, "--eval_interval", 3, "--ckpt_interval", 3, "--collective_timeout_s",
-            COLLECTIVE_TIMEOUT_S]  # fmt: skip
-    proc = subprocess.run(train_cmd(shakespeare_data, out, *args, nproc=2), capture_output=True, text=True,
-                          env=slow, timeout=300)  # fmt: skip
+    args = [
+        "--max_steps",
+        6,
+        "--eval_interval",
+        3,
+        "--ckpt_interval",
+        3,
+        "--collective_timeout_s",
+        COLLECTIVE_TIMEOUT_S,
+    ]
+    proc = subprocess.run(
+        train_cmd(shakespeare_data, out, *args, nproc=2), capture_output=True, text=True, env=slow, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {r["step"]: r for r in metrics(out)}
     assert max(records) == 6
@@ -207,8 +228,13 @@ def test_a_hung_rank_fails_the_job_with_one_clear_line(shakespeare_data, tmp_pat
     # No eval or checkpoint in sight: past start-up (the first step), every stretch is a training step,
     # bounded by collective_timeout_s (evaluations and checkpoints have the long bound, see the test above).
     args = ["--max_steps", 100000, "--collective_timeout_s", 5]
-    proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args, nproc=2), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        train_cmd(shakespeare_data, out, *args, nproc=2),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rank0, rank1 = workers_of(proc)
     wait_for(lambda: logged_steps(out) >= 3)
     os.kill(rank1, signal.SIGSTOP)  # hung: alive, holding its sockets, never answering

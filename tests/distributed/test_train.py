@@ -53,15 +53,30 @@ def test_a_runs_config_json_as_config_runs_the_same_run(reference, shakespeare_d
     """The contract: RUN/config.json holds what ran (settled, typed), and passed back as --config it is that run."""
     recorded = json.loads((reference / "config.json").read_text())
     assert (recorded["dtype"], recorded["compile"], recorded["fused_loss"], recorded["strategy"]) == (
-        "float32", False, True, "ddp")  # what ran on this CPU, not "auto"  # fmt: skip
+        "float32",
+        False,
+        True,
+        "ddp",
+    )  # what ran on this CPU, not "auto"
     assert recorded["requested"]["dtype"] == "auto" and recorded["requested"]["fused_loss"] == "auto"
     again = tmp_path / "again"
-    run([sys.executable, TRAIN, "--config", str(reference / "config.json"), "--data", str(shakespeare_data),
-         "--out", str(again)])  # fmt: skip
+    run(
+        [
+            sys.executable,
+            TRAIN,
+            "--config",
+            str(reference / "config.json"),
+            "--data",
+            str(shakespeare_data),
+            "--out",
+            str(again),
+        ]
+    )
     assert losses(again) == losses(reference)  # bitwise: the same run
     rerecorded = json.loads((again / "config.json").read_text())
     assert {k: v for k, v in rerecorded.items() if k != "requested"} == {
-        k: v for k, v in recorded.items() if k != "requested"}  # fmt: skip
+        k: v for k, v in recorded.items() if k != "requested"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +110,19 @@ def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shake
     # boundaries, so each bucket's all-reduce starts while backward still runs; accumulation
     # (no_sync on the first micro-batch) must not change that or the losses.
     out = tmp_path / "compiled"
-    cmd = train_cmd(shakespeare_data, out, "--max_steps", 4, "--batch_size", 2, "--grad_accum_steps", 2,
-                    "--compile", "true", nproc=2)  # fmt: skip
+    cmd = train_cmd(
+        shakespeare_data,
+        out,
+        "--max_steps",
+        4,
+        "--batch_size",
+        2,
+        "--grad_accum_steps",
+        2,
+        "--compile",
+        "true",
+        nproc=2,
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**env(), "TORCH_LOGS": "ddp_graphs"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "---submod_1 graph---" in proc.stderr, "the compiled graph was not split into DDP buckets"
@@ -105,8 +131,22 @@ def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shake
     assert first["tokens_per_s"] is None and second["tokens_per_s"] > 0  # compilation is not a training step
     # eval.py compiled, at training's micro-batch: the computation of the val_loss training logged at step 4.
     result = tmp_path / "eval.json"
-    run([sys.executable, str(REPO / "launch" / "eval.py"), "--ckpt", str(out), "--data", str(shakespeare_data),
-         "--compile", "true", "--batch-size", "2", "--out", str(result)])  # fmt: skip
+    run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "eval.py"),
+            "--ckpt",
+            str(out),
+            "--data",
+            str(shakespeare_data),
+            "--compile",
+            "true",
+            "--batch-size",
+            "2",
+            "--out",
+            str(result),
+        ]
+    )
     logged = metrics(out)[-1]["val_loss"]
     assert json.loads(result.read_text())["loss"] == pytest.approx(logged, rel=1e-6, abs=0)
 
@@ -118,8 +158,7 @@ def test_init_from_is_read_by_one_rank_and_trains_as_one_process(reference, shak
     audited = {**env_with_sitecustomize(tmp_path / "audit", AUDIT_OPENS), "OPENS_LOG": str(opens)}
     two = tmp_path / "two"
     cmd = train_cmd(shakespeare_data, two, "--max_steps", 4, "--init_from", source, nproc=2)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=audited)  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=audited)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(opens.read_text().split()) == {"0"}, "a rank other than 0 opened the weights file"
     one = tmp_path / "one"  # the oracle: one process reads it all, nothing is broadcast
@@ -150,8 +189,12 @@ def test_resume_after_kill_is_bitwise_exact(shakespeare_data, tmp_path):
     run(train_cmd(shakespeare_data, full, *extra, "--max_steps", 14))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(shakespeare_data, killed, *extra, "--max_steps", 100000), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        train_cmd(shakespeare_data, killed, *extra, "--max_steps", 100000),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     step_8 = killed / "checkpoints" / "step_00000008"
     wait_for(step_8.exists)
     os.kill(proc.pid, signal.SIGKILL)

@@ -65,8 +65,24 @@ def test_run_dir_of_another_run_is_not_overwritten(finished_run, shakespeare_dat
 def test_non_finite_loss_stops_naming_the_last_good_checkpoint(finished_run, shakespeare_data, tmp_path):
     good = finished_run / "checkpoints" / "step_00000002"
     out = tmp_path / "nan"  # from a good checkpoint, an lr that ruins the weights at the first update
-    args = ["--max_steps", 30, "--lr", "1e38", "--min_lr", 0, "--warmup_steps", 0, "--ckpt_interval", 1,
-            "--keep_ckpts", 1, "--max_nonfinite_steps", 3, "--resume", good]  # fmt: skip
+    args = [
+        "--max_steps",
+        30,
+        "--lr",
+        "1e38",
+        "--min_lr",
+        0,
+        "--warmup_steps",
+        0,
+        "--ckpt_interval",
+        1,
+        "--keep_ckpts",
+        1,
+        "--max_nonfinite_steps",
+        3,
+        "--resume",
+        good,
+    ]
     proc = run(train_cmd(shakespeare_data, out, *args), check=False)
     # Step 3's loss (the weights of step 2) is finite; update 3 makes steps 4-6 non-finite.
     assert_one_line_error(proc, "3 consecutive steps had a non-finite loss (step 6)", f"last good checkpoint is {good}")
@@ -100,8 +116,18 @@ def test_bad_fields_are_all_reported_at_once(shakespeare_data, tmp_path, args, f
 def test_sample_from_a_run_is_reproducible(finished_run):
     import sys
 
-    cmd = [sys.executable, str(REPO / "launch" / "sample.py"), "--ckpt", str(finished_run), "--prompt", "ROMEO:",
-           "--max-new-tokens", "12", "--seed", "7"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "sample.py"),
+        "--ckpt",
+        str(finished_run),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "7",
+    ]
     first, second = run(cmd), run(cmd)
     assert first.stdout == second.stdout and first.stdout.count("ROMEO:") == 1
     other = run([*cmd[:-1], "8"])
@@ -125,11 +151,23 @@ def test_bad_paths_are_one_clear_line(finished_run, shakespeare_data, tmp_path):
         (train_cmd(shakespeare_data, a_file / "run"), "--out", "lies under a file"),
         (train_cmd(a_file, tmp_path / "out"), "Data directory", "is a file"),
         (train_cmd(shakespeare_data, tmp_path / "out", "--resume", tmp_path / "nope"), "nope does not exist"),
-        ([sys.executable, str(REPO / "launch" / "eval.py"), "--ckpt", str(a_file), "--data", str(shakespeare_data)],
-         "is not a model file written by launch/export.py"),
-        ([sys.executable, str(REPO / "launch" / "sample.py"), "--ckpt", str(finished_run), "--prompt-file",
-          str(tmp_path / "nope.txt")], "--prompt-file", "No such file"),
-    ]  # fmt: skip
+        (
+            [sys.executable, str(REPO / "launch" / "eval.py"), "--ckpt", str(a_file), "--data", str(shakespeare_data)],
+            "is not a model file written by launch/export.py",
+        ),
+        (
+            [
+                sys.executable,
+                str(REPO / "launch" / "sample.py"),
+                "--ckpt",
+                str(finished_run),
+                "--prompt-file",
+                str(tmp_path / "nope.txt"),
+            ],
+            "--prompt-file",
+            "No such file",
+        ),
+    ]
     for cmd, *fragments in cases:
         assert_one_line_error(run(cmd, check=False), *fragments)
     assert a_file.read_bytes() == b"not a model" and not (tmp_path / "out" / "checkpoints").exists()

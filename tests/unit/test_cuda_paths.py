@@ -115,9 +115,10 @@ class Ctx:
         self.saved_tensors = tensors
 
 
-@pytest.mark.parametrize(("param_dtype", "compute_dtype"), [(torch.float32, torch.bfloat16),
-                                                            (torch.float32, torch.float16),
-                                                            (torch.bfloat16, torch.bfloat16)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("param_dtype", "compute_dtype"),
+    [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16)],
+)
 def test_the_fused_loss_on_cuda_keeps_its_loss_and_weight_gradient_in_fp32(param_dtype, compute_dtype):
     # DDP: fp32 weights under autocast; FSDP: 16-bit gathered ones. On CUDA tensors the fp32-output branch runs.
     with fake_gpu("sm90") as mode, mode:
@@ -212,14 +213,23 @@ def test_the_profiler_records_cuda_activity_and_ends_the_memory_history_after_th
 
     history = Recorder()
     watchdog = D.Watchdog(60, D.DistInfo())
-    with fake_gpu("sm90"), mock.patch.object(profiling, "profile", Profile), \
-            mock.patch("torch.cuda.memory._record_memory_history", history):  # fmt: skip
+    with (
+        fake_gpu("sm90"),
+        mock.patch.object(profiling, "profile", Profile),
+        mock.patch("torch.cuda.memory._record_memory_history", history),
+    ):
         profiler = profiling.StepProfiler("2:2", False, tmp_path, CUDA_INFO, watchdog)
         for step in (1, 2, 3):
             with profiler.step(step):
                 pass
-    assert made == [dict(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
-                         profile_memory=True, with_stack=False)]  # fmt: skip
+    assert made == [
+        dict(
+            activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+            record_shapes=True,
+            profile_memory=True,
+            with_stack=False,
+        )
+    ]
     assert history.calls == [((), {"enabled": None})]  # stopped once, after step 1
     assert (tmp_path / "profile" / "rank0" / "steps_2-2.pt.trace.json").exists()
 
@@ -231,8 +241,11 @@ def test_an_out_of_memory_on_cuda_writes_the_allocator_snapshot_and_names_it(tmp
         written.append(path)
         Path(path).write_bytes(b"snapshot")
 
-    with fake_gpu("sm90"), mock.patch("torch.cuda.memory._record_memory_history", history), \
-            mock.patch("torch.cuda.memory._dump_snapshot", dump):  # fmt: skip
+    with (
+        fake_gpu("sm90"),
+        mock.patch("torch.cuda.memory._record_memory_history", history),
+        mock.patch("torch.cuda.memory._dump_snapshot", dump),
+    ):
         with pytest.raises(torch.OutOfMemoryError) as caught, profiling.memory_snapshot_on_oom(tmp_path, CUDA_INFO):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     path = tmp_path / "profile" / "rank0" / "oom_memory_snapshot.pickle"
@@ -251,20 +264,34 @@ def test_init_joins_nccl_on_this_ranks_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
     joined, set_device = Recorder(), Recorder()
-    with fake_gpu("sm90"), mock.patch("torch.cuda.set_device", set_device), \
-            mock.patch("torch.distributed.init_process_group", joined):  # fmt: skip
+    with (
+        fake_gpu("sm90"),
+        mock.patch("torch.cuda.set_device", set_device),
+        mock.patch("torch.distributed.init_process_group", joined),
+    ):
         info = D.init("auto", timeout_s=600)
     assert info.device == "cuda:1" and set_device.calls == [(("cuda:1",), {})]
-    assert joined.calls == [((), {"backend": "nccl", "timeout": datetime.timedelta(seconds=D.backend_timeout_s(600)),
-                                  "device_id": torch.device("cuda:1")})]  # fmt: skip
+    assert joined.calls == [
+        (
+            (),
+            {
+                "backend": "nccl",
+                "timeout": datetime.timedelta(seconds=D.backend_timeout_s(600)),
+                "device_id": torch.device("cuda:1"),
+            },
+        )
+    ]
     assert D.os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
 def test_an_nccl_barrier_names_this_ranks_gpu():
     barrier = Recorder()
-    with fake_gpu("sm90"), mock.patch("torch.cuda.current_device", return_value=3), \
-            mock.patch("torch.distributed.get_backend", return_value="nccl"), \
-            mock.patch("torch.distributed.barrier", barrier):  # fmt: skip
+    with (
+        fake_gpu("sm90"),
+        mock.patch("torch.cuda.current_device", return_value=3),
+        mock.patch("torch.distributed.get_backend", return_value="nccl"),
+        mock.patch("torch.distributed.barrier", barrier),
+    ):
         D._barrier()
     assert barrier.calls == [((), {"device_ids": [3]})]
 
@@ -274,7 +301,7 @@ def test_ddp_on_cuda_is_given_the_local_gpu():
     info = D.DistInfo(rank=5, local_rank=1, world_size=8, device="cuda:1")
     with fake_gpu("sm90"), mock.patch.object(parallel, "DDP", wrapped):
         parallel.wrap(torch.nn.Linear(2, 2), parallel.Layout(info, dp_rank=5, dp_size=8), compile_on=False)
-    (args, kwargs), = wrapped.calls  # fmt: skip
+    ((args, kwargs),) = wrapped.calls
     assert kwargs == {"device_ids": [1], "gradient_as_bucket_view": True}
 
 
@@ -328,8 +355,11 @@ def test_batches_for_cuda_go_through_pinned_memory():
 
 def test_the_cuda_rng_state_is_checkpointed_and_restored():
     saved, restored = torch.arange(4, dtype=torch.uint8), Recorder()
-    with fake_gpu("sm90"), mock.patch("torch.cuda.get_rng_state", return_value=saved), \
-            mock.patch("torch.cuda.set_rng_state", restored):  # fmt: skip
+    with (
+        fake_gpu("sm90"),
+        mock.patch("torch.cuda.get_rng_state", return_value=saved),
+        mock.patch("torch.cuda.set_rng_state", restored),
+    ):
         state = checkpoint.rng_state()
         checkpoint.set_rng_state(state)
     assert torch.equal(state["cuda"], saved) and torch.equal(restored.calls[0][0][0], saved)

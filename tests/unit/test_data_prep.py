@@ -58,8 +58,10 @@ def test_round_trip_shards_and_val_split(tmp_path):
 
     manifest = json.loads((out / "manifest.json").read_text())
     val_idx = set(np.random.default_rng(1337).choice(300, size=20, replace=False).tolist())
-    expected = {s: [ENC.encode_ordinary(d) for i, d in enumerate(docs) if (i in val_idx) == (s == "val")]
-                for s in ("train", "val")}  # fmt: skip
+    expected = {
+        s: [ENC.encode_ordinary(d) for i, d in enumerate(docs) if (i in val_idx) == (s == "val")]
+        for s in ("train", "val")
+    }
     for split in ("train", "val"):
         assert split_docs(read_split(out, split)) == expected[split]  # exact, in order, nothing lost
         info = manifest["splits"][split]
@@ -94,8 +96,18 @@ def test_parquet_and_txt_files_load_like_jsonl(tmp_path):
         (tmp_path / f"doc{i}.txt").write_text(d)
     txts = [tmp_path / f"doc{i}.txt" for i in range(10)]
     out = tmp_path / "out"
-    run_prepare("--out", out, "--files", tmp_path / "a.parquet", tmp_path / "b.jsonl", *txts,
-                "--text-field", "body", "--val-docs", 1)  # fmt: skip
+    run_prepare(
+        "--out",
+        out,
+        "--files",
+        tmp_path / "a.parquet",
+        tmp_path / "b.jsonl",
+        *txts,
+        "--text-field",
+        "body",
+        "--val-docs",
+        1,
+    )
     got = split_docs(read_split(out, "train")) + split_docs(read_split(out, "val"))
     assert sorted(got) == sorted(ENC.encode_ordinary(d) for d in docs)
 
@@ -133,8 +145,12 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     # The run stalls once its state file records 3 train shards, with dozens still to write: the kill
     # lands mid-run however fast the machine.
     stall = env_with_sitecustomize(tmp_path / "stall", STALL_AFTER_3_TRAIN_SHARDS)
-    proc = subprocess.Popen([sys.executable, str(PREPARE), "--out", str(out), *map(str, args)], env=stall,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(PREPARE), "--out", str(out), *map(str, args)],
+        env=stall,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: recorded_train_shards(out / ".prepare_state.json") >= 3, timeout=60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -198,7 +214,7 @@ def _bad_inputs(tmp_path: Path):
         "different dataset in out dir": (
             ["--files", good, "--val-docs", 3, "--out-dir", other],
             "already holds a different prepared dataset",
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -266,12 +282,19 @@ def fineweb_parquet(path: Path, docs: list[str]) -> Path:
     import pyarrow.parquet as pq
 
     n = len(docs)
-    table = pa.table({
-        "text": docs, "id": [f"<urn:uuid:{i:08d}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
-        "url": [f"https://example.com/{i}" for i in range(n)], "date": ["2024-02-21T08:30:12Z"] * n,
-        "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n, "language": ["en"] * n,
-        "language_score": [0.9] * n, "token_count": [len(ENC.encode_ordinary(d)) for d in docs],
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "text": docs,
+            "id": [f"<urn:uuid:{i:08d}>" for i in range(n)],
+            "dump": ["CC-MAIN-2024-10"] * n,
+            "url": [f"https://example.com/{i}" for i in range(n)],
+            "date": ["2024-02-21T08:30:12Z"] * n,
+            "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n,
+            "language": ["en"] * n,
+            "language_score": [0.9] * n,
+            "token_count": [len(ENC.encode_ordinary(d)) for d in docs],
+        }
+    )
     pq.write_table(table, path)
     return path
 
@@ -282,8 +305,20 @@ def test_fineweb_splits_off_its_first_tokens_as_val_as_llmc_does(tmp_path):
     docs = make_docs(200, seed=3)
     local = fineweb_parquet(tmp_path / "000_00000.parquet", docs)
     out = tmp_path / "fw"
-    run_prepare("--dataset", "fineweb10B", "--files", local, "--out", out, "--val-first-tokens", 1500,
-                "--shard-tokens", 1000, "--num-proc", 2)  # fmt: skip
+    run_prepare(
+        "--dataset",
+        "fineweb10B",
+        "--files",
+        local,
+        "--out",
+        out,
+        "--val-first-tokens",
+        1500,
+        "--shard-tokens",
+        1000,
+        "--num-proc",
+        2,
+    )
     stream = np.concatenate([[EOT, *ENC.encode_ordinary(d)] for d in docs]).astype(np.uint16)
     assert np.array_equal(read_split(out, "val"), stream[:1500])
     assert np.array_equal(read_split(out, "train"), stream[1500:])
@@ -296,9 +331,11 @@ def test_named_datasets_read_the_hub_copies_llmc_reads():
     sys.path.insert(0, str(REPO))
     from data_prep import prepare
 
-    for name, hub, config in [("fineweb10B", "HuggingFaceFW/fineweb", "sample-10BT"),
-                              ("fineweb-edu10B", "HuggingFaceFW/fineweb-edu", "sample-10BT"),
-                              ("openwebtext", "Skylion007/openwebtext", None)]:  # fmt: skip
+    for name, hub, config in [
+        ("fineweb10B", "HuggingFaceFW/fineweb", "sample-10BT"),
+        ("fineweb-edu10B", "HuggingFaceFW/fineweb-edu", "sample-10BT"),
+        ("openwebtext", "Skylion007/openwebtext", None),
+    ]:
         args = prepare.parse_args(["--dataset", name, "--out", "x"])
         source = prepare.make_source(args).describe()
         assert (source["dataset"], source["name"], source["split"]) == (hub, config, "train")

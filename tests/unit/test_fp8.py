@@ -22,8 +22,11 @@ def test_only_the_blocks_matmuls_become_fp8_and_names_stay():
     names = list(model.state_dict())
     fp8.convert(model)
     converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
-    assert converted == {f"transformer.h.{i}.{name}" for i in range(2)
-                         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+    assert converted == {
+        f"transformer.h.{i}.{name}"
+        for i in range(2)
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert not isinstance(model.lm_head, Float8Linear)  # tied to wte; the fused loss's matmuls stay bf16
     assert list(model.state_dict()) == names  # checkpoints move between fp8 and bf16 runs
 

@@ -44,15 +44,26 @@ def measured_peak(cfg: TrainConfig, dtype: str) -> int:
 @pytest.mark.parametrize("fused_loss", ["true", "false"])
 @pytest.mark.parametrize(
     ("base", "dtype", "checkpointing"),
-    [(SMALL, "float32", False), (SMALL, "float32", True), (SMALL_BF16, "bfloat16", False),
-     (SMALL_BF16, "bfloat16", True)],
-)  # fmt: skip
+    [
+        (SMALL, "float32", False),
+        (SMALL, "float32", True),
+        (SMALL_BF16, "bfloat16", False),
+        (SMALL_BF16, "bfloat16", True),
+    ],
+)
 def test_estimate_within_20_percent_of_measured(base, dtype, checkpointing, fused_loss):
     cfg = resolve(base.replace(activation_checkpointing=checkpointing, fused_loss=fused_loss), 1)
     measured = measured_peak(cfg, dtype)
-    plan = memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype=dtype, strategy="ddp",
-                           activation_checkpointing=checkpointing, fused_loss=fused_loss == "true",
-                           device_type="cpu")  # fmt: skip
+    plan = memory.estimate(
+        model_config(cfg),
+        batch_size=cfg.batch_size,
+        world_size=1,
+        dtype=dtype,
+        strategy="ddp",
+        activation_checkpointing=checkpointing,
+        fused_loss=fused_loss == "true",
+        device_type="cpu",
+    )
     assert abs(plan.total - measured) <= 0.2 * measured, (plan, measured)
 
 
@@ -62,8 +73,14 @@ def test_fused_loss_saves_what_the_planner_says():
     fused = measured_peak(cfg.replace(fused_loss="true"), "float32")
 
     def planned(fused_loss):
-        return memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype="float32",
-                               strategy="ddp", fused_loss=fused_loss).total  # fmt: skip
+        return memory.estimate(
+            model_config(cfg),
+            batch_size=cfg.batch_size,
+            world_size=1,
+            dtype="float32",
+            strategy="ddp",
+            fused_loss=fused_loss,
+        ).total
 
     saved, predicted = plain - fused, planned(False) - planned(True)
     assert saved > 0.3 * plain and saved == pytest.approx(predicted, rel=0.2)
@@ -75,9 +92,15 @@ def test_activation_checkpointing_saves_what_the_planner_says():
     ckpt = measured_peak(cfg.replace(activation_checkpointing=True), "float32")
 
     def planned(checkpointing):
-        return memory.estimate(model_config(cfg), batch_size=cfg.batch_size, world_size=1, dtype="float32",
-                               strategy="ddp", activation_checkpointing=checkpointing,
-                               fused_loss=False).total  # fmt: skip
+        return memory.estimate(
+            model_config(cfg),
+            batch_size=cfg.batch_size,
+            world_size=1,
+            dtype="float32",
+            strategy="ddp",
+            activation_checkpointing=checkpointing,
+            fused_loss=False,
+        ).total
 
     saved, predicted = plain - ckpt, planned(False) - planned(True)
     assert predicted > 40e6 and saved == pytest.approx(predicted, rel=0.2)
@@ -127,8 +150,9 @@ def test_fsdp_with_compile_counts_the_eager_loss_of_the_uncompiled_root():
     # parallel.wrap compiles only the blocks under FSDP: the root's lm_head and cross-entropy run eagerly,
     # so compile changes nothing in the loss's share (1558M, batch 8, FSDP + activation checkpointing).
     config = GPTConfig.from_preset("gpt2-1558m")
-    common = dict(batch_size=8, world_size=1, dtype="bfloat16", strategy="fsdp", activation_checkpointing=True,
-                  fused_loss=False)  # fmt: skip
+    common = dict(
+        batch_size=8, world_size=1, dtype="bfloat16", strategy="fsdp", activation_checkpointing=True, fused_loss=False
+    )
     compiled, eager = (
         memory.estimate(config, compiled=True, **common),
         memory.estimate(config, compiled=False, **common),

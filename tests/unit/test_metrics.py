@@ -18,8 +18,11 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     log.close()
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
-        "step": 1, "loss": None, "grad_norm": None, "lr": 1e-3,
-    }  # fmt: skip
+        "step": 1,
+        "loss": None,
+        "grad_norm": None,
+        "lr": 1e-3,
+    }
 
 
 def test_mfu_of_a_float32_run_divides_by_the_tf32_peak():

@@ -22,12 +22,24 @@ def test_muon_adamw_is_torch_muon_for_the_blocks_matrices_and_fused_adamw_for_th
     theirs.load_state_dict(ours.state_dict())
     optimizer = MuonAdamW(ours, CFG)
     named = list(theirs.named_parameters())
-    muon = torch.optim.Muon([p for n, p in named if is_muon_matrix(n)], lr=CFG.muon_lr, weight_decay=0.1,
-                            momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")  # fmt: skip
+    muon = torch.optim.Muon(
+        [p for n, p in named if is_muon_matrix(n)],
+        lr=CFG.muon_lr,
+        weight_decay=0.1,
+        momentum=0.95,
+        nesterov=True,
+        adjust_lr_fn="match_rms_adamw",
+    )
     rest = [p for n, p in named if not is_muon_matrix(n)]
-    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
-                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=CFG.lr, betas=(0.9, 0.95), fused=True)  # fmt: skip
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=CFG.lr,
+        betas=(0.9, 0.95),
+        fused=True,
+    )
     assert sum(p.numel() for g in muon.param_groups for p in g["params"]) == 2 * 12 * 32 * 32
     for step in range(4):
         for model in (ours, theirs):
@@ -65,9 +77,20 @@ def test_muon_runs_resume_bitwise(shakespeare_data, tmp_path):
     from gpt2repro import train
 
     base = C.PRESETS["shakespeare-cpu"].replace(
-        n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, max_steps=6, log_interval=1,
-        eval_interval=1000, ckpt_interval=3, eval_tokens=64, device="cpu", optimizer="muon", muon_lr=0.02,
-    )  # fmt: skip
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=4,
+        max_steps=6,
+        log_interval=1,
+        eval_interval=1000,
+        ckpt_interval=3,
+        eval_tokens=64,
+        device="cpu",
+        optimizer="muon",
+        muon_lr=0.02,
+    )
 
     def losses(run_dir):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -84,8 +107,10 @@ def test_the_planner_counts_one_momentum_for_the_muon_matrices():
     from gpt2repro import memory
 
     config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, pad_vocab_multiple=64)
-    plans = {kind: memory.estimate(config, batch_size=16, world_size=8, dtype="bfloat16", strategy="fsdp",
-                                   optimizer=kind) for kind in ("adamw", "muon")}  # fmt: skip
+    plans = {
+        kind: memory.estimate(config, batch_size=16, world_size=8, dtype="bfloat16", strategy="fsdp", optimizer=kind)
+        for kind in ("adamw", "muon")
+    }
     matrices = 12 * 12 * 768 * 768  # the blocks' four matrices: 85M of GPT-2 124M's parameters
     model = GPT(config)
     assert matrices == sum(p.numel() for n, p in model.named_parameters() if is_muon_matrix(n))

@@ -70,9 +70,16 @@ def synthetic_run(offset: float, ratio: float = 1.0, every: int = 500) -> list[t
 
 @pytest.mark.parametrize(
     ("offset", "expected"),
-    [(-0.03, "ahead"), (-0.005, "on track"), (0.0, "on track"), (0.015, "on track"), (0.05, "behind"),
-     (0.2, "diverging"), (math.nan, "diverging")],
-)  # fmt: skip
+    [
+        (-0.03, "ahead"),
+        (-0.005, "on track"),
+        (0.0, "on track"),
+        (0.015, "on track"),
+        (0.05, "behind"),
+        (0.2, "diverging"),
+        (math.nan, "diverging"),
+    ],
+)
 def test_verdicts_of_runs_offset_from_the_reference(offset, expected):
     comparison = R.Comparison(LLMC, "fineweb10B")
     for tokens, val in synthetic_run(offset):
@@ -135,8 +142,19 @@ def test_compare_prints_verdicts_and_a_projection_and_plots_the_references(tmp_p
     behind = write_run(tmp_path / "behind", synthetic_run(0.04, 1.1)[:12], "fineweb10B")
     owt = write_run(tmp_path / "owt", synthetic_run(0.0)[:4], "openwebtext")
     png = tmp_path / "v.png"
-    cmd = [sys.executable, str(REPO / "launch" / "compare.py"), str(behind), str(owt), "--reference",
-           "llmc-124m-fineweb10B", "gpt2-124m@fineweb", "gpt2-124m@owt", "--log-x", "--out", str(png)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "compare.py"),
+        str(behind),
+        str(owt),
+        "--reference",
+        "llmc-124m-fineweb10B",
+        "gpt2-124m@fineweb",
+        "gpt2-124m@owt",
+        "--log-x",
+        "--out",
+        str(png),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

@@ -28,8 +28,15 @@ def test_slurm_nodelist_expansion():
     from gpt2repro.slurm import expand_nodelist
 
     assert expand_nodelist("gpu[01-03,07],login1,n[8-10]") == [
-        "gpu01", "gpu02", "gpu03", "gpu07", "login1", "n8", "n9", "n10",
-    ]  # fmt: skip
+        "gpu01",
+        "gpu02",
+        "gpu03",
+        "gpu07",
+        "login1",
+        "n8",
+        "n9",
+        "n10",
+    ]
 
 
 def test_sbatch_dry_run_prints_one_torchrun_per_node():
@@ -37,10 +44,20 @@ def test_sbatch_dry_run_prints_one_torchrun_per_node():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242",
-           "GPUS_PER_NODE": "8"}  # fmt: skip
-    out = subprocess.run(["bash", str(repo / "launch/slurm/train.sbatch"), "--config", "gpt2-124m", "--data", "d",
-                          "--out", "r"], env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "4242",
+        "GPUS_PER_NODE": "8",
+    }
+    out = subprocess.run(
+        ["bash", str(repo / "launch/slurm/train.sbatch"), "--config", "gpt2-124m", "--data", "d", "--out", "r"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2
     for line, node in zip(lines, ("gpu07", "gpu08"), strict=True):
@@ -72,8 +89,9 @@ importlib.metadata.version = lambda name: "2.4.1+cu121" if name == "torch" else 
 @pytest.mark.parametrize("launcher", ["train.py", "eval.py", "sample.py", "export.py", "compare.py"])
 def test_a_torch_older_than_the_floor_is_one_error_line_naming_the_fix(launcher, tmp_path):
     old = env_with_sitecustomize(tmp_path / "old_torch", OLD_TORCH)
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / launcher), "--help"], capture_output=True,
-                          text=True, env=old)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / launcher), "--help"], capture_output=True, text=True, env=old
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "error: gpt2repro needs torch 2.9 or newer, and this is torch 2.4.1+cu121; install a newer build: "

@@ -183,7 +183,8 @@ def test_settling_decides_for_the_machine():
     assert settle(C.TrainConfig(), h100).peak_tflops == 989.0 and settle(C.TrainConfig(), cpu).peak_tflops == 0.0
     typed = C.TrainConfig(dtype="float32", compile="false", fused_loss="true", strategy="fsdp")
     assert settle(typed, h100).replace(gpu_memory_gb=0, peak_tflops=0, device="auto") == typed.replace(
-        total_batch_tokens=typed.batch_size * 1024 * 8)  # typed values are kept as they are  # fmt: skip
+        total_batch_tokens=typed.batch_size * 1024 * 8
+    )  # typed values are kept as they are
 
 
 def _loader(tmp_path, spec: BatchSpec) -> ShardLoader:

@@ -38,9 +38,18 @@ def test_between_log_steps_a_step_reads_one_step_old_value_only(shakespeare_data
 
     monkeypatch.setattr(train, "train_step", marked_step)
     base = C.PRESETS["shakespeare-cpu"].replace(
-        n_layer=1, n_head=1, n_embd=16, block_size=16, batch_size=2, max_steps=8, log_interval=1000,
-        eval_interval=1000, ckpt_interval=1000, eval_tokens=64, device="cpu",
-    )  # fmt: skip
+        n_layer=1,
+        n_head=1,
+        n_embd=16,
+        block_size=16,
+        batch_size=2,
+        max_steps=8,
+        log_interval=1000,
+        eval_interval=1000,
+        ckpt_interval=1000,
+        eval_tokens=64,
+        device="cpu",
+    )
     with reads:
         train.fit(C.resolve(base, 1), str(shakespeare_data), tmp_path / "run", D.DistInfo())
     after_step = " ".join(reads.log).split("step")[1:]  # what the loop read after each step
