@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gpt2repro.loss import linear_cross_entropy
+from gpt2repro.loss import fused_loss_pays, linear_cross_entropy
 
 EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
 # The output projection is the token embedding (weight tying): in a state dict, the same tensor twice.
@@ -179,8 +179,9 @@ class GPT(nn.Module):
         # Training-time memory/compute trade: keep only each block's input and recompute its
         # activations during backward (about a third more compute, a fraction of the memory).
         self.activation_checkpointing = False
-        # Training's loss (return_logits=False) without the full logits: see gpt2repro/loss.py.
-        self.fused_loss = True
+        # Training's loss (return_logits=False) without the full logits (gpt2repro/loss.py): True, False, or
+        # None for where it pays on the device the forward runs on (training sets it from its settled config).
+        self.fused_loss: bool | None = None
 
     def _init_weights(self, module: nn.Module, name: str) -> None:
         # GPT-2 init: N(0, 0.02), with residual projections (attn.c_proj, mlp.c_proj) scaled by
@@ -238,7 +239,8 @@ class GPT(nn.Module):
                 x = block(x, kv_cache[i] if kv_cache is not None else None)
         x = self.transformer.ln_f(x)
         V = self.config.vocab_size
-        if targets is not None and not return_logits and self.fused_loss:
+        fused = self.fused_loss if self.fused_loss is not None else fused_loss_pays(idx.device.type)
+        if targets is not None and not return_logits and fused:
             return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), V)
         logits = self.lm_head(x)  # (B, T, padded V)
         if logits.size(-1) > V:

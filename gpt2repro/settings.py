@@ -18,6 +18,7 @@ import torch
 
 from gpt2repro import config as C
 from gpt2repro import memory, parallel
+from gpt2repro.loss import fused_loss_pays
 from gpt2repro.metrics import peak_tflops_of
 from gpt2repro.precision import gpu_computes_bfloat16, resolve_dtype
 
@@ -73,14 +74,6 @@ def settle(asked: C.TrainConfig, machine: Machine, given: frozenset[str] = froze
     if cfg.strategy == "auto":
         cfg = cfg.replace(strategy=plan(cfg, machine).strategy)
     return cfg
-
-
-def fused_loss_pays(device_type: str) -> bool:
-    """fused_loss auto: where it was measured to pay. On a CPU it is as fast as the plain loss at half the
-    peak memory (README, Speed). On CUDA the plain loss inside the compiled forward was measured (H200,
-    124M: 33.9 ms, 8.45 GiB) and the fused one was not, so auto stays plain there until
-    benchmarks/gpu_check.sh shows the fused loss at least as fast."""
-    return device_type != "cuda"
 
 
 def _switch(setting: str, auto: bool) -> str:

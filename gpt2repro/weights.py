@@ -6,6 +6,7 @@
 A source is one of (`kind_of` decides, once):
     checkpoint  a checkpoint directory of this trainer, or a run directory (its newest intact one)
     export      a single file written by launch/export.py --pt
+    llmc        an llm.c model file: gpt2_124M.bin, gpt2_124M_bf16.bin, model_NNNNNNNN.bin (gpt2repro/llmc.py)
     hf          a Hugging Face GPT-2 directory (save_pretrained)
     hub         a GPT-2 name: gpt2, gpt2-medium, gpt2-large, gpt2-xl
 
@@ -24,13 +25,14 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from gpt2repro import checkpoint
+from gpt2repro import checkpoint, llmc
 from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro.errors import first_line
 from gpt2repro.model import GPT, HF_NAMES, PRESETS, GPTConfig, _read_hf_config, with_tied, without_tied
 
-KINDS = ("checkpoint", "export", "hf", "hub")
+KINDS = ("checkpoint", "export", "llmc", "hf", "hub")
+NOT_A_MODEL = "neither a model file written by launch/export.py nor an llm.c model file"
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def kind_of(source: str) -> str:
     """Which of KINDS source is; a ValueError naming what it accepts otherwise."""
     path = Path(source)
     if path.is_file():
-        return "export"
+        return "llmc" if llmc.is_llmc(path) else "export"
     if path.is_dir():
         config = path / "config.json"  # a run directory has one too, of training fields
         is_hf = config.is_file() and "model_type" in json.loads(config.read_text())
@@ -76,6 +78,8 @@ def shape_of(source: str) -> GPTConfig:
     kind = kind_of(source)
     if kind == "export":
         return GPTConfig(**read_export(Path(source))["config"])
+    if kind == "llmc":
+        return llmc.read_header(source)[0]
     if kind == "hf":
         hf = _read_hf_config(Path(source))
         return GPTConfig(hf["vocab_size"], hf["n_positions"], hf["n_layer"], hf["n_head"], hf["n_embd"])
@@ -93,6 +97,10 @@ def open_weights(source: str) -> Weights:
         blob = read_export(Path(source))
         about = About(kind, source, blob.get("step"), blob.get("tokens"), blob.get("dtype", "auto"))
         return Weights(GPTConfig(**blob["config"]), with_tied(dict(blob["model"])), about)
+    if kind == "llmc":
+        config, state, stored = llmc.read(source)
+        # A bfloat16 file comes from a bfloat16 run (train_gpt2.cu); a float32 one does not say.
+        return Weights(config, state, About(kind, source, dtype="bfloat16" if stored == "bfloat16" else "auto"))
     try:
         model = GPT.from_pretrained(source)
     except (OSError, ImportError) as e:  # a hub name without network, or no huggingface_hub
@@ -120,9 +128,11 @@ def _checkpoint_weights(path: Path) -> Weights:
     state = without_tied(GPT(config).state_dict())
     checkpoint.load_state(path, {"model": state})
     run = C.from_json(meta["config"], f"{path}/{checkpoint.META_NAME}")
-    # A checkpoint from before config records were settled kept its dtype beside them.
-    dtype = run.dtype if run.dtype != "auto" else meta.get("dtype", "auto")
-    about = About("checkpoint", str(path), meta["step"], meta["tokens"], dtype, run, meta["world_size"])
+    # A checkpoint from before config records were settled kept what ran beside them.
+    for name in ("dtype", "strategy"):
+        if getattr(run, name) == "auto" and name in meta:
+            run = run.replace(**{name: meta[name]})
+    about = About("checkpoint", str(path), meta["step"], meta["tokens"], run.dtype, run, meta["world_size"])
     return Weights(config, with_tied(state), about)
 
 
@@ -132,11 +142,9 @@ def read_export(path: Path) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise checkpoint.CheckpointError(
-            f"{path} is not a model file written by launch/export.py ({first_line(e)})."
-        ) from None
+        raise checkpoint.CheckpointError(f"{path} is {NOT_A_MODEL} ({first_line(e)}).") from None
     if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
-        raise checkpoint.CheckpointError(f"{path} is not a model file written by launch/export.py.")
+        raise checkpoint.CheckpointError(f"{path} is {NOT_A_MODEL}.")
     return blob
 
 

@@ -25,7 +25,7 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 
 import torch  # noqa: E402
 
-from gpt2repro import checkpoint, evaluate, parallel, settings, weights  # noqa: E402
+from gpt2repro import checkpoint, evaluate, parallel, weights  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
 from gpt2repro.errors import failure_message, print_error  # noqa: E402
@@ -68,11 +68,9 @@ def parse(argv):
     return args
 
 
-def load_model(args, device_type: str) -> tuple[GPT, weights.About, int, Path | None]:
+def load_model(args) -> tuple[GPT, weights.About, int, Path | None]:
     """(model, where it came from, default eval tokens, default result file), through weights.load_model."""
-    model, about = weights.load_model(args.hf or args.ckpt)
-    if about.run is None or about.run.fused_loss not in ("true", "false"):  # no run, or one too old to say
-        model.fused_loss = settings.fused_loss_pays(device_type)  # as training settles it on this device
+    model, about = weights.load_model(args.hf or args.ckpt)  # the run's own loss, else where it pays here
     eval_tokens = about.run.eval_tokens if about.run else DEFAULT_EVAL_TOKENS  # the run's val_loss used these
     path = Path(about.path)
     result_file = {
@@ -96,7 +94,7 @@ def main(argv=None) -> int:
     try:
         args = parse(argv)
         with D.distributed_context(args.device) as info:
-            model, about, default_tokens, result_file = load_model(args, info.device_type)
+            model, about, default_tokens, result_file = load_model(args)
             model.to(info.device)
             _, autocast = precision(args.dtype, info.device_type, about.dtype)  # as asked, else the run's own
             result = {"model": args.hf or about.path}

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +193,8 @@ def test_compare_writes_a_plot_and_the_crossing_table(tmp_path):
         steps=[(1, 1000, 3.6), (2, 2000, 3.2), (3, 3000, 3.05)],
     )
     write_run(tmp_path / "slow", [(1, 1000, 4.0), (2, 2000, 3.6)])
+    ran = {"dtype": "bfloat16", "compile": True, "fused_loss": False, "strategy": "fsdp", "world_size": 8}
+    (tmp_path / "fast" / "config.json").write_text(json.dumps(ran))  # what a run's config.json records
     png, table = tmp_path / "c.png", tmp_path / "t.csv"
     proc = run(
         [
@@ -212,6 +215,7 @@ def test_compare_writes_a_plot_and_the_crossing_table(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "gpt2-124m reached at 2,000 tokens (gap -0.1200)" in proc.stdout  # 3.1 <= 3.12 first at 2000
     assert "gpt2-350m not reached" in proc.stdout
+    assert "ran: dtype bfloat16, compile on, fused_loss off, strategy fsdp, world_size 8" in proc.stdout
     import csv
 
     rows = list(csv.DictReader(table.open()))
@@ -250,3 +254,40 @@ def test_periodic_hellaswag_during_training(shakespeare_data, tmp_path):
     run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--eval_interval", 2, "--hellaswag_file", file))
     last = metrics(out)[-1]
     assert last["step"] == 2 and "val_loss" in last and last["hellaswag_acc_norm"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_an_llmc_model_file_evaluates_samples_trains_and_goes_back(shakespeare_data, tmp_path):
+    """Both directions through the launchers: a run exported as llm.c's float32 and bfloat16 files, which then
+    evaluate, sample, start a run (--init_from) and export to Hugging Face like any other weights."""
+    out = tmp_path / "run"
+    run(train_cmd(shakespeare_data, out, "--max_steps", 3, "--eval_interval", 3, "--ckpt_interval", 3))
+    logged = [r["val_loss"] for r in metrics(out) if "val_loss" in r][-1]
+    export = [sys.executable, str(REPO / "launch" / "export.py"), "--ckpt", str(out)]
+    fp32, bf16 = tmp_path / "gpt2_tiny.bin", tmp_path / "gpt2_tiny_bf16.bin"
+    run([*export, "--llmc", str(fp32)])
+    run([*export, "--llmc", str(bf16), "--llmc_dtype", "bfloat16"])
+    assert bf16.stat().st_size - 1024 == (fp32.stat().st_size - 1024) // 2
+
+    def evaluated(source: Path) -> float:  # on the run's val windows (an llm.c file does not say how many)
+        result = tmp_path / f"{source.name}.json"
+        data = ["--data", str(shakespeare_data), "--max-tokens", "512"]
+        run([sys.executable, EVAL, "--ckpt", str(source), *data, "--out", str(result)])
+        return json.loads(result.read_text())["loss"]
+
+    assert evaluated(fp32) == pytest.approx(logged, rel=1e-6)  # the run's own val loss, from llm.c's file
+    assert evaluated(bf16) == pytest.approx(logged, abs=0.02)  # bfloat16 weights: close, not equal
+    proc = run([sys.executable, str(REPO / "launch" / "sample.py"), "--ckpt", str(fp32), "--max-new-tokens", "5"])
+    assert "--- sample 1 ---" in proc.stdout
+    # A run that starts from the file: the source's shape, and at a vanishing lr its weights' val loss.
+    ft = tmp_path / "ft"
+    args = ["--init_from", str(fp32), "--lr", "1e-12", "--min_lr", "0", "--warmup_steps", "0", "--max_steps", "1",
+            "--eval_interval", "1"]  # fmt: skip
+    proc = run(train_cmd(shakespeare_data, ft, *args))
+    assert "from scratch" in proc.stdout and metrics(ft)[-1]["val_loss"] == pytest.approx(logged, rel=1e-5)
+    run([*export[:-2], "--ckpt", str(fp32), "--hf", str(tmp_path / "hf")])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.n_embd == 32 and hf.config.vocab_size == 50257
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(fp32.read_bytes()[:-4])
+    proc = run([sys.executable, EVAL, "--ckpt", str(broken), "--data", str(shakespeare_data)], check=False)
+    one_line_error(proc, "it is truncated")

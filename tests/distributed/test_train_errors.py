@@ -153,7 +153,7 @@ def test_bad_paths_are_one_clear_line(finished_run, shakespeare_data, tmp_path):
         (train_cmd(shakespeare_data, tmp_path / "out", "--resume", tmp_path / "nope"), "nope does not exist"),
         (
             [sys.executable, str(REPO / "launch" / "eval.py"), "--ckpt", str(a_file), "--data", str(shakespeare_data)],
-            "is not a model file written by launch/export.py",
+            "is neither a model file written by launch/export.py nor an llm.c model file",
         ),
         (
             [
