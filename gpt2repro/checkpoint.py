@@ -58,9 +58,10 @@ class Checkpointer:
     step, tokens, skipped steps, GradScaler state and every rank's RNG state.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, raw_model: GPT, optimizer, scaler, info: D.DistInfo):
+    def __init__(self, run_dir: Path, cfg: TrainConfig, raw_model: GPT, optimizer, scaler, info: D.DistInfo,
+                 guard=None):  # fmt: skip
         self.run_dir, self.cfg, self.info = Path(run_dir), cfg, info
-        self.raw_model, self.optimizer, self.scaler = raw_model, optimizer, scaler
+        self.raw_model, self.optimizer, self.scaler, self.guard = raw_model, optimizer, scaler, guard
         self.resumed_from: Path | None = None
         self.saved: Path | None = None  # the newest one this process wrote
 
@@ -75,9 +76,12 @@ class Checkpointer:
             "step": state.step,
             "tokens": state.tokens,
             "skipped_steps": state.skipped_steps,
+            "spikes": state.spikes,
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,
         }
+        if self.guard is not None:
+            trainer["guard"] = self.guard.state_dict()
         meta = {
             "config": to_json(self.cfg),
             "model": dataclasses.asdict(self.raw_model.config),
@@ -113,6 +117,13 @@ class Checkpointer:
         path = self._find_resume_point()
         if path is None:
             return None
+        self.load(path, state)
+        self.resumed_from = path
+        return path
+
+    def load(self, path: Path, state) -> None:
+        """Restore model, optimizer, scaler, spike guard, `state` and RNG from the (checked) checkpoint at path;
+        every rank together."""
         saved = read_meta(path)["config"]
         mismatched = [
             f"{f}={saved[f]} (checkpoint) vs {getattr(self.cfg, f)} (config)"
@@ -132,13 +143,14 @@ class Checkpointer:
         trainer = read_trainer(path)
         self.scaler.load_state_dict(trainer["scaler"])
         state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
+        state.spikes = trainer.get("spikes", 0)  # 0 in a checkpoint from before the spike guard
+        if self.guard is not None and "guard" in trainer:
+            self.guard.load_state_dict(trainer["guard"])
         rngs = trainer["rng"]
         if len(rngs) == self.info.world_size:  # same world: every rank continues its own random stream
             set_rng_state(rngs[self.info.rank])
         else:  # another world size: fresh streams, still one per rank (dropout masks must differ)
             torch.manual_seed(self.cfg.seed + 1_000_003 * state.step + self.info.rank)
-        self.resumed_from = path
-        return path
 
     def _find_resume_point(self) -> Path | None:
         """The checkpoint cfg.resume names (auto: the newest intact one), chosen by rank 0 for all ranks."""

@@ -126,6 +126,8 @@ def format_line(record: dict, max_steps: int, eta_s: float | None, reference: st
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         if record.get("mfu") is not None:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if record.get("spikes"):
+        parts.append(f"spikes skipped {record['spikes']}")
     parts += [f"{key} {record[f'{key}_s']:.1f}s" for key in ("eval", "ckpt") if f"{key}_s" in record]
     if eta_s is not None and math.isfinite(eta_s):
         h, rem = divmod(int(eta_s), 3600)
@@ -173,8 +175,9 @@ class RunLog:
     def due(self, step: int) -> bool:
         return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
 
-    def training(self, state, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """The training numbers of a log step (host syncs: only here)."""
+    def training(self, state, loss: torch.Tensor, grad_norm: torch.Tensor, max_z: float | None = None) -> None:
+        """The training numbers of a log step (host syncs: only here); with the spike guard on, its count of
+        skipped updates and the largest z-score it saw since the last log step."""
         train_s, steps = self.throughput.close(state.step)
         tok_s = self.tokens_per_step * steps / train_s if steps else None  # none yet: the first step
         self.record = {
@@ -189,6 +192,8 @@ class RunLog:
             "skipped_steps": state.skipped_steps,
             "eta_s": self.throughput.eta_s(self.cfg.max_steps - state.step),
         }
+        if max_z is not None:
+            self.record.update(spikes=state.spikes, max_z=max_z)
 
     def evaluation(self, state, results: dict, seconds: float) -> None:
         """The evaluation's results, judged against the run's reference curve (--reference) if it has one."""

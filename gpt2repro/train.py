@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro import checkpoint, evaluate, parallel, profiling, references, settings, weights
+from gpt2repro import checkpoint, evaluate, guard, parallel, profiling, references, settings, weights
 from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro.config import TrainConfig, lr_at
@@ -47,6 +47,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed, all ranks
     skipped_steps: int = 0  # updates skipped for non-finite gradients
+    spikes: int = 0  # updates the spike guard skipped (gpt2repro/guard.py)
 
 
 class StopSignals:
@@ -127,9 +128,10 @@ def build_engine(cfg: TrainConfig, layout: parallel.Layout, loader, seed: int) -
     return Engine(cfg, model, raw_model, optimizer, scaler, loader, autocast)
 
 
-def train_step(engine: Engine, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimizer step `step` (1-based, as logged) over grad_accum_steps micro-batches: (mean loss, grad norm)
-    on the device, no host sync."""
+def train_step(engine: Engine, step: int, judge=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimizer step `step` (1-based, as logged) over grad_accum_steps micro-batches: (this rank's loss, the
+    grad norm) on the device, no host sync. judge(step, loss, grad_norm), when given, runs before the update
+    and says whether to skip it (a 0-d bool tensor): the spike guard."""
     cfg, model = engine.cfg, engine.model
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
@@ -145,7 +147,9 @@ def train_step(engine: Engine, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     engine.scaler.unscale_(engine.optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = parallel.clip_grad_norm(engine.raw_model.parameters(), max_norm)
-    engine.scaler.step(engine.optimizer)  # skipped when gradients hold inf/nan (on any rank)
+    if judge is not None:
+        guard.skip_update(engine.scaler, engine.optimizer, judge(step, loss_sum, grad_norm))
+    engine.scaler.step(engine.optimizer)  # skipped when gradients hold inf/nan (on any rank), or on a spike
     engine.scaler.update()
     engine.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
@@ -187,6 +191,7 @@ class Run:
     checkpointer: checkpoint.Checkpointer
     evaluator: evaluate.Evaluator
     comparison: references.Comparison | None  # the reference curve each eval is judged by (--reference)
+    guard: guard.SpikeGuard | None = None  # --spike_zscore
 
     @property
     def raw_model(self) -> GPT:
@@ -210,18 +215,18 @@ def fit(
         RunLog(run) as log,
         profiling.StepProfiler(cfg.profile_steps, cfg.profile_with_stack, run.run_dir, info, watchdog) as profiler,
     ):
-        stopper = Stopper(cfg, info, signals, state)
+        stopper = Stopper(cfg, info, signals, state, run.guard)
         while state.step < cfg.max_steps:
             step = state.step + 1
             with watchdog.slow(STARTUP) if step == first_step else contextlib.nullcontext(), profiler.step(step):
-                loss, grad_norm = train_step(run.engine, step)
+                loss, grad_norm = train_step(run.engine, step, stopper.judge if run.guard else None)
                 log.step_done(step)
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
             loss = stopper.watch(loss, grad_norm)  # the mean over ranks; counts non-finite steps
             state.step, state.tokens = step, state.tokens + run.tokens_per_step
             if log.due(step):
                 stopper.check(step, run.checkpointer)  # host syncs: only at log steps
-                log.training(state, loss, grad_norm)
+                log.training(state, loss, grad_norm, stopper.take_max_z())
             if run.evaluator.due(step):
                 with watchdog.slow(f"the evaluation at step {step}"):
                     log.evaluation(state, *timed(info.device, run.evaluator))
@@ -263,7 +268,12 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
     engine = build_engine(cfg, layout, loader, cfg.seed)
     state = TrainState()
-    checkpointer = checkpoint.Checkpointer(run_dir, cfg, engine.raw_model, engine.optimizer, engine.scaler, info)
+    spike_guard = None
+    if cfg.spike_zscore:
+        spike_guard = guard.SpikeGuard(cfg.spike_zscore, cfg.spike_window, info.device, cfg.warmup_steps)
+    checkpointer = checkpoint.Checkpointer(
+        run_dir, cfg, engine.raw_model, engine.optimizer, engine.scaler, info, spike_guard
+    )
     resumed_from = checkpointer.resume(state)
     if resumed_from is None:
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
@@ -294,7 +304,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
                 f"{gpu_bytes / GiB:.1f} GiB; see --dry_run true for the breakdown",
                 flush=True,
             )
-    return Run(cfg, info, run_dir, engine, state, checkpointer, evaluator, comparison)
+    return Run(cfg, info, run_dir, engine, state, checkpointer, evaluator, comparison, spike_guard)
 
 
 def run_record(asked: TrainConfig, cfg: TrainConfig, world_size: int, data_dir: str) -> dict:
@@ -312,13 +322,16 @@ def run_record(asked: TrainConfig, cfg: TrainConfig, world_size: int, data_dir: 
 class Stopper:
     """When the run stops early: at a signal (StopSignals), after the next step and its checkpoint,
     on every rank at the same step (D.StopVote); with a TrainingError after max_nonfinite_steps
-    consecutive non-finite losses. Also counts the steps skipped for non-finite gradients."""
+    consecutive non-finite losses. Also counts the updates skipped for non-finite gradients, and
+    those the spike guard (gpt2repro/guard.py) skipped."""
 
-    def __init__(self, cfg: TrainConfig, info: D.DistInfo, signals: StopSignals, state: TrainState):
-        self.cfg, self.signals, self.state = cfg, signals, state
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, signals: StopSignals, state: TrainState,
+                 spike_guard: guard.SpikeGuard | None = None):  # fmt: skip
+        self.cfg, self.info, self.signals, self.state, self.guard = cfg, info, signals, state, spike_guard
         self.vote = D.StopVote(info, StopSignals.SIGNALS)
         self.consecutive_bad = torch.zeros((), dtype=torch.long, device=info.device)
         self.skipped = torch.full((), state.skipped_steps, dtype=torch.long, device=info.device)
+        self.spikes = torch.full((), state.spikes, dtype=torch.long, device=info.device)
         self.is_main = info.is_main
 
     def agreed(self) -> int:
@@ -333,12 +346,23 @@ class Stopper:
         self.skipped += (~torch.isfinite(grad_norm)).long()
         return loss
 
+    def judge(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Before step `step`'s update (train_step's judge): whether the spike guard skips it, from the loss
+        averaged over ranks (its own all-reduce, queued on the device: the same decision on every rank)."""
+        mean = D.all_reduce_sum(loss.detach().clone(), self.info) / self.info.world_size
+        spike = self.guard.check(step, mean, grad_norm)
+        self.spikes += spike.long()
+        return spike
+
     def bad_streak(self) -> int:
         return int(self.consecutive_bad)
 
+    def take_max_z(self) -> float | None:
+        return self.guard.take_max_z() if self.guard is not None else None
+
     def check(self, step: int, checkpointer: checkpoint.Checkpointer) -> None:
-        """At a log step: the skipped-step count into the state, and the end of a run that diverged."""
-        self.state.skipped_steps = int(self.skipped)
+        """At a log step: the counts into the state, and the end of a run that diverged."""
+        self.state.skipped_steps, self.state.spikes = int(self.skipped), int(self.spikes)
         bad = self.bad_streak()
         if bad >= self.cfg.max_nonfinite_steps:
             good = checkpointer.last_good(step, bad)

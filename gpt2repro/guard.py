@@ -1,0 +1,66 @@
+"""The loss-spike guard: skip an update whose loss or gradient norm jumps far above its recent level.
+
+llm.c's outlier detector (llmc/outlier_detector.h, -sl/-sg) in spirit, kept on the device: the
+last `window` finite, accepted steps' loss (the mean over ranks) and global gradient norm, and for
+each new step their z-scores against that window. A step whose either z-score exceeds the
+threshold, once the window is full and the lr warmup over, is a spike: its update is skipped through the path non-finite
+steps already take (the GradScaler's found-inf flag, which the fused optimizers read on the device),
+and it is not added to the window. Every rank computes the same decision from the same reduced
+numbers, with no host sync. A loss or gradient norm far *below* its level is no spike.
+
+Not here yet: rolling back when spikes persist (a long bad stretch of data, or weights that updates
+below the threshold already damaged, so that every clean step looks like a spike); see README.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SpikeGuard:
+    def __init__(self, zscore: float, window: int, device: str, after_step: int = 0):
+        self.zscore, self.window, self.after_step = zscore, window, after_step  # after_step: the lr warmup
+        self.values = torch.zeros(2, window, device=device)  # (loss, grad norm) of the accepted steps, a ring
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # accepted steps seen
+        self.max_z = torch.zeros((), device=device)  # the largest z-score since the last log step
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Whether step `step` (its loss averaged over ranks, its global grad norm) is a spike: a 0-d bool
+        tensor on the device. Updates the window; never syncs with the host."""
+        x = torch.stack([loss.float(), grad_norm.float()])
+        finite = torch.isfinite(x).all()
+        warm = step > self.after_step  # the lr warmup's steps are neither judged nor part of the window
+        full = warm & (self.count >= self.window)
+        mean, std = self.values.mean(1), self.values.std(1)
+        z = torch.where(finite, (x - mean) / std.clamp_min(1e-12), 0.0)
+        z_max = torch.where(full, z.max(), 0.0)
+        self.max_z = torch.maximum(self.max_z, z_max)
+        spike = full & finite & (z_max > self.zscore)
+        accept = warm & finite & ~spike
+        slot = (self.count % self.window).view(1)  # the oldest accepted step's place, once the ring is full
+        kept = torch.where(accept, x, self.values.index_select(1, slot).squeeze(1))
+        self.values.index_copy_(1, slot, kept[:, None])
+        self.count += accept.long()
+        return spike
+
+    def take_max_z(self) -> float:
+        """The largest z-score since the last call (a host sync: at log steps only)."""
+        value = float(self.max_z)
+        self.max_z.zero_()
+        return value
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.cpu(), "count": int(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["values"].shape) != tuple(self.values.shape):  # another window: start it afresh
+            return
+        self.values.copy_(state["values"])
+        self.count.fill_(state["count"])
+
+
+def skip_update(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """Make scaler.step skip this update when `skip` (a 0-d bool tensor) holds, on the device: after
+    scaler.unscale_(optimizer), fold it into the found-inf flag the optimizer reads."""
+    for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        found.copy_(torch.maximum(found, skip.to(found.dtype)))
