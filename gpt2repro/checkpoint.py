@@ -77,6 +77,8 @@ class Checkpointer:
             "tokens": state.tokens,
             "skipped_steps": state.skipped_steps,
             "spikes": state.spikes,
+            "data_offset": state.data_offset,
+            "rollbacks": state.rollbacks,
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,
         }
@@ -101,6 +103,26 @@ class Checkpointer:
         candidates = list_steps(self.run_dir) + ([self.resumed_from] if self.resumed_from else [])
         good = [p for p in candidates if step_of(p) < step - consecutive_bad]
         return max(good, key=step_of) if good else None
+
+    def before(self, step: int) -> Path | None:
+        """The newest intact checkpoint of a step before `step`, for a rollback (it never holds anything the
+        trouble that began at `step` touched): chosen by rank 0, the same path on every rank."""
+        found = None
+        if self.info.is_main:
+            found = next((p for p in reversed(list_steps(self.run_dir)) if step_of(p) < step and problem(p) is None),
+                         None)  # fmt: skip
+        return D.broadcast_object(found, self.info)
+
+    def set_aside_after(self, step: int) -> None:
+        """Rank 0 renames the checkpoints of steps after `step` to .rolled-back-step_X: never resumed from,
+        never pruned, kept to look at."""
+        if self.info.is_main:
+            for path in list_steps(self.run_dir):
+                if step_of(path) > step:
+                    aside = path.with_name(f".rolled-back-{path.name}")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(path, aside)
+        D.barrier(self.info)
 
     def training_state(self) -> dict:
         """Model and AdamW state as DCP saves and loads it: whole tensors (DDP) or this rank's shards
@@ -143,7 +165,9 @@ class Checkpointer:
         trainer = read_trainer(path)
         self.scaler.load_state_dict(trainer["scaler"])
         state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
-        state.spikes = trainer.get("spikes", 0)  # 0 in a checkpoint from before the spike guard
+        # A checkpoint from before the spike guard: no spikes, no rollbacks, the data in its own order.
+        state.spikes, state.data_offset = trainer.get("spikes", 0), trainer.get("data_offset", 0)
+        state.rollbacks = trainer.get("rollbacks", 0)
         if self.guard is not None and "guard" in trainer:
             self.guard.load_state_dict(trainer["guard"])
         rngs = trainer["rng"]

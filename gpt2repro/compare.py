@@ -6,6 +6,7 @@ x axis, so runs with different batch sizes line up.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ class Run:
     evals: list[dict]  # records with a val_loss
     dataset: str | None = None  # the dataset it trained on (references.run_dataset)
     settings: dict | None = None  # what ran (its config.json's SETTINGS), None for a run without one
+    events: list[dict] = dataclasses.field(default_factory=list)  # the spike guard's rollbacks
 
 
 # What a reader comparing two runs needs to tell them apart: a run's settled values, from its config.json.
@@ -64,7 +66,8 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     evals = [r for r in records if r.get("val_loss") is not None]
     if not steps and not evals:
         raise ValueError(f"{path} holds no logged steps yet.")
-    return Run(Path(run_dir).name, steps, evals, references.run_dataset(run_dir), read_settings(run_dir))
+    events = [r for r in records if "rollback_from" in r]
+    return Run(Path(run_dir).name, steps, evals, references.run_dataset(run_dir), read_settings(run_dir), events)
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -197,6 +200,10 @@ def plot(
                 ms=3,
                 label=f"{run.name} val",
             )
+        for event in run.events:  # where the spike guard rolled the run back (its tokens at the checkpoint)
+            ax.axvline(event["tokens"], color=color, ls=":", lw=1)
+            ax.annotate(f"rollback from step {event['rollback_from']}", (event["tokens"], 0.98), color=color,
+                        xycoords=("data", "axes fraction"), rotation=90, va="top", fontsize=7)  # fmt: skip
     for j, name in enumerate(names):
         row = baselines[name]
         ax.axhline(

@@ -8,8 +8,10 @@ steps already take (the GradScaler's found-inf flag, which the fused optimizers 
 and it is not added to the window. Every rank computes the same decision from the same reduced
 numbers, with no host sync. A loss or gradient norm far *below* its level is no spike.
 
-Not here yet: rolling back when spikes persist (a long bad stretch of data, or weights that updates
-below the threshold already damaged, so that every clean step looks like a spike); see README.
+When spikes persist (rollback_after consecutive ones: a long bad stretch of data, or weights that
+updates below the threshold already damaged, so that every clean step looks like a spike), skipping
+is not enough: train.fit rolls back to the newest checkpoint from before the streak and moves the
+data past everything read since (PaLM's remedy: restart before the spike, skip its batches).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ class SpikeGuard:
         self.values = torch.zeros(2, window, device=device)  # (loss, grad norm) of the accepted steps, a ring
         self.count = torch.zeros((), dtype=torch.long, device=device)  # accepted steps seen
         self.max_z = torch.zeros((), device=device)  # the largest z-score since the last log step
+        self.streak = torch.zeros((), dtype=torch.long, device=device)  # consecutive spikes up to now
+        self.streak_start = torch.zeros((), dtype=torch.long, device=device)  # the step of its first one
 
     def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """Whether step `step` (its loss averaged over ranks, its global grad norm) is a spike: a 0-d bool
-        tensor on the device. Updates the window; never syncs with the host."""
+        tensor on the device. Updates the window and the streak of spikes; never syncs with the host."""
         x = torch.stack([loss.float(), grad_norm.float()])
         finite = torch.isfinite(x).all()
         warm = step > self.after_step  # the lr warmup's steps are neither judged nor part of the window
@@ -41,6 +45,8 @@ class SpikeGuard:
         kept = torch.where(accept, x, self.values.index_select(1, slot).squeeze(1))
         self.values.index_copy_(1, slot, kept[:, None])
         self.count += accept.long()
+        self.streak_start = torch.where(spike & (self.streak == 0), step, self.streak_start)
+        self.streak = torch.where(spike, self.streak + 1, 0)
         return spike
 
     def take_max_z(self) -> float:
@@ -50,13 +56,16 @@ class SpikeGuard:
         return value
 
     def state_dict(self) -> dict:
-        return {"values": self.values.cpu(), "count": int(self.count)}
+        return {"values": self.values.cpu(), "count": int(self.count), "streak": int(self.streak),
+                "streak_start": int(self.streak_start)}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["values"].shape) != tuple(self.values.shape):  # another window: start it afresh
             return
         self.values.copy_(state["values"])
         self.count.fill_(state["count"])
+        self.streak.fill_(state["streak"])
+        self.streak_start.fill_(state["streak_start"])
 
 
 def skip_update(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:

@@ -126,9 +126,12 @@ def format_line(record: dict, max_steps: int, eta_s: float | None, reference: st
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         if record.get("mfu") is not None:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
-    if record.get("spikes"):
+    if "rollback_from" in record:
+        parts.append(f"ROLLED BACK from step {record['rollback_from']} after {record['spikes']} spikes (rollback "
+                     f"{record['rollbacks']}): the data moves {record['data_offset']} batches ahead")  # fmt: skip
+    elif record.get("spikes"):
         parts.append(f"spikes skipped {record['spikes']}")
-    parts += [f"{key} {record[f'{key}_s']:.1f}s" for key in ("eval", "ckpt") if f"{key}_s" in record]
+    parts += [f"{key} {record[f'{key}_s']:.1f}s" for key in ("eval", "ckpt", "rollback") if f"{key}_s" in record]
     if eta_s is not None and math.isfinite(eta_s):
         h, rem = divmod(int(eta_s), 3600)
         parts.append(f"eta {h}:{rem // 60:02d}:{rem % 60:02d}")
@@ -208,6 +211,16 @@ class RunLog:
         if self.record and self.info.is_main:
             self._emit(self.record)
         self.record = {}
+
+    def rollback(self, record: dict, seconds: float) -> None:
+        """A rollback: the records past the step it went back to are dropped (they are about to be logged
+        again, as after a resume), then the event's own record and line."""
+        self.record = {}
+        self.throughput.restart(record["step"])
+        if self.info.is_main:
+            self.file.close()
+            self.file = MetricsLog(self.file.path, record["step"])
+            self._emit({**record, "rollback_s": seconds})
 
     def checkpoint(self, state, seconds: float) -> None:
         self.throughput.pause(seconds)

@@ -48,6 +48,8 @@ class TrainState:
     tokens: int = 0  # training tokens consumed, all ranks
     skipped_steps: int = 0  # updates skipped for non-finite gradients
     spikes: int = 0  # updates the spike guard skipped (gpt2repro/guard.py)
+    data_offset: int = 0  # step k trains on batch k + data_offset: a rollback moves the data past what it read
+    rollbacks: int = 0
 
 
 class StopSignals:
@@ -128,16 +130,17 @@ def build_engine(cfg: TrainConfig, layout: parallel.Layout, loader, seed: int) -
     return Engine(cfg, model, raw_model, optimizer, scaler, loader, autocast)
 
 
-def train_step(engine: Engine, step: int, judge=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimizer step `step` (1-based, as logged) over grad_accum_steps micro-batches: (this rank's loss, the
-    grad norm) on the device, no host sync. judge(step, loss, grad_norm), when given, runs before the update
-    and says whether to skip it (a 0-d bool tensor): the spike guard."""
+def train_step(engine: Engine, step: int, judge=None, data_step: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Optimizer step `step` (1-based, as logged) over grad_accum_steps micro-batches of batch `data_step`
+    (default: step): (this rank's loss, the grad norm) on the device, no host sync. judge(step, loss,
+    grad_norm), when given, runs before the update and says whether to skip it (a 0-d bool tensor): the
+    spike guard."""
     cfg, model = engine.cfg, engine.model
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     loss_sum = torch.zeros((), device=engine.loader.device)
     for micro in range(cfg.grad_accum_steps):
-        x, y = engine.loader.batch(step, micro)
+        x, y = engine.loader.batch(step if data_step is None else data_step, micro)
         # Gradients cross ranks once per optimizer step: on the last micro-batch.
         with parallel.gradient_sync(model, last_micro_batch=micro == cfg.grad_accum_steps - 1):
             with engine.autocast:
@@ -219,14 +222,20 @@ def fit(
         while state.step < cfg.max_steps:
             step = state.step + 1
             with watchdog.slow(STARTUP) if step == first_step else contextlib.nullcontext(), profiler.step(step):
-                loss, grad_norm = train_step(run.engine, step, stopper.judge if run.guard else None)
+                judge = stopper.judge if run.guard else None
+                loss, grad_norm = train_step(run.engine, step, judge, step + state.data_offset)
                 log.step_done(step)
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
             loss = stopper.watch(loss, grad_norm)  # the mean over ranks; counts non-finite steps
             state.step, state.tokens = step, state.tokens + run.tokens_per_step
             if log.due(step):
-                stopper.check(step, run.checkpointer)  # host syncs: only at log steps
+                rollback = stopper.check(step, run.checkpointer)  # host syncs: only at log steps
                 log.training(state, loss, grad_norm, stopper.take_max_z())
+                if rollback is not None:  # every rank: the same decision, from the same reduced numbers
+                    log.flush()
+                    with watchdog.slow(f"the rollback to {rollback}"):
+                        log.rollback(*timed(info.device, roll_back, run, stopper, rollback, step))
+                    continue
             if run.evaluator.due(step):
                 with watchdog.slow(f"the evaluation at step {step}"):
                     log.evaluation(state, *timed(info.device, run.evaluator))
@@ -329,10 +338,15 @@ class Stopper:
                  spike_guard: guard.SpikeGuard | None = None):  # fmt: skip
         self.cfg, self.info, self.signals, self.state, self.guard = cfg, info, signals, state, spike_guard
         self.vote = D.StopVote(info, StopSignals.SIGNALS)
-        self.consecutive_bad = torch.zeros((), dtype=torch.long, device=info.device)
-        self.skipped = torch.full((), state.skipped_steps, dtype=torch.long, device=info.device)
-        self.spikes = torch.full((), state.spikes, dtype=torch.long, device=info.device)
         self.is_main = info.is_main
+        self.restart()
+
+    def restart(self) -> None:
+        """The device counters, from the state: at the start, and after a rollback."""
+        device = self.info.device
+        self.consecutive_bad = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped = torch.full((), self.state.skipped_steps, dtype=torch.long, device=device)
+        self.spikes = torch.full((), self.state.spikes, dtype=torch.long, device=device)
 
     def agreed(self) -> int:
         """The signal every rank stops on (0: none), from the step before."""
@@ -360,8 +374,9 @@ class Stopper:
     def take_max_z(self) -> float | None:
         return self.guard.take_max_z() if self.guard is not None else None
 
-    def check(self, step: int, checkpointer: checkpoint.Checkpointer) -> None:
-        """At a log step: the counts into the state, and the end of a run that diverged."""
+    def check(self, step: int, checkpointer: checkpoint.Checkpointer) -> Path | None:
+        """At a log step: the counts into the state; the end of a run that diverged; and, when spikes persist,
+        the checkpoint to roll back to (a TrainingError past max_rollbacks, or with none from before them)."""
         self.state.skipped_steps, self.state.spikes = int(self.skipped), int(self.spikes)
         bad = self.bad_streak()
         if bad >= self.cfg.max_nonfinite_steps:
@@ -371,6 +386,20 @@ class Stopper:
                 f"{bad} consecutive steps had a non-finite loss (step {step}); "
                 f"{where}. Lower --lr or check the data, then resume from it (--resume PATH)."
             )
+        streak = int(self.guard.streak) if self.guard is not None else 0
+        if streak < self.cfg.rollback_after:
+            return None
+        began = int(self.guard.streak_start)
+        what = f"{streak} consecutive updates skipped as spikes, from step {began}"
+        if self.state.rollbacks >= self.cfg.max_rollbacks:
+            raise TrainingError(
+                f"{what}, after {self.state.rollbacks} rollback(s) (--max_rollbacks {self.cfg.max_rollbacks}); "
+                "check the data around these steps or lower --lr, then resume (--resume PATH)."
+            )
+        target = checkpointer.before(began)
+        if target is None:
+            raise TrainingError(f"{what}, and no checkpoint from before step {began} to roll back to.")
+        return target
 
     def announce(self, stop: int, step: int, saved: Path | None) -> None:
         if self.is_main:
@@ -379,6 +408,23 @@ class Stopper:
                 "is written; rerun the same command to resume",
                 flush=True,
             )
+
+
+def roll_back(run: Run, stopper: Stopper, target: Path, step: int) -> dict:
+    """Every rank: checkpoint `target`'s weights, optimizer, guard window and RNG again, with the data moved
+    past everything read since (its next step reads the batch after step `step`'s); the checkpoints after it
+    set aside, and `target` written again with the new offset, so that a resume replays this order. Returns
+    the event's record."""
+    state = run.state
+    spikes, rollbacks, read = state.spikes, state.rollbacks + 1, step + state.data_offset  # the last batch read
+    run.checkpointer.load(target, state)
+    state.data_offset = read - state.step
+    state.spikes, state.rollbacks = spikes, rollbacks
+    run.checkpointer.set_aside_after(state.step)
+    run.checkpointer.save(state)
+    stopper.restart()
+    return {"step": state.step, "tokens": state.tokens, "rollback_from": step, "data_offset": state.data_offset,
+            "rollbacks": rollbacks, "spikes": spikes}  # fmt: skip
 
 
 def check_out_dir(run_dir: Path) -> None:

@@ -2,19 +2,23 @@
 tokens are one repeated token, placed at the steps that read them (the data order is a pure
 function of seed and step). Unguarded, the model learns the stretch and ends measurably worse than
 the clean run; guarded, exactly those updates are skipped and the run ends where the clean one does.
-A healthy run is bitwise the same with the guard on."""
+A stretch longer than --rollback_after rolls the run back, on one rank and two alike, and a kill -9
+after the rollback resumes in the same order. Before its stretch, a guarded run is bitwise the
+unguarded one."""
 
+import json
 import shutil
+import signal
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from gpt2repro import shards
+from gpt2repro import compare, shards
 from gpt2repro.data import BatchSpec, ShardLoader
 from gpt2repro.guard import SpikeGuard
-from tests.distributed.helpers import env, losses, metrics, train_cmd
+from tests.distributed.helpers import env, env_with_sitecustomize, losses, metrics, slowed, train_cmd, wait_for
 
 POISONED = range(200, 221)  # the steps whose batches are poisoned: after the warmup and a full window
 RUN = ["--max_steps", 400, "--warmup_steps", 60, "--log_interval", 10, "--eval_interval", 400, "--eval_tokens", 4096,
@@ -38,27 +42,69 @@ def poison(data, out, steps, batch_size=4, block_size=32, seed=1337):
     return out
 
 
+LONG = range(200, 251)  # longer than --rollback_after 16: skipping alone is not enough
+ROLLBACK = [*RUN[:-1], 50, "--spike_zscore", 10, "--spike_window", 32, "--rollback_after", 16]
+
+
 @pytest.fixture(scope="module")
 def runs(shakespeare_data, tmp_path_factory):
-    """Four runs at once (one thread each): clean and poisoned data, with the guard off and on."""
+    """Every run at once, one thread each: clean data; poisoned data with the guard off and on; the long stretch
+    guarded on one rank and on two (the same global batch); and the long stretch again, killed -9 right after
+    its first rollback, then resumed. Their run directories, by name."""
     root = tmp_path_factory.mktemp("spikes")
-    bad = poison(shakespeare_data, root / "poisoned", POISONED)
-    cases = {"clean": (shakespeare_data, []), "clean_guarded": (shakespeare_data, ["--spike_zscore", 10]),
-             "poisoned": (bad, []), "poisoned_guarded": (bad, ["--spike_zscore", 10])}  # fmt: skip
-    procs = {
-        name: subprocess.Popen(
-            train_cmd(data, root / name, *RUN, *extra),
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for name, (data, extra) in cases.items()
+    short, long = poison(shakespeare_data, root / "short", POISONED), poison(shakespeare_data, root / "long", LONG)
+    guard = ["--spike_zscore", 10]
+    cases = {
+        "clean": train_cmd(shakespeare_data, root / "clean", *RUN),
+        "poisoned": train_cmd(short, root / "poisoned", *RUN),
+        "poisoned_guarded": train_cmd(short, root / "poisoned_guarded", *RUN, *guard),
+        "rolled_back": train_cmd(long, root / "rolled_back", *ROLLBACK),
+        "two_ranks": train_cmd(long, root / "two_ranks", *ROLLBACK, "--batch_size", 2, nproc=2),
     }
+    procs = {name: _start(cmd, root / f"{name}.log") for name, cmd in cases.items()}
+    # Each step of the killed run a little slower, so that the kill lands well before its end on any machine.
+    killed = train_cmd(long, root / "killed", *ROLLBACK)
+    slow = env_with_sitecustomize(root / "site", slowed("gpt2repro.train", "train_step", 0.02))
+    proc = _start(killed, root / "killed.log", slow)
+    log = root / "killed" / "metrics.jsonl"
+    wait_for(lambda: log.exists() and "rollback_from" in log.read_text(), timeout=600)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert metrics(root / "killed")[-1]["step"] < 400
+    procs["killed"] = _start(killed, root / "resumed.log")  # the resume, while the others run
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
-    return {name: root / name for name in cases}
+        assert proc.wait(timeout=600) == 0, f"{name}: {(root / f'{name}.log').read_text()[-3000:]}"
+    return {name: root / name for name in cases} | {"killed": root / "killed"}
+
+
+def _start(cmd, log, environ=None):
+    """cmd started, its output to the file log (pipes left unread could fill and stall it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=environ or env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def rollbacks(run_dir) -> list[tuple[int, int, int]]:
+    """(step rolled back to, step it left, data offset) of each rollback record, in order."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["rollback_from"], r["data_offset"]) for r in records if "rollback_from" in r]
+
+
+def test_persistent_spikes_roll_back_past_the_stretch_on_one_rank_and_two(runs):
+    one, two = runs["rolled_back"], runs["two_ranks"]
+    # 16 spikes in a row from step 200, seen at log step 220: back to checkpoint 150, the data 70 batches on (step
+    # 151 reads batch 221); the stretch's last 30 batches then roll it back once more, 20 further on.
+    assert rollbacks(one) == rollbacks(two) == [(150, 220, 70), (150, 170, 90)]
+    assert metrics(one)[-1]["step"] == 400 and [r for r in metrics(one) if "spikes" in r][-1]["spikes"] == len(LONG)
+    assert (one / "checkpoints" / ".rolled-back-step_00000200").is_dir()  # set aside, never resumed from
+    assert [e["rollback_from"] for e in compare.read_run(one).events] == [220, 170]  # marked on compare's plot
+    clean = final_val(runs["clean"])
+    for run_dir in (one, two):
+        assert abs(final_val(run_dir) - clean) / clean < 0.01, (run_dir.name, final_val(run_dir), clean)
+
+
+def test_a_kill_after_a_rollback_resumes_in_the_same_order(runs):
+    assert losses(runs["killed"]) == losses(runs["rolled_back"])  # bitwise: the same data order and decisions
+    assert rollbacks(runs["killed"]) == rollbacks(runs["rolled_back"])
 
 
 def final_val(run_dir) -> float:
@@ -66,10 +112,13 @@ def final_val(run_dir) -> float:
 
 
 def test_a_healthy_run_is_bitwise_the_same_with_the_guard_on(runs):
-    assert losses(runs["clean_guarded"]) == losses(runs["clean"])
-    logged = [r for r in metrics(runs["clean_guarded"]) if "spikes" in r]
-    assert logged and all(r["spikes"] == 0 for r in logged)
-    assert max(r["max_z"] for r in logged) < 10  # the healthy run's largest z-score, under the threshold
+    # Before its stretch the poisoned run is a healthy one: judged from step 189 (a 60-step warmup, then a full
+    # window of 128), the guard changes nothing there, and its largest z-score stays under the threshold.
+    guarded, unguarded = losses(runs["poisoned_guarded"]), losses(runs["poisoned"])
+    healthy = [step for step in guarded if step < POISONED[0]]
+    assert len(healthy) == 19 and [guarded[s] for s in healthy] == [unguarded[s] for s in healthy]
+    logged = [r for r in metrics(runs["poisoned_guarded"]) if "spikes" in r and r["step"] < POISONED[0]]
+    assert all(r["spikes"] == 0 for r in logged) and max(r["max_z"] for r in logged) < 10
 
 
 def test_a_poisoned_stretch_is_skipped_and_the_run_ends_where_the_clean_one_does(runs):
