@@ -3,8 +3,7 @@ tokens are one repeated token, placed at the steps that read them (the data orde
 function of seed and step). Unguarded, the model learns the stretch and ends measurably worse than
 the clean run; guarded, exactly those updates are skipped and the run ends where the clean one does.
 A stretch longer than --rollback_after rolls the run back, on one rank and two alike, and a kill -9
-after the rollback resumes in the same order. Before its stretch, a guarded run is bitwise the
-unguarded one."""
+after the rollback resumes in the same order. A healthy run is bitwise the same with the guard on."""
 
 import json
 import shutil
@@ -48,7 +47,7 @@ ROLLBACK = [*RUN[:-1], 50, "--spike_zscore", 10, "--spike_window", 32, "--rollba
 
 @pytest.fixture(scope="module")
 def runs(shakespeare_data, tmp_path_factory):
-    """Every run at once, one thread each: clean data; poisoned data with the guard off and on; the long stretch
+    """Every run at once, one thread each: clean and poisoned data with the guard off and on; the long stretch
     guarded on one rank and on two (the same global batch); and the long stretch again, killed -9 right after
     its first rollback, then resumed. Their run directories, by name."""
     root = tmp_path_factory.mktemp("spikes")
@@ -56,6 +55,7 @@ def runs(shakespeare_data, tmp_path_factory):
     guard = ["--spike_zscore", 10]
     cases = {
         "clean": train_cmd(shakespeare_data, root / "clean", *RUN),
+        "clean_guarded": train_cmd(shakespeare_data, root / "clean_guarded", *RUN, *guard),
         "poisoned": train_cmd(short, root / "poisoned", *RUN),
         "poisoned_guarded": train_cmd(short, root / "poisoned_guarded", *RUN, *guard),
         "rolled_back": train_cmd(long, root / "rolled_back", *ROLLBACK),
@@ -112,13 +112,11 @@ def final_val(run_dir) -> float:
 
 
 def test_a_healthy_run_is_bitwise_the_same_with_the_guard_on(runs):
-    # Before its stretch the poisoned run is a healthy one: judged from step 189 (a 60-step warmup, then a full
-    # window of 128), the guard changes nothing there, and its largest z-score stays under the threshold.
-    guarded, unguarded = losses(runs["poisoned_guarded"]), losses(runs["poisoned"])
-    healthy = [step for step in guarded if step < POISONED[0]]
-    assert len(healthy) == 19 and [guarded[s] for s in healthy] == [unguarded[s] for s in healthy]
-    logged = [r for r in metrics(runs["poisoned_guarded"]) if "spikes" in r and r["step"] < POISONED[0]]
-    assert all(r["spikes"] == 0 for r in logged) and max(r["max_z"] for r in logged) < 10
+    # Judged from step 189 (a 60-step warmup, then a full window of 128) to 400: nothing skipped, the same losses.
+    assert losses(runs["clean_guarded"]) == losses(runs["clean"])
+    logged = [r for r in metrics(runs["clean_guarded"]) if "spikes" in r]
+    assert len(logged) == 40 and all(r["spikes"] == 0 for r in logged)
+    assert 0 < max(r["max_z"] for r in logged) < 10  # the healthy run's largest z-score, under the threshold
 
 
 def test_a_poisoned_stretch_is_skipped_and_the_run_ends_where_the_clean_one_does(runs):
