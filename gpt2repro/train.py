@@ -219,10 +219,10 @@ def fit(
         profiling.StepProfiler(cfg.profile_steps, cfg.profile_with_stack, run.run_dir, info, watchdog) as profiler,
     ):
         stopper = Stopper(cfg, info, signals, state, run.guard)
+        judge = stopper.judge if run.guard else None  # the spike guard, before each update
         while state.step < cfg.max_steps:
             step = state.step + 1
             with watchdog.slow(STARTUP) if step == first_step else contextlib.nullcontext(), profiler.step(step):
-                judge = stopper.judge if run.guard else None
                 loss, grad_norm = train_step(run.engine, step, judge, step + state.data_offset)
                 log.step_done(step)
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
