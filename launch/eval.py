@@ -1,15 +1,18 @@
-"""Evaluate a checkpoint or a Hugging Face GPT-2: val loss (and perplexity), HellaSwag.
+"""Evaluate a checkpoint or a Hugging Face GPT-2: val loss (and perplexity), HellaSwag, lm-eval's tasks.
 
     python launch/eval.py --ckpt runs/124m --data data/owt                  # newest checkpoint of a run
     python launch/eval.py --hf gpt2 --data data/owt                          # live GPT-2 baseline
     python launch/eval.py --ckpt runs/124m --hellaswag hellaswag_val.jsonl
+    python launch/eval.py --ckpt runs/124m --tasks lambada_openai,lambada_openai_last_token,hellaswag,wikitext \
+        --vs gpt2-124m                                                       # GPT-2's table (pip: gpt2repro[eval])
     torchrun --standalone --nproc_per_node=8 launch/eval.py --hf gpt2-xl --data data/owt
 
 The loss uses the trainer's val windows (the first --max-tokens of the split, in
 non-overlapping block_size windows); for a checkpoint --max-tokens defaults to its run's
 eval_tokens, so the result reproduces the val_loss logged at that step. --hf results are
 also saved to DATA/baselines.json (or --baselines), which launch/compare.py prefers over
-the published numbers.
+the published numbers; --tasks results of --hf go to the same file, which --vs prefers over the
+published figures of OpenAI's checkpoints.
 """
 
 import argparse
@@ -25,7 +28,7 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 
 import torch  # noqa: E402
 
-from gpt2repro import checkpoint, evaluate, parallel, weights  # noqa: E402
+from gpt2repro import checkpoint, evaluate, parallel, weights, zero_shot  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
 from gpt2repro.errors import failure_message, print_error  # noqa: E402
@@ -52,9 +55,19 @@ def parse(argv):
         help="torch.compile the model for the val loss, as training's evaluations run on a GPU (with "
         "training's --batch_size too, the same computation as its logged val_loss)",
     )
-    p.add_argument("--hellaswag", help="HellaSwag jsonl (ctx, endings, label)")
+    p.add_argument("--hellaswag", help="HellaSwag jsonl (ctx, endings, label): llm.c's completion style")
+    p.add_argument(
+        "--tasks", help="lm-eval tasks, comma-separated (lambada_openai,hellaswag,...; needs gpt2repro[eval])"
+    )
+    p.add_argument("--task-data", help="local files for tasks: TASK=FILE,... (json, jsonl, parquet, csv); no download")
+    p.add_argument("--task-dir", action="append", default=[], help="a directory of your own lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, help="the first N documents of each task only")
+    p.add_argument("--vs", help="print the tasks beside GPT-2's own figures: gpt2-124m | gpt2-350m | ...")
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or printed only)")
-    p.add_argument("--baselines", help="baselines file for --hf results (default DATA/baselines.json)")
+    p.add_argument(
+        "--baselines",
+        help="baselines file for --hf results and --vs (default DATA/baselines.json, else ./baselines.json)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--dtype",
@@ -63,8 +76,10 @@ def parse(argv):
         help="autocast dtype; auto: the run's own (a checkpoint), else bfloat16 on a GPU",
     )
     args = p.parse_args(argv)
-    if not args.data and not args.hellaswag:
-        p.error("pass --data DIR (loss) and/or --hellaswag FILE")
+    if not args.data and not args.hellaswag and not args.tasks:
+        p.error("pass --data DIR (loss), --hellaswag FILE and/or --tasks TASK,...")
+    if args.vs and not args.tasks:
+        p.error("--vs compares lm-eval tasks: pass --tasks too")
     return args
 
 
@@ -93,6 +108,8 @@ def main(argv=None) -> int:
     info = None
     try:
         args = parse(argv)
+        if args.tasks:  # lm-eval is an extra: one clear line without it, before any model is read
+            from gpt2repro import harness  # noqa: F401
         with D.distributed_context(args.device) as info:
             model, about, default_tokens, result_file = load_model(args)
             model.to(info.device)
@@ -116,10 +133,12 @@ def main(argv=None) -> int:
             if args.hellaswag:
                 examples = evaluate.read_hellaswag(args.hellaswag)
                 result["hellaswag"] = evaluate.hellaswag(model, examples, replicas, autocast)
+            if args.tasks:
+                result.update(lm_eval_tasks(args, model, about, info))
             if info.is_main:
                 report(args, result, args.out or result_file)
         return 0
-    except (ValueError, DataError, ShardError, checkpoint.CheckpointError) as e:
+    except (ValueError, ImportError, DataError, ShardError, checkpoint.CheckpointError) as e:
         print_error(e, info)  # from every rank that fails, not only rank 0
         return 1
     except RuntimeError as e:
@@ -128,6 +147,28 @@ def main(argv=None) -> int:
             raise
         print_error(message, info)
         return 1
+
+
+def lm_eval_tasks(args, model: GPT, about: weights.About, info: D.DistInfo) -> dict:
+    """lm-eval's results for --tasks, each rank scoring a share of the documents (rank 0 gets them all)."""
+    from gpt2repro import harness
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    lm = harness.GPT2ReproLM(
+        model=model, batch_size=args.batch_size, device=info.device, dtype=args.dtype, trained_in=about.dtype
+    )
+    results = harness.run_tasks(lm, tasks, harness.parse_task_data(args.task_data), args.limit, task_dirs=args.task_dir)
+    if results is None:  # not rank 0
+        return {}
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    return {"tasks": harness.scores(results), "tasks_stderr": harness.scores(results, stderr=True)}
+
+
+def baselines_path(args) -> Path:
+    """Where --hf results go, and --vs reads them: --baselines, else DATA/baselines.json, else ./baselines.json."""
+    return Path(args.baselines or (Path(args.data) / "baselines.json" if args.data else "baselines.json"))
 
 
 def report(args, result: dict, out: str | Path | None) -> None:
@@ -139,10 +180,21 @@ def report(args, result: dict, out: str | Path | None) -> None:
     if "hellaswag" in result:
         h = result["hellaswag"]
         print(f"{result['model']}: HellaSwag acc {h['acc']:.4f}, acc_norm {h['acc_norm']:.4f} ({h['num_examples']})")
+    if args.vs and "tasks" in result:
+        measured = zero_shot.read_measured(baselines_path(args), args.vs)
+        rows = zero_shot.table(result["tasks"], args.vs, measured, result["tasks_stderr"])
+        print(zero_shot.format_table(rows, args.vs))
     if out:
         write_json_atomic(out, result)
+    if args.hf and "tasks" in result:
+        path = baselines_path(args)
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        name = evaluate.HF_TO_BASELINE.get(args.hf, Path(args.hf).name)
+        table.setdefault(name, {}).setdefault("tasks", {}).update(result["tasks"])
+        write_json_atomic(path, table)
+        print(f"saved {name}'s task scores to {path}")
     if args.hf and "loss" in result:
-        path = Path(args.baselines or Path(args.data) / "baselines.json")
+        path = baselines_path(args)
         table = json.loads(path.read_text()) if path.is_file() else {}
         name = evaluate.HF_TO_BASELINE.get(args.hf, Path(args.hf).name)
         row = table.setdefault(name, {})
