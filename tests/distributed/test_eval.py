@@ -291,3 +291,38 @@ def test_an_llmc_model_file_evaluates_samples_trains_and_goes_back(shakespeare_d
     broken.write_bytes(fp32.read_bytes()[:-4])
     proc = run([sys.executable, EVAL, "--ckpt", str(broken), "--data", str(shakespeare_data)], check=False)
     one_line_error(proc, "it is truncated")
+
+
+@pytest.fixture(scope="module")
+def harness_setup(tmp_path_factory):
+    pytest.importorskip("lm_eval")
+    from tests import harness_data
+
+    return harness_data.build(tmp_path_factory.mktemp("harness"))
+
+
+def test_lm_eval_tasks_on_two_ranks_equal_one_through_eval_py_and_lm_evals_own_cli(harness_setup, tmp_path):
+    """lm-eval splits the documents across ranks and gathers them on rank 0: launch/eval.py --tasks and
+    lm-eval's own command line (python -m gpt2repro.harness) on 2 ranks give 1 rank's scores."""
+    hf_dir, _, task_data, task_dir = harness_setup
+    tasks = ["lambada_openai", "wikitext", "hellaswag", "next_line"]
+    data = ",".join(f"{task}={path}" for task, path in task_data.items())
+    args = ["--hf", str(hf_dir), "--tasks", ",".join(tasks), "--task-data", data, "--task-dir", str(task_dir)]
+    args += ["--batch-size", "3", "--dtype", "float32"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run([sys.executable, EVAL, *args, "--out", str(one), "--baselines", str(tmp_path / "b.json")])
+    run([*torchrun, EVAL, *args, "--out", str(two), "--baselines", str(tmp_path / "b.json")])
+    expected = json.loads(one.read_text())["tasks"]
+    assert set(expected) == set(tasks) and expected["next_line"]["exact_match"] > 0
+    got = json.loads(two.read_text())["tasks"]
+    for task in tasks:
+        assert got[task] == pytest.approx(expected[task], rel=1e-5), task
+    # lm-eval's own CLI, with the model registered: the generation task (its YAML in --include_path).
+    cli = [*torchrun, "-m", "gpt2repro.harness", "--model", "gpt2repro", "--tasks", "next_line"]
+    cli += ["--model_args", f"ckpt={hf_dir},dtype=float32", "--include_path", str(task_dir), "--device", "cpu"]
+    cli += ["--output_path", str(tmp_path / "cli")]
+    run(cli)
+    (written,) = (tmp_path / "cli").rglob("results_*.json")
+    cli_score = json.loads(written.read_text())["results"]["next_line"]["exact_match,none"]
+    assert cli_score == pytest.approx(expected["next_line"]["exact_match"])
