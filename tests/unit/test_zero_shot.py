@@ -39,7 +39,7 @@ def test_verdicts_orient_each_metric(yours, theirs, metric, stderr, expected):
 def test_the_table_prefers_a_measured_reference_then_the_published_one_then_the_papers_same_scoring(tmp_path):
     scores = {
         "lambada_openai": {"acc": 0.325, "perplexity": 39.0},
-        "lambada_openai_last_token": {"acc": 0.47},
+        "lambada_openai_last_token": {"acc": 0.46},
         "arc_easy": {"acc": 0.4},
     }
     baselines = tmp_path / "baselines.json"
