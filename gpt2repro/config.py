@@ -87,6 +87,13 @@ class TrainConfig:
     resume: str = resumable("auto")  # auto | never | PATH to a checkpoint
     init_from: str = ""  # start from these weights (gpt2..gpt2-xl, HF dir, exported .pt, checkpoint): step 0
     hellaswag_file: str = resumable("")
+    # lm-eval tasks at evaluation time (gpt2repro/harness.py, needs gpt2repro[eval]): comma-separated names,
+    # local data files for them (TASK=FILE,...; else the Hub's), the first eval_tasks_limit documents of each
+    # (0: all), at every evaluation ("eval") or at the last step only ("end")
+    eval_tasks: str = resumable("")
+    eval_task_data: str = resumable("")
+    eval_tasks_limit: int = resumable(500)
+    eval_tasks_at: str = resumable("end")
     reference: str = resumable("")  # a val curve to judge each eval by (gpt2repro/references.py), or a run directory
     wandb: str = resumable("disabled")  # online | offline | disabled
     wandb_project: str = resumable("gpt2repro")
@@ -473,6 +480,7 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         "lr_schedule": ("cosine", "constant", "wsd"),
         "optimizer": ("adamw", "muon"),
         "wandb": ("online", "offline", "disabled"),
+        "eval_tasks_at": ("eval", "end"),
     }
     for name, valid in choices.items():
         if getattr(cfg, name) not in valid:
@@ -490,6 +498,8 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         problems.append(f"collective_timeout_s must be positive, got {cfg.collective_timeout_s}")
     if cfg.warmup_steps < 0 or cfg.decay_steps < 0:
         problems.append("warmup_steps and decay_steps must be >= 0")
+    if cfg.eval_tasks_limit < 0:
+        problems.append(f"eval_tasks_limit must be >= 0 (0: every document), got {cfg.eval_tasks_limit}")
     if cfg.eval_tokens < cfg.block_size:
         problems.append(f"eval_tokens ({cfg.eval_tokens}) must be at least block_size ({cfg.block_size})")
     try:

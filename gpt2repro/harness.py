@@ -276,6 +276,7 @@ def run_tasks(
     limit: int | None = None,
     log_samples: bool = False,
     task_dirs: list[str] = (),
+    bootstrap_iters: int = 1000,
 ) -> dict | None:
     """lm-eval's simple_evaluate on `tasks`, zero-shot: its whole result dict on rank 0, None elsewhere.
     task_data: {task: local data file}; task_dirs: directories of the user's own task YAMLs."""
@@ -286,20 +287,30 @@ def run_tasks(
     unknown = set(task_data) - set(tasks)
     if unknown:
         raise ValueError(f"data given for {', '.join(sorted(unknown))}, which are not among the tasks {tasks}.")
-    with tempfile.TemporaryDirectory(prefix="gpt2repro-tasks-") as tmp:
-        manager = task_manager(tasks, task_data, list(task_dirs), Path(tmp))
-        return lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            task_manager=manager,
-            limit=limit,
-            log_samples=log_samples,
-            bootstrap_iters=1000,
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
-        )
+    # lm-eval bootstraps perplexity's stderr in a forked multiprocessing pool unless DISABLE_MULTIPROC is
+    # set; a fork of this process, with its watchdog and process-group threads, can deadlock in the child.
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpt2repro-tasks-") as tmp:
+            manager = task_manager(tasks, task_data, list(task_dirs), Path(tmp))
+            return lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                limit=limit,
+                log_samples=log_samples,
+                bootstrap_iters=bootstrap_iters,
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
+    finally:
+        if multiproc is None:
+            os.environ.pop("DISABLE_MULTIPROC")
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
 
 
 def scores(results: dict, stderr: bool = False) -> dict[str, dict[str, float]]:

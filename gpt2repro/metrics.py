@@ -117,6 +117,7 @@ def format_line(record: dict, max_steps: int, eta_s: float | None, reference: st
         parts.append(f"val {record['val_loss']:.4f}")
     if "hellaswag_acc_norm" in record:
         parts.append(f"hellaswag {record['hellaswag_acc_norm']:.4f}")
+    parts += [f"{key} {value:.4f}" for key, value in record.items() if "/" in key]  # lm-eval's TASK/METRIC
     if "verdict" in record:
         gap = "" if record["ref_val_loss"] is None else f" {record['ref_val_loss']:.4f} ({record['ref_gap']:+.4f})"
         parts.append(f"vs {reference}{gap}: {record['verdict']}")

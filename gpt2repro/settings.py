@@ -73,6 +73,11 @@ def settle(asked: C.TrainConfig, machine: Machine, given: frozenset[str] = froze
         cfg = cfg.replace(decay_steps=max(1, cfg.max_steps // 5))  # the last 20%
     if cfg.strategy == "auto":
         cfg = cfg.replace(strategy=plan(cfg, machine).strategy)
+    if cfg.eval_tasks and cfg.strategy in ("fsdp", "hsdp"):
+        raise ValueError(
+            f"--eval_tasks needs every rank to hold the whole model, which strategy {cfg.strategy} does not; "
+            "evaluate the run's checkpoints instead (launch/eval.py --ckpt RUN --tasks ...)."
+        )
     return cfg
 
 

@@ -238,7 +238,7 @@ def fit(
                     continue
             if run.evaluator.due(step):
                 with watchdog.slow(f"the evaluation at step {step}"):
-                    log.evaluation(state, *timed(info.device, run.evaluator))
+                    log.evaluation(state, *timed(info.device, run.evaluator, step))
             log.flush()  # before the checkpoint: a checkpoint's step always has its record
             if run.checkpointer.due(step, stop):
                 with watchdog.slow(f"the checkpoint of step {step}"):

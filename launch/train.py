@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             with memory_snapshot_on_oom(args.out, info):
                 fit(asked, args.data, args.out, info, given)  # returns early, after a checkpoint, on SIGTERM/SIGUSR1
         return 0
-    except (ValueError, TrainingError, CheckpointError, ShardError) as e:
+    except (ValueError, ImportError, TrainingError, CheckpointError, ShardError) as e:
         print_error(e, info)  # from every rank that fails, not only rank 0
         return 1
     except (RuntimeError, MemoryError) as e:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt2repro import shards
-from tests.distributed.helpers import REPO, metrics, run, train_cmd
+from tests.distributed.helpers import REPO, losses, metrics, run, train_cmd
 
 transformers = pytest.importorskip("transformers")
 EVAL = str(REPO / "launch" / "eval.py")
@@ -326,3 +326,38 @@ def test_lm_eval_tasks_on_two_ranks_equal_one_through_eval_py_and_lm_evals_own_c
     (written,) = (tmp_path / "cli").rglob("results_*.json")
     cli_score = json.loads(written.read_text())["results"]["next_line"]["exact_match,none"]
     assert cli_score == pytest.approx(expected["next_line"]["exact_match"])
+
+
+def test_eval_tasks_in_training_log_what_eval_py_gives_for_the_checkpoint_and_change_no_loss(
+    shakespeare_data, harness_setup, tmp_path
+):
+    """--eval_tasks at every evaluation on 2 ranks: each eval record carries TASK/METRIC, the last equals
+    launch/eval.py --tasks on the checkpoint of that step (the path tested against HFLM), and the losses
+    are bit for bit those of the same run without tasks (lm-eval's seeding leaves training's RNG alone)."""
+    _, _, task_data, _ = harness_setup
+    lambada = task_data["lambada_openai"]
+    common = ["--max_steps", 4, "--eval_interval", 2, "--ckpt_interval", 4, "--dropout", 0.1]
+    tasks = [
+        "--eval_tasks",
+        "lambada_openai",
+        "--eval_task_data",
+        f"lambada_openai={lambada}",
+        "--eval_tasks_at",
+        "eval",
+    ]
+    with_tasks, without = tmp_path / "tasks", tmp_path / "plain"
+    proc = run(train_cmd(shakespeare_data, with_tasks, *common, *tasks, nproc=2))
+    run(train_cmd(shakespeare_data, without, *common, nproc=2))
+    evals = [r for r in metrics(with_tasks) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all("lambada_openai/acc" in r for r in evals)
+    assert "lambada_openai/perplexity" in proc.stdout  # in the eval's log line too
+    assert losses(with_tasks) == losses(without)
+    out = tmp_path / "eval.json"
+    ckpt = with_tasks / "checkpoints" / "step_00000004"
+    data = f"lambada_openai={lambada}"
+    run(
+        [sys.executable, EVAL, "--ckpt", str(ckpt), "--tasks", "lambada_openai", "--task-data", data, "--out", str(out)]
+    )
+    offline = json.loads(out.read_text())["tasks"]["lambada_openai"]
+    assert evals[-1]["lambada_openai/perplexity"] == pytest.approx(offline["perplexity"], rel=1e-5)
+    assert evals[-1]["lambada_openai/acc"] == offline["acc"]

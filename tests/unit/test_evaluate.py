@@ -56,6 +56,6 @@ def test_hellaswag_in_an_evaluation_runs_under_the_runs_autocast(monkeypatch):
     evaluator = evaluate.Evaluator(cfg, None, EXAMPLES, model, model, Layout(D.DistInfo()), autocast)
     monkeypatch.setattr(evaluate, "val_loss", lambda *args: 0.0)  # HellaSwag's matmuls alone
     with MatmulDtypes() as dtypes:
-        results = evaluator()
+        results = evaluator(1)
     assert dtypes.seen == {torch.bfloat16}
     assert 0 <= results["hellaswag_acc_norm"] <= 1

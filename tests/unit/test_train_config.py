@@ -185,6 +185,10 @@ def test_settling_decides_for_the_machine():
     assert settle(typed, h100).replace(gpu_memory_gb=0, peak_tflops=0, device="auto") == typed.replace(
         total_batch_tokens=typed.batch_size * 1024 * 8
     )  # typed values are kept as they are
+    # lm-eval's tasks in training need the whole model on every rank: a sharded run says so, auto or asked.
+    with pytest.raises(ValueError, match="eval_tasks needs every rank to hold the whole model.*launch/eval.py"):
+        settle(C.PRESETS["gpt2-1558m"].replace(eval_tasks="hellaswag"), v100)
+    assert settle(C.PRESETS["gpt2-124m"].replace(eval_tasks="hellaswag"), h100).strategy == "ddp"
 
 
 def _loader(tmp_path, spec: BatchSpec) -> ShardLoader:
