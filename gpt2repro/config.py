@@ -102,6 +102,14 @@ class TrainConfig:
     profile_steps: str = resumable("")
     profile_with_stack: bool = resumable(False)
     dry_run: bool = resumable(False)
+    # --tune true (gpt2repro/tune.py): time each layout that may fit for tune_steps steps after tune_warmup,
+    # print the table, the fastest and the forecast, train nothing; tune_out: write the chosen layout there.
+    # gpu_hour_cost: price of one GPU-hour, for the forecast's cost (0: none shown)
+    tune: bool = resumable(False)
+    tune_steps: int = resumable(5)
+    tune_warmup: int = resumable(3)
+    tune_out: str = resumable("")
+    gpu_hour_cost: float = resumable(0.0)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -467,6 +475,8 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         "log_interval",
         "ckpt_interval",
         "keep_ckpts",
+        "tune_steps",
+        "tune_warmup",
     )
     problems += [f"{name} must be at least 1, got {getattr(cfg, name)}" for name in positive if getattr(cfg, name) < 1]
     if cfg.vocab_size > 65536:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2repro import references
 from gpt2repro.config import lr_at
 from gpt2repro.shards import atomic_file, write_json_atomic
 
@@ -107,7 +108,16 @@ class WandbSink:
         self.run.finish()
 
 
-def format_line(record: dict, max_steps: int, eta_s: float | None, reference: str | None = None) -> str:
+def duration(seconds: float) -> str:
+    """2h05m09s, or 5m09s under an hour."""
+    h, rest = divmod(round(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def format_line(
+    record: dict, max_steps: int, eta_s: float | None, reference: str | None = None, target: str | None = None
+) -> str:
     """One console line: the training numbers of a log step, then eval and checkpoint costs if any; with
     a reference, the eval's verdict against it."""
     parts = [f"step {record['step']:>6}/{max_steps}"]
@@ -121,6 +131,9 @@ def format_line(record: dict, max_steps: int, eta_s: float | None, reference: st
     if "verdict" in record:
         gap = "" if record["ref_val_loss"] is None else f" {record['ref_val_loss']:.4f} ({record['ref_gap']:+.4f})"
         parts.append(f"vs {reference}{gap}: {record['verdict']}")
+    if record.get("target_eta_s") is not None:
+        eta = record["target_eta_s"]
+        parts.append(f"{target}'s loss: reached" if eta == 0 else f"{target}'s loss in ~{duration(eta)}")
     if "loss" in record:
         parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}"]
         if record.get("tokens_per_s") is not None:  # none at a run's first step (compilation)
@@ -151,6 +164,12 @@ class RunLog:
         self.flops_per_token = run.raw_model.flops_per_token(run.cfg.block_size)
         self.peak = run.cfg.peak_tflops * 1e12 or None  # settled: stated, else the GPU's from the table
         self.throughput = Throughput(run.state.step)
+        self.forecast_due = True  # printed once, at the first log step with a measured pace
+        self.evals: list[tuple[float, float]] = []  # (tokens, val loss): the projection to the target
+        self.target = None
+        if run.comparison is not None:
+            dataset = run.comparison.run_dataset or run.comparison.reference.dataset
+            self.target = references.default_target(dataset)
         self.record: dict = {}
         self.file = self.sink = None
         if run.info.is_main:
@@ -198,14 +217,45 @@ class RunLog:
         }
         if max_z is not None:
             self.record.update(spikes=state.spikes, max_z=max_z)
+        if tok_s and self.forecast_due and self.info.is_main:
+            self.forecast_due = False
+            print(self.forecast(state).describe(), flush=True)
+
+    def forecast(self, state):
+        """tune.Forecast at this run's pace so far: the steps left at the mean step time, after the time
+        already spent (start-up included); evaluations and checkpoints join the ETA as they are measured."""
+        from gpt2repro.tune import Forecast
+
+        step_s = self.throughput.train_s / self.throughput.steps
+        spent = time.time() - self.started
+        curve = self.comparison.reference if self.comparison else None
+        return Forecast(
+            self.cfg, self.info.world_size, step_s, spent - (state.step - 1) * step_s, 0.0, 0.0, curve,
+            self.target, measured=f"the pace of steps {self.first_step + 1}-{state.step}; evals and checkpoints "
+            "join the ETA as they are measured",
+        )  # fmt: skip
 
     def evaluation(self, state, results: dict, seconds: float) -> None:
         """The evaluation's results, judged against the run's reference curve (--reference) if it has one."""
         self.record.update(step=state.step, tokens=state.tokens, **results)
         if self.comparison is not None:
             self.record.update(self.comparison.fields(state.tokens, results["val_loss"]))
+            if self.target is not None:
+                self.record.update(self.time_to_target(state.tokens, results["val_loss"]))
         self.record["eval_s"] = seconds
         self.throughput.pause(seconds)
+
+    def time_to_target(self, tokens: int, val_loss: float) -> dict:
+        """target_eta_s: when the run reaches its target's loss (references.projection over its evals) at its
+        mean tokens/s so far; 0 once reached, None where there is no projection."""
+        self.evals.append((tokens, val_loss))
+        projected = references.projection(self.evals, self.comparison.reference, self.target)
+        if projected.reached:
+            return {"target_eta_s": 0.0}
+        if projected.tokens is None or not self.throughput.steps:
+            return {"target_eta_s": None}
+        tok_s = self.tokens_per_step * self.throughput.steps / self.throughput.train_s
+        return {"target_eta_s": max(0.0, projected.tokens - tokens) / tok_s}
 
     def flush(self) -> None:
         """Writes the step's record, if it has one."""
@@ -235,7 +285,8 @@ class RunLog:
         if self.sink is not None:
             self.sink.log(record)
         reference = self.comparison.short if self.comparison else None
-        print(format_line(record, self.cfg.max_steps, eta, reference), flush=True)
+        target = self.target.name if self.target else None
+        print(format_line(record, self.cfg.max_steps, eta, reference, target), flush=True)
 
 
 def _started(run_dir: Path) -> float:

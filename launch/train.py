@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 launch/train.py --config gpt2-124m --data data/owt --out runs/124m
     python launch/train.py --config gpt2-124m --data data/owt --out runs/x --batch_size=16 --max_steps 5000
     python launch/train.py --config gpt2-1558m --dry_run true --world_size 8 --gpu_memory_gb 40   (memory plan)
+    python launch/train.py --config gpt2-124m --data data/owt --out runs/124m --tune true  (time layouts, forecast)
 
 --config takes a preset or a JSON file of fields; any field can be overridden with
 --field value or --field=value. Rerunning the same command resumes from the newest
@@ -24,6 +25,7 @@ if __name__ == "__main__":  # before torch is imported: the re-exec would otherw
 
 from gpt2repro import config as C  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
+from gpt2repro import tune  # noqa: E402
 from gpt2repro.checkpoint import CheckpointError  # noqa: E402
 from gpt2repro.errors import failure_message, out_of_memory_message, print_error  # noqa: E402
 from gpt2repro.profiling import memory_snapshot_on_oom  # noqa: E402
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                     per_node = args.gpus_per_node or (world_size if args.world_size else info.local_world_size)
                     here = Machine.this(info.device, info.world_size, info.local_world_size)
                     print(dry_run(asked, given, Machine.planned(world_size, per_node, asked.gpu_memory_gb, here)))
+                return 0
+            if asked.tune:  # time the layouts that may fit, forecast the run, train nothing
+                tune.tune(asked, given, args.data, args.out, info, sys.argv[1:] if argv is None else argv)
                 return 0
             with memory_snapshot_on_oom(args.out, info):
                 fit(asked, args.data, args.out, info, given)  # returns early, after a checkpoint, on SIGTERM/SIGUSR1
