@@ -16,6 +16,8 @@ fresh process as users run them:
                 compiled on a GPU): must equal the val_loss logged at step 60
   6. oom        a micro-batch that cannot fit: one `error: out of GPU memory` line naming the allocator
                 snapshot it wrote (on a CPU: the host's line; the snapshot is CUDA's)
+  6b. tune      launch/train.py --tune true on 124M (no compile, to keep it short): every layout timed, the
+                fastest named with its command line, the forecast
   7. speed      benchmarks/train_throughput.py rows: the plain step (full logits + F.cross_entropy,
                 its compiled forward outputting the logits, as nanoGPT's), unfused (ours with the
                 plain loss: the default on CUDA), fused (the fused loss: flip the CUDA default to it
@@ -66,6 +68,7 @@ class Sizes:
     bench: list[str]
     eval: list[str]  # launch/eval.py's arguments that make it evaluate as training does
     oom: list[str]  # launch/train.py's arguments for a micro-batch that cannot fit
+    tune: list[str]  # launch/train.py's arguments for a short --tune true
     cuda: bool = True
 
 
@@ -99,6 +102,24 @@ GPU = Sizes(
     eval=["--batch-size", "16", "--compile", "true"],  # training's micro-batch, compiled as its evaluations
     # 4096 x 1024 tokens of 50304 fp32 logits: 800 GiB, on any GPU.
     oom=["--config", "gpt2-124m", "--batch_size", "4096", "--compile", "false", "--fused_loss", "false"],
+    tune=[
+        "--config",
+        "gpt2-124m",
+        "--batch_size",
+        "32",
+        "--total_batch_tokens",
+        "32768",
+        "--compile",
+        "false",
+        "--max_steps",
+        "1000",
+        "--eval_tokens",
+        "65536",
+        "--tune_steps",
+        "3",
+        "--tune_warmup",
+        "2",
+    ],  # fmt: skip
 )
 _TOY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]
 SMOKE = Sizes(
@@ -151,6 +172,21 @@ SMOKE = Sizes(
         "--device",
         "cpu",
     ],
+    tune=[
+        "--config",
+        "shakespeare-cpu",
+        *_TOY,
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--max_steps",
+        "100",
+        "--tune_steps",
+        "1",
+        "--tune_warmup",
+        "1",
+    ],  # fmt: skip
     cuda=False,
 )
 
@@ -391,12 +427,29 @@ def oom_stage(sizes: Sizes, data: Path, work: Path, budget: Budget) -> Stage:
     return stage
 
 
+def tune_stage(sizes: Sizes, data: Path, work: Path, budget: Budget) -> Stage:
+    """--tune true: it must end cleanly with the fastest layout that fits, its command and the forecast."""
+    stage = Stage("tune")
+    if budget.skips(stage):
+        return stage
+    cmd = [sys.executable, "launch/train.py", *sizes.tune, "--data", str(data), "--out", str(work / "tuned")]
+    proc = timed_run(stage, [*cmd, "--tune", "true"], 600, budget)
+    lines = proc.stdout.splitlines()
+    chosen = [line for line in lines if line.startswith("fastest that fits:")]
+    forecast = [line for line in lines if line.startswith("forecast for this launch")]
+    stage.ok = proc.returncode == 0 and len(chosen) == 1 and len(forecast) == 1 and not (work / "tuned").exists()
+    stage.lines = [*chosen, *(line[:300] for line in forecast)] if stage.ok else [failure(proc)]
+    trials = [line for line in lines if " micro " in line]
+    stage.lines.append(f"{len(trials)} layouts: " + "; ".join(" ".join(t.split()) for t in trials)[:600])
+    return stage
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="toy sizes, on a CPU, to check that every stage works")
     p.add_argument("--data", help="prepared shards (default: tiny Shakespeare, prepared into --work)")
     p.add_argument("--work", help="where shards, runs and results go (default: a new temporary directory)")
-    p.add_argument("--skip", default="", help="stages to leave out, comma-separated: speed, memory, train, oom")
+    p.add_argument("--skip", default="", help="stages to leave out, comma-separated: speed, memory, train, oom, tune")
     p.add_argument(
         "--budget_s",
         type=float,
@@ -406,8 +459,8 @@ def main() -> int:
     )
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    if skip - {"speed", "memory", "train", "oom"}:
-        p.error(f"--skip takes speed, memory, train, oom; got {args.skip}")
+    if skip - {"speed", "memory", "train", "oom", "tune"}:
+        p.error(f"--skip takes speed, memory, train, oom, tune; got {args.skip}")
     sizes = SMOKE if args.smoke else GPU
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -422,6 +475,8 @@ def main() -> int:
         stages += train_resume_eval(sizes, data, work, budget)
     if stages[0].ok and "oom" not in skip:
         stages.append(oom_stage(sizes, data, work, budget))
+    if stages[0].ok and "tune" not in skip:
+        stages.append(tune_stage(sizes, data, work, budget))
     stages += speed_and_memory(sizes, work, skip, budget)
 
     import torch  # only for the header: the stages ran in their own processes

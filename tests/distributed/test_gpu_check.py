@@ -21,7 +21,7 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     table = proc.stdout
     stages = [line.split()[0] for line in table.splitlines()[1:] if line[:1].strip()]
-    assert stages == ["data", "train", "profile", "resume", "eval", "oom", "speed", "memory"], table
+    assert stages == ["data", "train", "profile", "resume", "eval", "oom", "tune", "speed", "memory"], table
     assert "FAILED" not in table
     assert "plain" in table and "ours" in table and "fp8 skipped (--fp8 true needs an NVIDIA GPU" in table
     assert "muon" in table and "toy b4 muon: planned" in table
@@ -29,6 +29,7 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     assert "resumed from step 40, steps up to 60" in table
     assert "(--batch-size 8 --compile false) equals the logged" in table
     assert "error: out of host memory" in table
+    assert "fastest that fits: ddp micro" in table and "forecast for this launch (1 rank(s)" in table
     assert (work / "run" / "checkpoints" / "step_00000060").is_dir()
 
 
