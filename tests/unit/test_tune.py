@@ -105,3 +105,21 @@ def test_each_eval_projects_the_time_to_the_target_at_the_runs_pace():
     projected = curve.tokens_to_reach(log.target.val_loss) / 262.144
     assert eta == pytest.approx((projected - 1_000_000) / 10_000, rel=1e-6)
     assert log.time_to_target(2_000_000, 3.40)["target_eta_s"] == 0.0  # below the target: reached
+
+
+def test_the_table_on_a_gpu_names_it_and_gives_peak_memory_and_mfu():
+    """The table's CUDA branch under faked H100 properties: the card's name, the measured peak per GPU, and
+    MFU against the H100's bf16 peak that settling found."""
+    from gpt2repro.distributed import DistInfo
+    from gpt2repro.settings import settle
+    from tests.fake_cuda import fake_gpu
+
+    with fake_gpu("sm90"):
+        cfg = settle(C.PRESETS["gpt2-124m"], Machine.this("cuda:0", 8, 8))
+        fits = tune.Trial(cfg, step_s=0.25, peak_bytes=30 * 2**30)
+        refused = tune.Trial(cfg.replace(batch_size=64, grad_accum_steps=1), fits=False, why="out of memory: ...")
+        text = tune.table([fits, refused], DistInfo(device="cuda:0", world_size=8))
+    tokens = cfg.batch_size * cfg.grad_accum_steps * 1024 * 8 / 0.25
+    assert "tune on 8 x NVIDIA H100 80GB HBM3" in text and f"{tokens:,.0f}" in text and "30.00" in text
+    assert cfg.peak_tflops == 989.0 and "%" in text.splitlines()[2]
+    assert "does not fit: out of memory" in text.splitlines()[3]
