@@ -535,18 +535,6 @@ def profile_range(spec: str) -> tuple[int, int] | None:
     return steps
 
 
-def compile_on_for(cfg: TrainConfig, device_type: str) -> bool:
-    return cfg.compile == "true" or (cfg.compile == "auto" and device_type == "cuda")
-
-
-def fused_loss_on(setting: str, device_type: str) -> bool:
-    """Whether the fused chunked loss (gpt2repro/loss.py) runs. auto: where it was measured to pay. On a
-    CPU it is as fast as the plain loss at half the peak memory (README, Speed). On CUDA the plain loss
-    inside the compiled forward was measured (H200, 124M: 33.9 ms, 8.45 GiB) and the fused one was not,
-    so auto stays plain there until benchmarks/gpu_check.sh shows the fused loss at least as fast."""
-    return setting == "true" or (setting == "auto" and device_type != "cuda")
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (1-based, as logged and checkpointed): a pure function of it."""
     done = step - 1  # updates before this one
