@@ -15,30 +15,44 @@ from gpt2repro import references
 from gpt2repro.config import lr_at
 from gpt2repro.shards import atomic_file, write_json_atomic
 
-# Dense peaks in TFLOP/s (no sparsity), matched against the device name, the more specific
-# names first: (bf16/fp16 tensor cores, float32 as training runs it: TF32 tensor cores where
-# the card has them, which fit() enables, else plain fp32).
-GPU_PEAK_TFLOPS = (
-    ("B200", 2250.0, 1100.0),
-    ("H200", 989.0, 494.0),
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100", 989.0, 494.0),
-    ("A100", 312.0, 156.0),
-    ("L40S", 362.0, 181.0),
-    ("A10", 125.0, 62.5),
-    ("L4", 121.0, 60.0),
-    ("4090", 165.0, 82.6),
-    ("V100", 125.0, 15.7),
-    ("T4", 65.0, 8.1),
-)
+# Dense peaks in TFLOP/s (no sparsity) per GPU model: (bf16/fp16 tensor cores, float32 as training runs
+# it: TF32 tensor cores where the card has them, which fit() enables, else plain fp32). Keyed by the model
+# as torch.cuda.get_device_name() spells it, with the form factor where it changes the peak (gpu_model).
+GPU_PEAK_TFLOPS = {
+    "B200": (2250.0, 1100.0),
+    "GH200": (989.0, 494.0),
+    "H200": (989.0, 494.0),
+    "H100": (989.0, 494.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    "H100 NVL": (835.0, 418.0),
+    "H100 PCIe": (756.0, 378.0),
+    "A100": (312.0, 156.0),  # SXM and PCIe alike
+    "L40S": (362.0, 183.0),
+    "L40": (181.0, 90.5),
+    "L4": (121.0, 60.0),
+    "A10": (125.0, 62.5),
+    "4090": (165.0, 82.6),  # GeForce RTX 4090, fp32 accumulation
+    "V100": (125.0, 15.7),  # no TF32
+    "T4": (65.0, 8.1),
+}
+_VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE", "RTX", "QUADRO"}
+_FORM_FACTORS = ("NVL", "PCIe")
+
+
+def gpu_model(gpu_name: str) -> str:
+    """The table's key for a device name: its model, whole ("NVIDIA L40" is an L40, not an L4), with the form
+    factor where the table tells them apart: "NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100"."""
+    words = [w for w in gpu_name.replace("-", " ").split() if w.upper() not in _VENDOR_WORDS]
+    if not words:
+        return ""
+    upper = [w.upper() for w in words[1:]]
+    variants = [f"{words[0]} {form}" for form in _FORM_FACTORS if form.upper() in upper]
+    return next((v for v in variants if v in GPU_PEAK_TFLOPS), words[0])
 
 
 def peak_tflops_of(gpu_name: str, dtype: str) -> float:
     """The dense peak TFLOP/s of the GPU named so (torch.cuda.get_device_name) for dtype; 0 if unknown."""
-    for key, half, single in GPU_PEAK_TFLOPS:
-        if gpu_name and key in gpu_name:
-            return single if dtype == "float32" else half
-    return 0.0
+    half, single = GPU_PEAK_TFLOPS.get(gpu_model(gpu_name), (0.0, 0.0))
+    return single if dtype == "float32" else half
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
