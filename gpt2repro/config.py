@@ -23,6 +23,12 @@ def resumable(default):
     return field(default=default, metadata={"resumable": True})
 
 
+def per_machine(default, resumable: bool = True):
+    """A field that settles for the machine that runs (settings.settle): a run's config.json holds the value it
+    settled to there and, under "requested", the "auto" that was asked, which settles again on the next machine."""
+    return field(default=default, metadata={"resumable": resumable, "per_machine": True})
+
+
 _SHAPE = GPTConfig()  # the model's fields and their defaults are GPTConfig's
 
 
@@ -66,17 +72,17 @@ class TrainConfig:
     rollback_after: int = resumable(32)
     max_rollbacks: int = resumable(3)
     # system
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: str = resumable("auto")  # auto (on for CUDA) | true | false
-    device: str = resumable("auto")  # auto | cpu | cuda
-    strategy: str = resumable("auto")  # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp)
+    dtype: str = per_machine("auto", resumable=False)  # auto | float32 | bfloat16 | float16
+    compile: str = per_machine("auto")  # auto (on for CUDA) | true | false
+    device: str = per_machine("auto")  # auto | cpu | cuda
+    strategy: str = per_machine("auto")  # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp)
     activation_checkpointing: bool = resumable(False)
     # auto | true | false: the loss without the full logits (gpt2repro/loss.py); auto: on a CPU only
-    fused_loss: str = resumable("auto")
+    fused_loss: str = per_machine("auto")
     fp8: bool = resumable(False)  # the blocks' matmuls in float8 (torchao; GPUs with compute capability 8.9+)
-    gpu_memory_gb: float = resumable(0.0)  # for the planner; 0: this GPU's memory (none on a CPU)
+    gpu_memory_gb: float = per_machine(0.0)  # for the planner; 0: this GPU's memory (none on a CPU)
     collective_timeout_s: float = resumable(600.0)  # a rank silent this long inside a collective fails the job
-    peak_tflops: float = resumable(0.0)  # accelerator's dense peak for MFU; 0: look the GPU up in a table
+    peak_tflops: float = per_machine(0.0)  # accelerator's dense peak for MFU; 0: look the GPU up in a table
     seed: int = 1337
     # evaluation, logging, checkpoints
     eval_interval: int = resumable(1000)
@@ -123,6 +129,8 @@ FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 MODEL_FIELDS = tuple(name for name in GPTConfig.weight_fields() if name in FIELD_TYPES)
 # Whether a field may change on resume is its own metadata (`resumable`).
 RESUMABLE = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
+# The fields settled for the machine that runs (`per_machine`).
+PER_MACHINE = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("per_machine"))
 
 
 def model_config(cfg: TrainConfig) -> GPTConfig:
@@ -313,7 +321,19 @@ def load_base(name_or_file: str) -> TrainConfig:
         raise ValueError(f"--config file {path} is not valid JSON: {e}.") from None
     if not isinstance(values, dict):
         raise ValueError(f'--config file {path} must hold one JSON object of fields, e.g. {{"lr": 3e-4}}.')
-    return from_json(values, f"config file {path}")
+    return from_json(as_asked_on_another_machine(values), f"config file {path}")
+
+
+def as_asked_on_another_machine(values: dict) -> dict:
+    """A config file's fields as a new run asks them. A run's own config.json holds what settled on its machine,
+    and under "requested" what was asked where settling changed it: each per-machine field that was asked
+    ("auto", 0) is asked again, to settle for the machine that runs now (a CPU prototype's file trains on the
+    GPU; an H100's gets float16 on a V100); what the user fixed stays. The batch split is not undone: settling
+    it again for another world size keeps the run's global batch (resolve_batch)."""
+    requested = values.get("requested")
+    if not isinstance(requested, dict):
+        return values
+    return {**values, **{name: value for name, value in requested.items() if name in PER_MACHINE}}
 
 
 def from_json(values: dict, source: str) -> TrainConfig:
