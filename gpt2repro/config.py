@@ -75,7 +75,8 @@ class TrainConfig:
     dtype: str = per_machine("auto", resumable=False)  # auto | float32 | bfloat16 | float16
     compile: str = per_machine("auto")  # auto (on for CUDA) | true | false
     device: str = per_machine("auto")  # auto | cpu | cuda
-    strategy: str = per_machine("auto")  # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp)
+    # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp) | ddp | fsdp | hsdp
+    strategy: str = per_machine("auto")
     activation_checkpointing: bool = resumable(False)
     # auto | true | false: the loss without the full logits (gpt2repro/loss.py); auto: on a CPU only
     fused_loss: str = per_machine("auto")
