@@ -45,6 +45,9 @@ def main(argv: list[str]) -> int:
     except KeyError:
         print("error: SLURM_JOB_NODELIST is not set; run inside a Slurm job, or set it for --dry-run.", file=sys.stderr)
         return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     options = dict(
         gpus_per_node=int(os.environ.get("GPUS_PER_NODE", "8")),
         job_id=os.environ.get("SLURM_JOB_ID", "gpt2repro"),
