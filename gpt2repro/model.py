@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gpt2repro.loss import fused_loss_pays, linear_cross_entropy
+from gpt2repro.shards import atomic_file, atomic_path
 
 EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
 # The output projection is the token embedding (weight tying): in a state dict, the same tensor twice.
@@ -433,19 +433,10 @@ class GPT(nn.Module):
             "tie_word_embeddings": True,
             "torch_dtype": "float32",
         }
-        _write_atomic(out_dir / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _write_atomic(out_dir / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with atomic_path(out_dir / "model.safetensors") as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        with atomic_file(out_dir / "config.json", "w") as f:
+            f.write(json.dumps(hf_config, indent=2) + "\n")
 
 
 def _read_hf_config(path: Path) -> dict:

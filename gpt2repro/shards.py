@@ -53,24 +53,34 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb"):
-    """A file object whose content appears at `path` only once complete (temp file, fsync, rename).
+def atomic_path(path: str | os.PathLike):
+    """A temp file's path beside `path`, for writers that take a file name (safetensors' save_file).
 
-    On any error the temp file is removed and `path` keeps its previous content.
+    Once the block ends, what was written there is fsynced, given the mode a plain open() would
+    give (0666 less the umask; mkstemp makes 0600) and renamed onto `path`, so that `path` only
+    ever holds a complete file. On any error the temp file is removed and `path` keeps its
+    previous content. atomic_file is this with the file opened; the package writes through them.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:  # fsync reaches the writer's data through any descriptor of the file
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """A file object whose content appears at `path` only once complete (atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:
