@@ -148,6 +148,8 @@ def format_line(
     if record.get("target_eta_s") is not None:
         eta = record["target_eta_s"]
         parts.append(f"{target}'s loss: reached" if eta == 0 else f"{target}'s loss in ~{duration(eta)}")
+    elif record.get("target_eta_why"):
+        parts.append(f"no time to {target}'s loss: {record['target_eta_why']}")
     if "loss" in record:
         parts += [f"lr {record['lr']:.2e}", f"grad {record['grad_norm']:.3f}"]
         if record.get("tokens_per_s") is not None:  # none at a run's first step (compilation)
@@ -175,6 +177,9 @@ class RunLog:
     def __init__(self, run):
         self.cfg, self.info, self.comparison = run.cfg, run.info, run.comparison
         self.first_step, self.tokens_per_step = run.state.step + 1, run.tokens_per_step
+        self.model = references.model_name(run.cfg.n_layer, run.cfg.n_head, run.cfg.n_embd)
+        self.created_s = time.perf_counter()  # the start-up's origin where the process's own start is unknown
+        self.startup_s: float | None = None  # this process's start to the end of its first step
         self.flops_per_token = run.raw_model.flops_per_token(run.cfg.block_size)
         self.peak = run.cfg.peak_tflops * 1e12 or None  # settled: stated, else the GPU's from the table
         self.throughput = Throughput(run.state.step)
@@ -208,6 +213,8 @@ class RunLog:
         if step == self.first_step:
             synchronize(self.info.device)
             self.throughput.restart(step)
+            age = process_age_s()
+            self.startup_s = age if age is not None else time.perf_counter() - self.created_s
 
     def due(self, step: int) -> bool:
         return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
@@ -236,17 +243,18 @@ class RunLog:
             print(self.forecast(state).describe(), flush=True)
 
     def forecast(self, state):
-        """tune.Forecast at this run's pace so far: the steps left at the mean step time, after the time
-        already spent (start-up included); evaluations and checkpoints join the ETA as they are measured."""
+        """tune.Forecast of this process at its pace so far: its start-up (its own start to the end of its first
+        step: never, after a resume, the time since the run's first launch) and its steps at the mean step time;
+        evaluations and checkpoints join the ETA as they are measured."""
         from gpt2repro.tune import Forecast
 
         step_s = self.throughput.train_s / self.throughput.steps
-        spent = time.time() - self.started
         curve = self.comparison.reference if self.comparison else None
         return Forecast(
-            self.cfg, self.info.world_size, step_s, spent - (state.step - 1) * step_s, 0.0, 0.0, curve,
-            self.target, measured=f"the pace of steps {self.first_step + 1}-{state.step}; evals and checkpoints "
-            "join the ETA as they are measured",
+            self.cfg, self.info.world_size, step_s, self.startup_s or 0.0, 0.0, 0.0, curve, self.target,
+            measured=f"the pace of steps {self.first_step + 1}-{state.step}; evals and checkpoints join the ETA as "
+            "they are measured", first_step=self.first_step,
+            run_dataset=self.comparison.run_dataset if self.comparison else None,
         )  # fmt: skip
 
     def evaluation(self, state, results: dict, seconds: float) -> None:
@@ -261,13 +269,21 @@ class RunLog:
 
     def time_to_target(self, tokens: int, val_loss: float) -> dict:
         """target_eta_s: when the run reaches its target's loss (references.projection over its evals) at its
-        mean tokens/s so far; 0 once reached, None where there is no projection."""
+        mean tokens/s so far; 0 once reached. None where there is no projection, with target_eta_why saying why:
+        the reference's curve does not apply to this run (references.why_no_projection: another dataset, another
+        model size, tokens outside the curve), or the projection found none."""
         self.evals.append((tokens, val_loss))
-        projected = references.projection(self.evals, self.comparison.reference, self.target)
+        curve = self.comparison.reference
+        projected = references.projection(self.evals, curve, self.target)
         if projected.reached:
             return {"target_eta_s": 0.0}
-        if projected.tokens is None or not self.throughput.steps:
-            return {"target_eta_s": None}
+        why = references.why_no_projection(curve, self.comparison.run_dataset, self.model, tokens)
+        if not why and projected.tokens is None:
+            why = projected.sentence
+        if not why and not self.throughput.steps:
+            why = "no step timed yet"
+        if why:
+            return {"target_eta_s": None, "target_eta_why": why}
         tok_s = self.tokens_per_step * self.throughput.steps / self.throughput.train_s
         return {"target_eta_s": max(0.0, projected.tokens - tokens) / tok_s}
 
@@ -301,6 +317,17 @@ class RunLog:
         reference = self.comparison.short if self.comparison else None
         target = self.target.name if self.target else None
         print(format_line(record, self.cfg.max_steps, eta, reference, target), flush=True)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: its start time in /proc against the boot clock); None
+    where that is unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime: clock ticks after boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _started(run_dir: Path) -> float:

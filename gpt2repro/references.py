@@ -10,7 +10,9 @@ dataset), always on one dataset. The numbers ship with the package
              to 2% higher), behind (2% to 10% higher), diverging (more than 10% higher, or not
              finite). Runs on different datasets get "datasets differ" instead.
     projection: when the run reaches a target loss, assuming it keeps needing the same multiple
-             of the reference's tokens for the same loss as over its last evals.
+             of the reference's tokens for the same loss as over its last evals; only where the
+             curve applies (why_no_projection): the run's dataset, the model size the curve is of,
+             a token count inside the curve.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from gpt2repro import shards
 from gpt2repro.corpora import dataset_name
 from gpt2repro.evaluate import PUBLISHED_BASELINES
+from gpt2repro.model import PRESETS as MODEL_PRESETS
 
 ASSETS = Path(__file__).parent / "assets" / "references"
 AHEAD, ON_TRACK, BEHIND = -0.01, 0.02, 0.10  # relative gaps (run / reference - 1) that bound the verdicts
@@ -44,6 +47,7 @@ class Reference:
     tokens: tuple[float, ...] = ()  # a curve: val loss at these token counts, increasing
     val_losses: tuple[float, ...] = ()
     val_loss: float | None = None  # a single point: a checkpoint's val loss (a horizontal line)
+    model: str | None = None  # the model it is of (model_name: gpt2-124m, or a shape); None: unknown
 
     @property
     def is_curve(self) -> bool:
@@ -84,7 +88,15 @@ SHORT_NAMES = {"fineweb10B": "fineweb", "openwebtext": "owt"}
 
 
 def _gpt2(size: str, dataset: str, val_loss: float, source: str) -> Reference:
-    return Reference(f"gpt2-{size}@{SHORT_NAMES[dataset]}", dataset, source, val_loss=val_loss)
+    return Reference(f"gpt2-{size}@{SHORT_NAMES[dataset]}", dataset, source, val_loss=val_loss, model=f"gpt2-{size}")
+
+
+def model_name(n_layer: int, n_head: int, n_embd: int) -> str:
+    """The GPT-2 size of this shape (gpt2-124m, ...), else the shape itself."""
+    for name, c in MODEL_PRESETS.items():
+        if name.startswith("gpt2-") and (c.n_layer, c.n_head, c.n_embd) == (n_layer, n_head, n_embd):
+            return name
+    return f"a {n_layer}-layer, {n_head}-head, {n_embd}-wide model"
 
 
 @cache
@@ -97,6 +109,7 @@ def registry() -> dict[str, Reference]:
         LLMC,
         tuple(float(r["tokens"]) for r in rows),
         tuple(float(r["val_loss"]) for r in rows),
+        model="gpt2-124m",
     )
     fineweb = {"124m": 3.424958, "350m": 3.083089, "774m": 3.000580, "1558m": 2.831273}
     owt = {name.removeprefix("gpt2-"): row["val_loss"] for name, row in PUBLISHED_BASELINES.items()}
@@ -131,8 +144,17 @@ def from_run(run_dir: str | os.PathLike) -> Reference:
         raise ValueError(f"reference run {run_dir} has no val_loss in its metrics.jsonl yet.")
     tokens = sorted(evals)
     return Reference(
-        str(run_dir), run_dataset(run_dir), f"run {run_dir}", tuple(tokens), tuple(evals[t] for t in tokens)
-    )
+        str(run_dir), run_dataset(run_dir), f"run {run_dir}", tuple(tokens), tuple(evals[t] for t in tokens),
+        model=run_model(run_dir),
+    )  # fmt: skip
+
+
+def run_model(run_dir: str | os.PathLike) -> str | None:
+    """The model a run trained (model_name), as its config.json recorded it; None if unknown."""
+    config = Path(run_dir) / "config.json"
+    config = json.loads(config.read_text()) if config.is_file() else {}
+    shape = [config.get(k) for k in ("n_layer", "n_head", "n_embd")]
+    return model_name(*shape) if all(isinstance(v, int) for v in shape) else None
 
 
 def run_dataset(run_dir: str | os.PathLike) -> str | None:
@@ -167,6 +189,22 @@ def dataset_of(data_dir: str | os.PathLike) -> str | None:
 def datasets_differ(run_dataset: str | None, reference: Reference) -> bool:
     """Known to differ; an unknown dataset on either side is taken to be the same (README says so)."""
     return run_dataset is not None and reference.dataset is not None and run_dataset != reference.dataset
+
+
+def why_no_projection(reference: Reference, run_dataset: str | None, run_model: str | None,
+                      tokens: float | None = None) -> str:  # fmt: skip
+    """Why `reference` cannot project a run to a target loss ("" where it can): a projection follows the
+    curve, so it holds only for a run on the curve's dataset (an unknown one taken to be the same, as for
+    verdicts), of the model the curve is of (unknown: taken to be the same), at `tokens` inside the curve."""
+    if not reference.is_curve:
+        return f"{reference.name} is a single val loss, not a curve"
+    if datasets_differ(run_dataset, reference):
+        return f"{reference.name} is a curve on {reference.dataset}, this run's data is {run_dataset}"
+    if reference.model is not None and run_model is not None and run_model != reference.model:
+        return f"{reference.name} is a curve of {reference.model}, this run's model is {run_model}"
+    if tokens is not None and reference.val_loss_at(tokens) is None:
+        return f"{_tokens(tokens)} tokens lie outside {reference.name}'s curve"
+    return ""
 
 
 def verdict(val_loss: float, reference_loss: float) -> str:

@@ -9,17 +9,22 @@ The launch is the real one: the same command, ranks, GPUs and data as the run. F
 layout (`candidates`: the micro-batch, with accumulation keeping the global batch; activation
 checkpointing; the fused loss; each strategy that applies) the run is built as configured, runs
 `tune_warmup` steps (compilation, warm-up) and then `tune_steps` timed steps on the run's own batches;
-the median step counts. The memory planner's refusals are reported without running. An out-of-memory
-error marks a candidate as not fitting on every rank (the ranks agree after each trial); one that struck
-a single rank inside a collective would leave the others waiting, so each trial runs under the
-watchdog's slow-phase bound and such a hang ends the tune with a line naming the trial.
+the median step counts. Each trial compiles afresh (torch._dynamo.reset() first): its graph is the
+static one of its own micro-batch that the real run compiles, never a recompile with a symbolic batch
+after the trial before it, and its first step pays the cold compile as the run's does. The memory
+planner's refusals are reported without running. An out-of-memory error marks a candidate as not
+fitting on every rank (the ranks agree after each trial); one that struck a single rank inside a
+collective would leave the others waiting, so each trial runs under the watchdog's slow-phase bound and
+such a hang ends the tune with a line naming the trial. Each strategy's layout (hsdp's 2-D device mesh:
+process groups of its own) is made once and shared by its trials and the forecast.
 
 Nothing is written to the run directory; with --tune_out FILE the chosen layout is written there as a
 config file (`--config FILE` runs it). The forecast (`Forecast`) is for this launch's hardware and world
 size only: it never extrapolates to another. It adds up the measured step time over max_steps, the
-start-up (the first step's compilation), the evaluations (a few val batches timed, scaled to
+start-up (the first step's cold compilation), the evaluations (a few val batches timed, scaled to
 eval_tokens) and the checkpoints (the state's bytes over this file system's measured write speed), and,
-with a reference curve, the time until the run reaches its target if it keeps the reference's pace.
+with a reference curve that applies to the run (references.why_no_projection), the time until the run
+reaches its target if it keeps the reference's pace.
 """
 
 from __future__ import annotations
@@ -92,10 +97,11 @@ def candidates(cfg: C.TrainConfig, machine: settings.Machine) -> list[C.TrainCon
     ]
 
 
-def run_trial(cfg: C.TrainConfig, machine: settings.Machine, data_dir: str, info: D.DistInfo, steps: int,
+def run_trial(cfg: C.TrainConfig, machine: settings.Machine, data_dir: str, layout: parallel.Layout, steps: int,
               warmup: int, watchdog: D.Watchdog) -> Trial:  # fmt: skip
-    """One candidate: refused by the planner, or built and timed; an out-of-memory error on any rank marks
-    it as not fitting on all of them."""
+    """One candidate (on `layout`, its strategy's, made once for the tune): refused by the planner, or built
+    and timed; an out-of-memory error on any rank marks it as not fitting on all of them."""
+    info = layout.info
     plan, limit = settings.plan(cfg, machine), cfg.gpu_memory_gb * GiB  # settled: asked, else this GPU's
     if limit and not plan.fits(limit):
         return Trial(
@@ -105,7 +111,7 @@ def run_trial(cfg: C.TrainConfig, machine: settings.Machine, data_dir: str, info
     failure, trial = "", None
     with watchdog.slow(f"the tune's trial of {Trial(cfg).name}"):
         try:
-            trial = _timed_trial(cfg, data_dir, info, steps, warmup, cuda)
+            trial = _timed_trial(cfg, data_dir, layout, steps, warmup, cuda)
         except torch.OutOfMemoryError as e:
             failure = f"out of memory: {first_line(e)}"
         except RuntimeError as e:
@@ -113,6 +119,7 @@ def run_trial(cfg: C.TrainConfig, machine: settings.Machine, data_dir: str, info
                 raise
             failure = f"out of memory: {first_line(e)}"
         finally:
+            torch._dynamo.reset()  # its compiled graphs hold its model: freed before the next trial is built
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -122,12 +129,16 @@ def run_trial(cfg: C.TrainConfig, machine: settings.Machine, data_dir: str, info
     return trial
 
 
-def _timed_trial(cfg, data_dir: str, info: D.DistInfo, steps: int, warmup: int, cuda: bool) -> Trial:
-    layout = parallel.layout(cfg.strategy, info)
+def _timed_trial(cfg, data_dir: str, layout: parallel.Layout, steps: int, warmup: int, cuda: bool) -> Trial:
+    info = layout.info
     spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, layout.dp_size, layout.dp_rank)
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    # As in a fresh process: no graph of an earlier trial to recompile from (automatic dynamic shapes would
+    # make this micro-batch's graph symbolic, unlike the run's, and its first step pay only a recompile),
+    # and no recompile limit reached by the trials before.
+    torch._dynamo.reset()
     engine = build_engine(cfg, layout, loader, cfg.seed)
     seconds = []
     for step in range(1, warmup + steps + 1):
@@ -160,13 +171,16 @@ def tune(asked: C.TrainConfig, given: frozenset[str], data_dir: str, run_dir: st
     (printed by rank 0). Returns the chosen trial (None if nothing fits)."""
     machine = settings.Machine.this(info.device, info.world_size, info.local_world_size)
     cfg = settings.settle(asked, machine, given)
-    trials = []
+    trials, tried = [], candidates(cfg, machine)
+    # One layout per strategy for all its trials and the forecast: hsdp's mesh makes process groups (NCCL
+    # communicators and their memory) that a layout per trial would pile up.
+    layouts = {s: parallel.layout(s, info) for s in dict.fromkeys(c.strategy for c in tried)}
     with D.Watchdog(cfg.collective_timeout_s, info) as watchdog:
-        for candidate in candidates(cfg, machine):
-            trials += _try(candidate, machine, data_dir, info, asked, trials, watchdog)
+        for candidate in tried:
+            trials += _try(candidate, machine, data_dir, layouts[candidate.strategy], asked, trials, watchdog)
         fitting = [t for t in trials if t.fits]
         best = min(fitting, key=lambda t: t.step_s) if fitting else None
-        forecast = measure_forecast(best, data_dir, run_dir, info, watchdog) if best else None
+        forecast = measure_forecast(best, data_dir, run_dir, layouts[best.cfg.strategy], watchdog) if best else None
     if info.is_main:
         print(table(trials, info))
         if best is None:
@@ -181,7 +195,7 @@ def tune(asked: C.TrainConfig, given: frozenset[str], data_dir: str, run_dir: st
     return best
 
 
-def _try(candidate, machine, data_dir, info, asked, trials, watchdog) -> list[Trial]:
+def _try(candidate, machine, data_dir, layout, asked, trials, watchdog) -> list[Trial]:
     """A candidate's trials: none run when a smaller micro-batch of the same kind did not fit (reported as
     not fitting); a second one with activation checkpointing when it does not fit without."""
     kind = (candidate.strategy, candidate.fused_loss)
@@ -191,19 +205,21 @@ def _try(candidate, machine, data_dir, info, asked, trials, watchdog) -> list[Tr
     if smaller and not any(t.fits for t in smaller if t.cfg.batch_size == max(s.cfg.batch_size for s in smaller)):
         return [Trial(candidate, fits=False, why="a smaller micro-batch did not fit")]
     steps, warmup = asked.tune_steps, asked.tune_warmup
-    trial = run_trial(candidate, machine, data_dir, info, steps, warmup, watchdog)
+    trial = run_trial(candidate, machine, data_dir, layout, steps, warmup, watchdog)
     if trial.fits:
         return [trial]
-    return [trial, run_trial(candidate.replace(activation_checkpointing=True), machine, data_dir, info, steps, warmup,
-                             watchdog)]  # fmt: skip
+    return [trial, run_trial(candidate.replace(activation_checkpointing=True), machine, data_dir, layout, steps,
+                             warmup, watchdog)]  # fmt: skip
 
 
 def table(trials: list[Trial], info: D.DistInfo) -> str:
     cuda = info.device_type == "cuda"
     where = f"{info.world_size} x {torch.cuda.get_device_name()}" if cuda else f"{info.world_size} x CPU process"
+    compiled = any(t.cfg.compile == "true" for t in trials)
     lines = [
-        f"tune on {where}: each layout {'timed' if trials else 'none'} over real steps after warm-up (median); "
-        "peak memory per GPU (max_memory_allocated; none on a CPU)",
+        f"tune on {where}: each layout {'timed' if trials else 'none'} over real steps after warm-up (median)"
+        + ("; each compiled cold, its own static graph, as its run compiles it" if compiled else "")
+        + "; peak memory per GPU (max_memory_allocated; none on a CPU)",
         f"{'layout':<52} {'peak GiB':>9} {'tokens/s':>11} {'MFU':>6} {'step s':>8}",
     ]
     for t in trials:
@@ -261,38 +277,59 @@ class Forecast:
     cfg: C.TrainConfig
     world_size: int
     step_s: float
-    startup_s: float  # the first step: compilation and warm-up
+    startup_s: float  # the process's start to the end of its first step (compilation and warm-up included)
     eval_s: float  # one evaluation
     ckpt_s: float  # one checkpoint
     reference: references.Reference | None = None
     target: references.Reference | None = None
     measured: str = "measured"  # how eval_s and ckpt_s were found
+    first_step: int = 1  # this launch's first step (after a resume: the one after the checkpoint's)
+    run_dataset: str | None = None  # the run's data (references.dataset_of), for the reference's applicability
+
+    @property
+    def steps(self) -> int:
+        """The steps this launch runs."""
+        return self.cfg.max_steps - self.first_step + 1
 
     @property
     def evals(self) -> int:
-        return evaluations(self.cfg.max_steps, self.cfg.eval_interval)
+        return self._count(self.cfg.max_steps, self.cfg.eval_interval)
 
     @property
     def ckpts(self) -> int:
-        return evaluations(self.cfg.max_steps, self.cfg.ckpt_interval)
+        return self._count(self.cfg.max_steps, self.cfg.ckpt_interval)
+
+    def _count(self, step: int, interval: int) -> int:
+        """Of this launch's steps up to `step`, those that evaluate (or checkpoint) every `interval`."""
+        done = evaluations(self.first_step - 1, interval, self.cfg.max_steps) if self.first_step > 1 else 0
+        return evaluations(step, interval, self.cfg.max_steps) - done
 
     @property
     def total_s(self) -> float:
         return self.seconds_to(self.cfg.max_steps)
 
     def seconds_to(self, step: int) -> float:
-        """Wall-clock from launch until `step` is done, with the evaluations and checkpoints on the way."""
+        """Wall-clock from this launch's start until `step` is done, with the evaluations and checkpoints on the
+        way (after a resume: from the resumed process's start, never the downtime before it)."""
         cfg = self.cfg
         return (
             self.startup_s
-            + (step - 1) * self.step_s
-            + evaluations(step, cfg.eval_interval, cfg.max_steps) * self.eval_s
-            + evaluations(step, cfg.ckpt_interval, cfg.max_steps) * self.ckpt_s
+            + (step - self.first_step) * self.step_s
+            + self._count(step, cfg.eval_interval) * self.eval_s
+            + self._count(step, cfg.ckpt_interval) * self.ckpt_s
         )
 
+    def why_no_target(self) -> str:
+        """Why the reference's pace says nothing of this run ("" where it does): references.why_no_projection."""
+        if self.reference is None or self.target is None:
+            return ""
+        model = references.model_name(self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd)
+        return references.why_no_projection(self.reference, self.run_dataset, model)
+
     def target_step(self) -> int | None:
-        """The step at which the run reaches the target's loss if it keeps the reference's pace."""
-        if self.reference is None or self.target is None or not self.reference.is_curve:
+        """The step at which the run reaches the target's loss if it keeps the reference's pace; None where the
+        reference does not apply to the run."""
+        if self.reference is None or self.target is None or self.why_no_target():
             return None
         tokens = self.reference.tokens_to_reach(self.target.val_loss)
         if tokens is None:
@@ -300,7 +337,8 @@ class Forecast:
         return math.ceil(tokens / tokens_per_step(self.cfg, self.world_size))
 
     def describe(self) -> str:
-        terms = [f"{self.cfg.max_steps:,} steps at {self.step_s:.4f} s"]
+        resumed = f" (from step {self.first_step:,})" if self.first_step > 1 else ""
+        terms = [f"{self.steps:,} steps{resumed} at {self.step_s:.4f} s"]
         terms += [f"start-up {self.startup_s:.1f} s"] if self.startup_s else []
         terms += [f"{self.evals} evals x {self.eval_s:.2f} s"] if self.eval_s else []
         terms += [f"{self.ckpts} checkpoints x {self.ckpt_s:.2f} s"] if self.ckpt_s else []
@@ -312,7 +350,11 @@ class Forecast:
             gpu_hours, price = self.total_s / 3600 * self.world_size, self.cfg.gpu_hour_cost
             line += f", {gpu_hours:.2f} GPU-hours x ${price:g} = ${gpu_hours * price:,.2f}"
         step = self.target_step()
-        if step is not None and step <= self.cfg.max_steps:
+        if why := self.why_no_target():
+            line += f"\nno time to {self.target.name}'s val loss at {self.reference.name}'s pace: {why}"
+        elif step is not None and step < self.first_step:
+            line += f"\nat {self.reference.name}'s pace it reached {self.target.name}'s val loss before this launch"
+        elif step is not None and step <= self.cfg.max_steps:
             line += (
                 f"\nat {self.reference.name}'s pace it reaches {self.target.name}'s val loss "
                 f"{self.target.val_loss:.4f} at step {step:,}, after {duration(self.seconds_to(step))}"
@@ -346,23 +388,25 @@ def reference_and_target(reference: str, dataset: str | None):
     return curve, references.default_target(dataset or curve.dataset)
 
 
-def measure_forecast(best: Trial, data_dir: str, run_dir: str, info: D.DistInfo, watchdog) -> Forecast:
+def measure_forecast(best: Trial, data_dir: str, run_dir: str, layout: parallel.Layout, watchdog) -> Forecast:
     """The chosen layout's forecast: its measured steps, one evaluation timed on a few val batches and
     scaled to eval_tokens, and a checkpoint's bytes over this file system's write speed."""
-    cfg = best.cfg
+    cfg, info = best.cfg, layout.info
     with watchdog.slow("the tune's evaluation and write-speed measurements"):
-        eval_s = _eval_seconds(cfg, data_dir, info)
+        eval_s = _eval_seconds(cfg, data_dir, layout)
         write_bps = D.broadcast_object(_write_speed(run_dir) if info.is_main else None, info)
-    curve, target = reference_and_target(cfg.reference, references.dataset_of(data_dir))
+    dataset = references.dataset_of(data_dir)
+    curve, target = reference_and_target(cfg.reference, dataset)
     return Forecast(cfg, info.world_size, best.step_s, best.first_step_s, eval_s, best.state_bytes / write_bps,
                     curve, target, measured="measured: evals on a sample of val batches, checkpoints at this "
-                    f"file system's {write_bps / 2**20:,.0f} MiB/s")  # fmt: skip
+                    f"file system's {write_bps / 2**20:,.0f} MiB/s", run_dataset=dataset)  # fmt: skip
 
 
-def _eval_seconds(cfg: C.TrainConfig, data_dir: str, info: D.DistInfo) -> float:
-    layout = parallel.layout(cfg.strategy, info)
+def _eval_seconds(cfg: C.TrainConfig, data_dir: str, layout: parallel.Layout) -> float:
+    info = layout.info
     spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, layout.dp_size, layout.dp_rank)
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
+    torch._dynamo.reset()  # as the run's evaluation compiles: none of the trials' graphs to recompile from
     engine = build_engine(cfg, layout, loader, cfg.seed)
     model = parallel.for_eval(engine.model)
     full = EvalWindows(data_dir, "val", cfg.block_size, cfg.eval_tokens, cfg.vocab_size)
@@ -375,6 +419,7 @@ def _eval_seconds(cfg: C.TrainConfig, data_dir: str, info: D.DistInfo) -> float:
     synchronize(info.device)
     seconds = (time.perf_counter() - t0) * len(full) / len(sample)
     del engine, model
+    torch._dynamo.reset()
     gc.collect()
     return D.all_reduce_max(torch.tensor(seconds, device=info.device), info).item()
 

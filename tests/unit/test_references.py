@@ -163,3 +163,26 @@ def test_compare_prints_verdicts_and_a_projection_and_plots_the_references(tmp_p
     assert "projected to reach gpt2-124m@fineweb's val 3.4250 at about" in out
     assert "owt: trained on openwebtext, llmc-124m-fineweb10B on fineweb10B: the datasets differ" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_a_curve_projects_only_a_run_of_its_dataset_model_and_tokens(tmp_path):
+    """references.why_no_projection: "" for GPT-2 124M on FineWeb inside llm.c's tokens; otherwise the reason
+    (another dataset, another model size, tokens outside the curve, a single val loss)."""
+    inside = LLMC.tokens[5]
+    assert LLMC.model == "gpt2-124m" and R.model_name(12, 12, 768) == "gpt2-124m"
+    assert R.why_no_projection(LLMC, "fineweb10B", "gpt2-124m", inside) == ""
+    assert R.why_no_projection(LLMC, None, None, inside) == ""  # unknown data and model: taken to be the same
+    shakespeare = R.model_name(4, 4, 32)
+    assert "this run's model is a 4-layer, 4-head, 32-wide model" in R.why_no_projection(LLMC, None, shakespeare)
+    assert "gpt2-350m" in R.why_no_projection(LLMC, "fineweb10B", R.model_name(24, 16, 1024), inside)
+    assert "this run's data is openwebtext" in R.why_no_projection(LLMC, "openwebtext", "gpt2-124m", inside)
+    for outside in (LLMC.tokens[1] / 2, LLMC.tokens[-1] * 2):
+        assert "outside llmc-124m-fineweb10B's curve" in R.why_no_projection(LLMC, None, "gpt2-124m", outside)
+    assert "single val loss" in R.why_no_projection(GPT2_FINEWEB, "fineweb10B", "gpt2-124m", inside)
+    # A run directory as the reference: its curve is of the model its config.json records.
+    run = write_run(tmp_path / "small", synthetic_run(0.0)[:4], "fineweb10B")
+    (run / "config.json").write_text(json.dumps({"dataset": "fineweb10B", "n_layer": 4, "n_head": 4, "n_embd": 32}))
+    mine = R.get(str(run))
+    assert mine.model == shakespeare
+    assert R.why_no_projection(mine, "fineweb10B", shakespeare, mine.tokens[1]) == ""
+    assert "a curve of a 4-layer" in R.why_no_projection(mine, "fineweb10B", "gpt2-124m", mine.tokens[1])

@@ -83,30 +83,6 @@ def test_each_eval_line_says_when_the_target_is_reached(eta, shown):
     assert shown in format_line(record, 100, None, "llmc", "gpt2-124m@owt")
 
 
-def test_each_eval_projects_the_time_to_the_target_at_the_runs_pace():
-    """RunLog.time_to_target: references.projection's tokens for GPT-2 124M's loss, turned into seconds at
-    the run's mean tokens/s; 0 once the loss is reached."""
-    from types import SimpleNamespace
-
-    from gpt2repro.distributed import DistInfo
-    from gpt2repro.metrics import RunLog
-    from gpt2repro.model import GPT, GPTConfig
-
-    curve = references.get("llmc-124m-fineweb10B")
-    run = SimpleNamespace(
-        cfg=C.TrainConfig(), info=DistInfo(rank=1, world_size=2), comparison=references.Comparison(curve, "fineweb10B"),
-        state=SimpleNamespace(step=0), tokens_per_step=1000, raw_model=GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8)),
-    )  # fmt: skip
-    log = RunLog(run)  # rank 1: no files
-    log.throughput.train_s, log.throughput.steps = 10.0, 100  # 10,000 tokens/s
-    assert log.target.name == "gpt2-124m@fineweb"
-    # At 1M tokens the run has llm.c's loss of 262,144,000 tokens (its step 500): it needs 1/262.144 as many.
-    eta = log.time_to_target(1_000_000, 5.3743)["target_eta_s"]
-    projected = curve.tokens_to_reach(log.target.val_loss) / 262.144
-    assert eta == pytest.approx((projected - 1_000_000) / 10_000, rel=1e-6)
-    assert log.time_to_target(2_000_000, 3.40)["target_eta_s"] == 0.0  # below the target: reached
-
-
 def test_the_table_on_a_gpu_names_it_and_gives_peak_memory_and_mfu():
     """The table's CUDA branch under faked H100 properties: the card's name, the measured peak per GPU, and
     MFU against the H100's bf16 peak that settling found."""
