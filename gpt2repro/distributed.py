@@ -146,12 +146,18 @@ def check_restart_store() -> str | None:
 
 def teardown(wait_for_all: bool = False) -> None:
     """Leave the process group. wait_for_all: a barrier first, so that no rank (and no torchrun
-    agent hosting the rendezvous store) goes away while another still talks to it."""
+    agent hosting the rendezvous store) goes away while another still talks to it.
+
+    What is garbage goes first: an FSDP or DDP model that is no longer referenced still lives on in
+    reference cycles (module <-> hooks), and with it the process groups its state holds. Left to the
+    interpreter's exit, their gloo threads (holding tensors) are destroyed while the interpreter is torn
+    down, and a loaded machine aborted there ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         try:
             if wait_for_all:
                 _barrier()
         finally:
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -1,7 +1,10 @@
 """FSDP's meta-device build against today's plain build (run under torchrun by test_fsdp.py):
 every parameter, gathered whole, must equal GPT(config)'s after the same seed, bit for bit,
-with and without fp8 (torchao's Float8Linear, converted before sharding)."""
+with and without fp8 (torchao's Float8Linear, converted before sharding). And no FSDP model (nor
+the process groups it holds) outlives the teardown: left to the interpreter's exit, a loaded
+machine aborted there ("terminate called without an active exception")."""
 
+import gc
 import importlib.util
 import resource
 import sys
@@ -10,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
 
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro import parallel  # noqa: E402
@@ -22,7 +26,8 @@ CONFIG = GPTConfig(vocab_size=1001, block_size=24, n_layer=3, n_head=3, n_embd=4
 # parameter at a time, where a full build would first hold all 400 MB.
 BIG = GPTConfig(vocab_size=1024, block_size=64, n_layer=8, n_head=16, n_embd=1024)
 
-with D.distributed_context("cpu") as info:
+
+def check(info: D.DistInfo) -> None:
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     big = parallel.build_model(BIG, parallel.layout("fsdp", info), "float32", seed=0)
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib) * 1024
@@ -51,3 +56,11 @@ with D.distributed_context("cpu") as info:
             assert torch.equal(param.full_tensor(), reference[name].detach()), f"fp8: {name}"
         if info.is_main:
             print("fp8 meta init equals the plain init")
+
+
+with D.distributed_context("cpu") as info:
+    check(info)
+leaked = [type(o).__name__ for o in gc.get_objects() if isinstance(o, FSDPModule)]
+assert not leaked, f"FSDP modules alive after the teardown: {leaked}"
+if info.is_main:
+    print("no FSDP model outlives the teardown")

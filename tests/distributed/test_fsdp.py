@@ -145,6 +145,7 @@ def test_fsdp_builds_on_the_meta_device_with_the_plain_init():
     assert "meta init equals the plain init" in proc.stdout
     if importlib.util.find_spec("torchao") is not None:
         assert "fp8 meta init equals the plain init" in proc.stdout
+    assert "no FSDP model outlives the teardown" in proc.stdout
 
 
 # Each rank logs, in order, its Newton-Schulz calls and the owners of the broadcasts it joins.
