@@ -2,7 +2,7 @@
 tokens are one repeated token, placed at the steps that read them (the data order is a pure
 function of seed and step). Unguarded, the model learns the stretch and ends measurably worse than
 the clean run; guarded, exactly those updates are skipped and the run ends where the clean one does.
-A stretch longer than --rollback_after rolls the run back, on one rank and two alike, and a kill -9
+A stretch longer than --rollback_after rolls the run back, two ranks as the one rank they equal bitwise, and a kill -9
 after the rollback resumes in the same order. A healthy run is bitwise the same with the guard on."""
 
 import json
@@ -59,7 +59,12 @@ def runs(shakespeare_data, tmp_path_factory):
         "poisoned": train_cmd(short, root / "poisoned", *RUN),
         "poisoned_guarded": train_cmd(short, root / "poisoned_guarded", *RUN, *guard),
         "rolled_back": train_cmd(long, root / "rolled_back", *ROLLBACK),
+        # The same global batch on two ranks, and its oracle: one rank with the same micro-batches (2 x 2), which
+        # two ranks equal bitwise (one thread each, the same shapes; an average of two is exact). Runs that differ
+        # by rounding alone leave this lr-8e-3 warmup on different paths (4 x 1 and 2 x 2 micro-batches were at
+        # loss 7.61 and 9.15 at step 50 here): which rollbacks such a pair takes is left to the machine.
         "two_ranks": train_cmd(long, root / "two_ranks", *ROLLBACK, "--batch_size", 2, nproc=2),
+        "one_rank_2x2": train_cmd(long, root / "one_rank_2x2", *ROLLBACK, "--batch_size", 2, "--grad_accum_steps", 2),
     }
     procs = {name: _start(cmd, root / f"{name}.log") for name, cmd in cases.items()}
     # Each step of the killed run a little slower, so that the kill lands well before its end on any machine.
@@ -72,8 +77,12 @@ def runs(shakespeare_data, tmp_path_factory):
     proc.wait()
     assert metrics(root / "killed")[-1]["step"] < 400
     procs["killed"] = _start(killed, root / "resumed.log")  # the resume, while the others run
-    for name, proc in procs.items():
-        assert proc.wait(timeout=600) == 0, f"{name}: {(root / f'{name}.log').read_text()[-3000:]}"
+    codes = {name: proc.wait(timeout=600) for name, proc in procs.items()}
+    for name, code in codes.items():
+        # The 2 x 2 pair's path is this machine's (see above): it may even end at --max_rollbacks, both alike.
+        if name not in ("two_ranks", "one_rank_2x2"):
+            assert code == 0, f"{name}: {(root / f'{name}.log').read_text()[-3000:]}"
+    assert codes["two_ranks"] == codes["one_rank_2x2"], (root / "two_ranks.log").read_text()[-3000:]
     return {name: root / name for name in cases} | {"killed": root / "killed"}
 
 
@@ -93,13 +102,16 @@ def test_persistent_spikes_roll_back_past_the_stretch_on_one_rank_and_two(runs):
     one, two = runs["rolled_back"], runs["two_ranks"]
     # 16 spikes in a row from step 200, seen at log step 220: back to checkpoint 150, the data 70 batches on (step
     # 151 reads batch 221); the stretch's last 30 batches then roll it back once more, 20 further on.
-    assert rollbacks(one) == rollbacks(two) == [(150, 220, 70), (150, 170, 90)]
+    assert rollbacks(one) == [(150, 220, 70), (150, 170, 90)]
+    # Two ranks take every decision of the one-rank run they equal bitwise (skips, rollbacks, data offsets), on
+    # whatever path this machine's rounding gives that pair.
+    assert rollbacks(two) and rollbacks(two) == rollbacks(runs["one_rank_2x2"])
+    assert losses(two) == losses(runs["one_rank_2x2"])
     assert metrics(one)[-1]["step"] == 400 and [r for r in metrics(one) if "spikes" in r][-1]["spikes"] == len(LONG)
     assert (one / "checkpoints" / ".rolled-back-step_00000200").is_dir()  # set aside, never resumed from
     assert [e["rollback_from"] for e in compare.read_run(one).events] == [220, 170]  # marked on compare's plot
     clean = final_val(runs["clean"])
-    for run_dir in (one, two):
-        assert abs(final_val(run_dir) - clean) / clean < 0.01, (run_dir.name, final_val(run_dir), clean)
+    assert abs(final_val(one) - clean) / clean < 0.01, (final_val(one), clean)
 
 
 def test_a_kill_after_a_rollback_resumes_in_the_same_order(runs):
