@@ -6,39 +6,53 @@
 
 Needs only torch, numpy and tiktoken (no datasets, no wandb, no network); FP8 rows need
 torchao (a carried wheel will do) and say why they were skipped otherwise. Stages, each a
-fresh process as users run them:
+fresh process as users run them, in this order:
 
   1. data       tiny Shakespeare (shipped in examples/) into token shards, unless --data is given
-  2. train      torchrun --nproc_per_node=1 launch/train.py, 40 steps from the shards
-  3. profile    steps 31-32 of that run, traced (--profile_steps): the CUDA kernels in the trace
-  4. resume     the same command with --max_steps 60: must resume from step 40
-  5. eval       launch/eval.py on the newest checkpoint, evaluated as training evaluates (its micro-batch;
-                compiled on a GPU): must equal the val_loss logged at step 60
-  6. oom        a micro-batch that cannot fit: one `error: out of GPU memory` line naming the allocator
-                snapshot it wrote (on a CPU: the host's line; the snapshot is CUDA's)
-  6b. tune      launch/train.py --tune true on 124M (no compile, to keep it short): every layout timed, the
-                fastest named with its command line, the forecast
-  7. speed      benchmarks/train_throughput.py rows: the plain step (full logits + F.cross_entropy,
+  2. speed      benchmarks/train_throughput.py rows: the plain step (full logits + F.cross_entropy,
                 its compiled forward outputting the logits, as nanoGPT's), unfused (ours with the
                 plain loss: the default on CUDA), fused (the fused loss: flip the CUDA default to it
                 if it is at least as fast), fp8 (the default + FP8 matmuls), muon (the default with
                 --optimizer muon: its step beside AdamW's), at GPT-2 sizes. A row that fails is a
                 FAILED cell; the other rows still run.
-  8. memory     the planner's estimate against the measured peak (max_memory_allocated), for each
-                row of stage 7 and the layouts it must get right (774M without compile, 1558M FSDP +
+  3. memory     the planner's estimate against the measured peak (max_memory_allocated), for each
+                row of stage 2 and the layouts it must get right (774M without compile, 1558M FSDP +
                 checkpointing)
+  4. oom        a micro-batch that cannot fit: one `error: out of GPU memory` line naming the allocator
+                snapshot it wrote (on a CPU: the host's line; the snapshot is CUDA's)
+  5. train      torchrun --nproc_per_node=1 launch/train.py, 40 steps from the shards
+  6. profile    steps 31-32 of that run, traced (--profile_steps): the CUDA kernels in the trace
+  7. resume     the same command with --max_steps 60: must resume from step 40
+  8. eval       launch/eval.py on the newest checkpoint, evaluated as training evaluates (its micro-batch;
+                compiled on a GPU): must equal the val_loss logged at step 60
+  9. tune       launch/train.py --tune true on 124M (no compile, to keep it short): every layout timed, the
+                fastest named with its command line, the forecast
 
-What must work comes first, the figures after it.
-Prints one table; exits 1 if a stage failed (a skipped row is not a failure). --skip speed,memory
-reruns only what is left (e.g. after a failure, on a device budget). Past --budget_s the stages not
-yet started are skipped, so the table always comes out inside one call.
+Why this order: the figures come first because only a GPU can give them, while every stage is run on a CPU
+by the smoke test (tests/distributed/test_gpu_check.py) on each change; and a GPU is lent for minutes, so
+what comes back from a cut call must be the figures. The cold 124M compiles of train, resume, eval (and
+tune's layouts) take most of a budget; ahead of the speed rows they left them little of it. Then oom
+(seconds, and its snapshot is CUDA's only), then train and what needs its run, and tune last (the longest).
+Each benchmark run has its own bound (on a GPU 130 s for a speed run, 45 s for a memory run: with the data
+stage they fill the 360 s budget at worst), so that one slow compile cannot eat the others' time; a run cut
+by its bound or by the budget shows the rows it had measured (train_throughput.py writes each row as it ends)
+and is marked cut.
+
+Prints one table, its stages in the order above; exits 1 if a stage failed or a run was cut (a skipped row
+or stage is not a failure). --skip speed,memory reruns only what is left (e.g. after a call that the budget
+cut: on a GPU that is usually train to tune). Past --budget_s the stages not yet started are skipped, so the
+table always comes out inside one call.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +84,9 @@ class Sizes:
     oom: list[str]  # launch/train.py's arguments for a micro-batch that cannot fit
     tune: list[str]  # launch/train.py's arguments for a short --tune true
     cuda: bool = True
+    # Each benchmark run's bound, so that one (a slow compile) cannot eat the budget of the runs after it.
+    speed_bound_s: float = 600.0
+    memory_bound_s: float = 600.0
 
 
 GPU = Sizes(
@@ -120,6 +137,10 @@ GPU = Sizes(
         "--tune_warmup",
         "2",
     ],  # fmt: skip
+    # Estimates on an H100: a speed run ~100-130 s (a cold compile of each row but fp8's, muon's from the cache),
+    # a memory run ~20-40 s (no compile). With the data stage these fill the 360 s budget at worst.
+    speed_bound_s=130.0,
+    memory_bound_s=45.0,
 )
 _TOY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]
 SMOKE = Sizes(
@@ -211,14 +232,46 @@ class Budget:
         return True
 
 
+CUT = 124  # run()'s exit code for a process it killed: past its bound or the check's budget
+STOP_GRACE_S = 15.0  # from SIGTERM to SIGKILL
+
+
 def run(cmd: list[str], timeout: float, budget: Budget) -> subprocess.CompletedProcess:
-    """cmd's completed process; one that outlives the budget (or `timeout`) is killed and reported as such."""
+    """cmd's completed process; one that outlives the budget (or `timeout`) is stopped, with its children, and
+    comes back with exit code CUT, the reason as the last line of its stderr."""
     limit = max(1.0, min(timeout, budget.left()))
+    why = f"its bound of {timeout:.0f} s" if timeout <= budget.left() else "the check's budget"
+    # A session of its own, so that stopping it reaches every process it started.
+    with subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired as timeout_expired:
+            out, err = _stop(proc, timeout_expired)
+            return subprocess.CompletedProcess(cmd, CUT, out, f"{err}\nkilled after {limit:.0f} s ({why})")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stop(proc: subprocess.Popen, pending: subprocess.TimeoutExpired) -> tuple[str, str]:
+    """Its output so far, once it has been stopped. SIGTERM first: torchrun's workers sit in sessions of
+    their own, out of reach of the group's signals, and torchrun passes a SIGTERM on to them (a SIGKILL would
+    leave them holding the GPU for the stages after it). SIGKILL if it is still there after STOP_GRACE_S."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
+        return proc.communicate(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return subprocess.CompletedProcess(cmd, 124, out, f"killed after {limit:.0f} s (the check's budget)")
+        pending = e
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()  # not communicate(): a straggler outside the group may hold the pipes open
+    return _text(pending.stdout), _text(pending.stderr)
+
+
+def _text(output: bytes | str | None) -> str:
+    """A TimeoutExpired's output (bytes, even with text=True) as text."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 def timed_run(stage: Stage, cmd: list[str], timeout: float, budget: Budget) -> subprocess.CompletedProcess:
@@ -252,14 +305,32 @@ def prepare(data: Path, stage: Stage, budget: Budget) -> None:
     stage.lines.append(f"tiny Shakespeare: {tokens['train']:,} train and {tokens['val']:,} val tokens in {data}")
 
 
-def benchmark(stage: Stage, label: str, args: list[str], rows: str, sizes: Sizes, work: Path, budget: Budget):
-    """(the rows of one train_throughput.py run, or an error line)."""
+def benchmark(
+    stage: Stage, label: str, args: list[str], rows: str, sizes: Sizes, work: Path, budget: Budget, bound_s: float
+) -> tuple[list[dict], str]:
+    """The rows of one train_throughput.py run, and an error line if it did not end well. A run that was cut
+    (its bound, the budget) or crashed still gives the rows it had measured (it writes each as it ends); the
+    rows it did not get to come back marked "cut"."""
     out = work / f"bench_{len(list(work.glob('bench_*')))}.json"
     cmd = torchrun("benchmarks/train_throughput.py", *args, *sizes.bench, "--rows", rows, "--json", str(out))
-    proc = timed_run(stage, cmd, 600, budget)
-    if proc.returncode:
-        return [], f"{label}: {failure(proc)}"
-    return json.loads(out.read_text()), ""
+    proc = timed_run(stage, cmd, bound_s, budget)
+    measured = _read_rows(out)
+    if proc.returncode == 0:
+        return measured, ""
+    names = {r["name"] for r in measured}
+    left = [{"name": name, "skipped": "", "cut": True} for name in rows.split(",") if name not in names]
+    how = "run cut" if proc.returncode == CUT else "run ended"
+    counted = f"{len(measured)} of {len(measured) + len(left)} rows measured"
+    return measured + left, f"{label}: {how}, {counted}: {failure(proc)}"
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows a train_throughput.py run wrote (none if it wrote none, or not JSON: a version that wrote it
+    at exit only, killed while writing)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
 
 
 def speed_and_memory(sizes: Sizes, work: Path, skip: set[str], budget: Budget) -> list[Stage]:
@@ -272,31 +343,36 @@ def speed_and_memory(sizes: Sizes, work: Path, skip: set[str], budget: Budget) -
         stage = speed if i < n_speed else memory
         if budget.skips(stage, label):
             continue
-        results, error = benchmark(stage, label, args, rows, sizes, work, budget)
-        if error:
+        bound_s = sizes.speed_bound_s if i < n_speed else sizes.memory_bound_s
+        results, error = benchmark(stage, label, args, rows, sizes, work, budget, bound_s)
+        if error or any(r.get("failed") for r in results):  # a row that broke (or a cut run): the others stand
             stage.ok = False
-            stage.lines.append(error)
-            continue
-        if any(r.get("failed") for r in results):  # a row that broke: the others still ran
-            stage.ok = False
-        ran = [r for r in results if not (r["skipped"] or r.get("failed"))]
-        if i < n_speed:
+        ran = [r for r in results if _measured(r)]
+        if i < n_speed and results:
             speed.lines.append(f"{label}: " + " | ".join(_speed_cell(r, ran[0] if ran else None) for r in results))
+        if error:
+            stage.lines.append(error)
         if i == 0 and not sizes.cuda:
             memory.lines.append(
                 "(a CPU: measured is the whole process's peak RSS, Python and torch included; "
                 "the planner counts tensors)"
             )
         for r in ran:
-            error = r["planned_bytes"] / r["peak_bytes"] - 1
+            off = r["planned_bytes"] / r["peak_bytes"] - 1
             memory.lines.append(
                 f"{label} {r['name']}: planned {r['planned_bytes'] / GiB:.2f} GiB, measured "
-                f"{r['peak_bytes'] / GiB:.2f} GiB ({100 * error:+.0f}%)"
+                f"{r['peak_bytes'] / GiB:.2f} GiB ({100 * off:+.0f}%)"
             )
     return [stage for stage in (speed, memory) if stage.name not in skip]
 
 
+def _measured(row: dict) -> bool:
+    return not (row["skipped"] or row.get("failed") or row.get("cut"))
+
+
 def _speed_cell(row: dict, base: dict | None) -> str:
+    if row.get("cut"):
+        return f"{row['name']} CUT (not measured before the run ended)"
     if row.get("failed"):
         return f"{row['name']} FAILED ({row['failed']})"
     if row["skipped"]:
@@ -336,23 +412,52 @@ def train_resume_eval(sizes: Sizes, data: Path, work: Path, budget: Budget) -> l
         if proc.returncode:
             stage.ok, stage.lines = False, [failure(proc)]
             return stages
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        steps_run = [r["step"] for r in records if "loss" in r]
-        vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-        last = max(steps_run)
-        summary = f"steps up to {last}, val_loss {vals.get(last, float('nan')):.4f} at step {last}"
+        records = read_metrics(run_dir)
+        last, summary = summarise_run(records)
+        # A run that reached its step with a finite val_loss there (a null one is a diverged run).
+        stage.ok = last == steps and finite(val_losses(records).get(last))
         if name == "resume":
             resumed = "resumed from" in proc.stdout and str(run_dir / "checkpoints" / "step_00000040") in proc.stdout
-            stage.ok = resumed and last == 60
+            stage.ok = stage.ok and resumed
             summary = ("resumed from step 40, " if resumed else "DID NOT RESUME from step 40, ") + summary
-        else:
-            stage.ok = last == 40
-        rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-        stage.lines.append(summary + (f", {rates[-1]:,.0f} tokens/s at the last log" if rates else ""))
+        stage.lines.append(summary)
         if name == "train":
             stages.append(profile_stage(run_dir, sizes))
-    stages.append(eval_stage(sizes, data, run_dir, work, vals[60], budget))
+    stages.append(eval_stage(sizes, data, run_dir, work, val_losses(records).get(60), budget))
     return stages
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (none if it wrote none)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def val_losses(records: list[dict]) -> dict[int, float | None]:
+    """Each evaluated step's val_loss: None where it was not finite (metrics.jsonl writes NaN and inf as null)."""
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+def finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def loss_text(value, digits: int = 4) -> str:
+    """A loss for the table, which must come out whatever one row holds: a null (or absent) one says so."""
+    return f"{value:.{digits}f}" if finite(value) else f"{value} (not finite)" if value is not None else "null"
+
+
+def summarise_run(records: list[dict]) -> tuple[int | None, str]:
+    """A run's last logged step (None if none) and its line: the val_loss there and the last tokens/s."""
+    steps = [r["step"] for r in records if "loss" in r]
+    if not steps:
+        return None, "no steps in metrics.jsonl"
+    last = max(steps)
+    vals = val_losses(records)
+    val = f"val_loss {loss_text(vals[last])} at step {last}" if last in vals else f"no val_loss at step {last}"
+    rates = [r["tokens_per_s"] for r in records if finite(r.get("tokens_per_s"))]
+    return last, f"steps up to {last}, {val}" + (f", {rates[-1]:,.0f} tokens/s at the last log" if rates else "")
 
 
 def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:
@@ -363,7 +468,7 @@ def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:
         stage.ok, stage.lines = False, [f"FAILED: no trace at {trace}"]
         return stage
     events = json.loads(trace.read_text())["traceEvents"]
-    steps = sorted(e["name"] for e in events if e.get("name", "").startswith("step "))
+    steps = traced_steps(events)
     kind = "kernel" if sizes.cuda else "cpu_op"
     found = sum(1 for e in events if e.get("cat") == kind)
     stage.ok = steps == [f"step {n}" for n in PROFILED] and found > 0
@@ -372,7 +477,17 @@ def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:
     return stage
 
 
-def eval_stage(sizes: Sizes, data: Path, run_dir: Path, work: Path, logged: float, budget: Budget) -> Stage:
+def traced_steps(events: list[dict]) -> list[str]:
+    """The names of the trace's "step N" ranges (StepProfiler's record_function), one per step: the CPU-side
+    ones (cat "user_annotation"). On CUDA each range is also on the GPU's timeline, as a "gpu_user_annotation"
+    event of the same name (torch's own profiler tests drop those for this reason)."""
+    names = (e.get("name", "") for e in events if e.get("cat") == "user_annotation")
+    return sorted(name for name in names if name.startswith("step "))
+
+
+def eval_stage(sizes: Sizes, data: Path, run_dir: Path, work: Path, logged: float | None, budget: Budget) -> Stage:
+    """launch/eval.py on the run's newest checkpoint: its loss must equal `logged`, the val_loss logged at step 60
+    (None where it is null or absent: then there is nothing to compare with, a failure)."""
     stage = Stage("eval")
     if budget.skips(stage):
         return stage
@@ -393,12 +508,17 @@ def eval_stage(sizes: Sizes, data: Path, run_dir: Path, work: Path, logged: floa
         stage.ok, stage.lines = False, [failure(proc)]
         return stage
     result = json.loads(result_file.read_text())
-    # The same computation as training's evaluation (its micro-batch, compiled on a GPU): equal to rounding.
-    stage.ok = abs(result["loss"] - logged) <= 1e-6 * abs(logged)
-    verdict = "equals" if stage.ok else "DIFFERS FROM"
-    how = " ".join(sizes.eval)
-    stage.lines.append(f"step 60: val_loss {result['loss']:.6f} ({how}) {verdict} the logged {logged:.6f}")
+    stage.ok, line = eval_verdict(result.get("loss"), logged, " ".join(sizes.eval))
+    stage.lines.append(line)
     return stage
+
+
+def eval_verdict(loss: float | None, logged: float | None, how: str) -> tuple[bool, str]:
+    """Whether eval.py's loss equals the logged one, and the line that says so."""
+    # The same computation as training's evaluation (its micro-batch, compiled on a GPU): equal to rounding.
+    ok = finite(loss) and finite(logged) and abs(loss - logged) <= 1e-6 * abs(logged)
+    verdict = "equals" if ok else "DIFFERS FROM"
+    return ok, f"step 60: val_loss {loss_text(loss, 6)} ({how}) {verdict} the logged {loss_text(logged, 6)}"
 
 
 def oom_stage(sizes: Sizes, data: Path, work: Path, budget: Budget) -> Stage:
@@ -470,14 +590,14 @@ def main() -> int:
 
     stages = [Stage("data")]
     prepare(data, stages[0], budget)
-    # What must work first (a real run, its resume, eval and out-of-memory report), then the figures.
-    if stages[0].ok and "train" not in skip:
-        stages += train_resume_eval(sizes, data, work, budget)
+    # The figures first, then what must work (the order's reasons: the docstring). Speed and memory need no data.
+    stages += speed_and_memory(sizes, work, skip, budget)
     if stages[0].ok and "oom" not in skip:
         stages.append(oom_stage(sizes, data, work, budget))
+    if stages[0].ok and "train" not in skip:
+        stages += train_resume_eval(sizes, data, work, budget)
     if stages[0].ok and "tune" not in skip:
         stages.append(tune_stage(sizes, data, work, budget))
-    stages += speed_and_memory(sizes, work, skip, budget)
 
     import torch  # only for the header: the stages ran in their own processes
 

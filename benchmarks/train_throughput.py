@@ -20,6 +20,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import os
 import resource
 import statistics
 import time
@@ -77,7 +78,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=0.0)
-    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--json", help="also write the rows to this file (rewritten as each row ends)")
     args = p.parse_args()
 
     with D.distributed_context("auto") as info:
@@ -111,11 +112,20 @@ def main() -> None:
         unknown = set(args.rows.split(",")) - set(rows)
         if unknown:
             p.error(f"unknown --rows {', '.join(sorted(unknown))}; choose from {', '.join(rows)}")
-        results = [measure_or_skip(name, *rows[name], args, info) for name in args.rows.split(",")]
+        results = []
+        for name in args.rows.split(","):
+            results.append(measure_or_skip(name, *rows[name], args, info))
+            if info.is_main and args.json:  # after each row: a run killed (a time limit) keeps the rows it measured
+                write_rows(Path(args.json), results)
         if info.is_main:
             print(report(results, info))
-            if args.json:
-                Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1) + "\n")
+
+
+def write_rows(path: Path, rows: list[Row]) -> None:
+    """The rows as a JSON list, replacing the file at once (os.replace): a reader never sees half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def peak_host_bytes() -> int:
