@@ -23,6 +23,7 @@ class Run:
     steps: list[dict]  # records with a train loss
     evals: list[dict]  # records with a val_loss
     dataset: str | None = None  # the dataset it trained on (references.run_dataset)
+    model: str | None = None  # the model it trained (references.run_model)
     settings: dict | None = None  # what ran (its config.json's SETTINGS), None for a run without one
     events: list[dict] = dataclasses.field(default_factory=list)  # the spike guard's rollbacks
 
@@ -67,7 +68,15 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     if not steps and not evals:
         raise ValueError(f"{path} holds no logged steps yet.")
     events = [r for r in records if "rollback_from" in r]
-    return Run(Path(run_dir).name, steps, evals, references.run_dataset(run_dir), read_settings(run_dir), events)
+    return Run(
+        Path(run_dir).name,
+        steps,
+        evals,
+        references.run_dataset(run_dir),
+        references.run_model(run_dir),
+        read_settings(run_dir),
+        events,
+    )
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -149,6 +158,9 @@ def verdicts(run: Run, reference: Reference, target: Reference | None) -> tuple[
     if target is None:
         return rows, f"{run.name}: no target loss is known for {run.dataset or 'its dataset'}; pass --target"
     evals = [(r["tokens"], r["val_loss"]) for r in run.evals]
+    last_tokens = evals[-1][0] if evals else None
+    if why := references.why_no_projection(reference, run.dataset, run.model, last_tokens):
+        return rows, f"{run.name}: no projection to {target.name}'s val loss: {why}"
     return rows, f"{run.name}: {references.projection(evals, reference, target).sentence}"
 
 

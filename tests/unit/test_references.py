@@ -186,3 +186,19 @@ def test_a_curve_projects_only_a_run_of_its_dataset_model_and_tokens(tmp_path):
     assert mine.model == shakespeare
     assert R.why_no_projection(mine, "fineweb10B", shakespeare, mine.tokens[1]) == ""
     assert "a curve of a 4-layer" in R.why_no_projection(mine, "fineweb10B", "gpt2-124m", mine.tokens[1])
+
+
+def test_compare_projects_no_run_of_another_model_than_the_curves(tmp_path):
+    """launch/compare.py applies training's rule (references.why_no_projection): llm.c's curve is GPT-2 124M's, so
+    a 2-layer model's evals on its data and tokens get the reason, not a projected token count."""
+    small = write_run(tmp_path / "small", synthetic_run(0.04, 1.1)[:12], "fineweb10B")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "n_layer": 2, "n_head": 2, "n_embd": 64}))
+    cmd = [sys.executable, str(REPO / "launch" / "compare.py"), str(small), "--reference", "llmc-124m-fineweb10B"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "s.png")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "small: no projection to gpt2-124m@fineweb's val loss: llmc-124m-fineweb10B is a curve of gpt2-124m, "
+        "this run's model is a 2-layer, 2-head, 64-wide model" in proc.stdout
+    ), proc.stdout
+    assert "projected to reach" not in proc.stdout
