@@ -25,28 +25,35 @@ GPU_PEAK_TFLOPS = {
     "H100": (989.0, 494.0),  # SXM ("NVIDIA H100 80GB HBM3")
     "H100 NVL": (835.0, 418.0),
     "H100 PCIe": (756.0, 378.0),
-    "A100": (312.0, 156.0),  # SXM and PCIe alike
+    "A100": (312.0, 156.0),  # SXM4
+    "A100 PCIe": (312.0, 156.0),
     "L40S": (362.0, 183.0),
     "L40": (181.0, 90.5),
     "L4": (121.0, 60.0),
     "A10": (125.0, 62.5),
     "4090": (165.0, 82.6),  # GeForce RTX 4090, fp32 accumulation
-    "V100": (125.0, 15.7),  # no TF32
+    "V100": (125.0, 15.7),  # SXM2; no TF32
+    "V100 PCIe": (112.0, 14.0),
     "T4": (65.0, 8.1),
 }
 _VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE", "RTX", "QUADRO"}
 _FORM_FACTORS = ("NVL", "PCIe")
+# Words that name a smaller part than the model's: a MIG slice of the GPU, a cut-down or a laptop chip.
+_LESSER_PARTS = {"MIG", "D", "LAPTOP", "MOBILE", "MAX", "Q"}
 
 
 def gpu_model(gpu_name: str) -> str:
-    """The table's key for a device name: its model, whole ("NVIDIA L40" is an L40, not an L4), with the form
-    factor where the table tells them apart: "NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100"."""
+    """The table's key for a device name, matched on the whole name: its model ("NVIDIA L40" is an L40, not an
+    L4) with its form factor ("NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100"). "" where
+    the table has no figure for that part: a form factor it does not list ("NVIDIA H200 NVL"), a MIG slice, a
+    4090 D or a laptop GPU: MFU is then n/a (--peak_tflops), never another part's figure."""
     words = [w for w in gpu_name.replace("-", " ").split() if w.upper() not in _VENDOR_WORDS]
-    if not words:
+    if not words or _LESSER_PARTS & {w.upper() for w in words[1:]}:
         return ""
     upper = [w.upper() for w in words[1:]]
-    variants = [f"{words[0]} {form}" for form in _FORM_FACTORS if form.upper() in upper]
-    return next((v for v in variants if v in GPU_PEAK_TFLOPS), words[0])
+    forms = [form for form in _FORM_FACTORS if form.upper() in upper]
+    key = f"{words[0]} {forms[0]}" if forms else words[0]
+    return key if key in GPU_PEAK_TFLOPS else ""
 
 
 def peak_tflops_of(gpu_name: str, dtype: str) -> float:

@@ -1,6 +1,7 @@
 """MFU's denominator for each card, by the name torch.cuda.get_device_name() gives it: dense bf16 and
 float32-as-trained (TF32) peaks from NVIDIA's datasheets (sparsity figures halved). A name is matched whole:
-an L40 is not an L4, an H100 NVL or PCIe is not the SXM part, an A10G is not an A10."""
+an L40 is not an L4, an H100 NVL or PCIe is not the SXM part, an A10G is not an A10, a MIG slice is not its
+GPU."""
 
 import pytest
 
@@ -23,9 +24,16 @@ CARDS = [  # (device name, dense bf16 TFLOP/s, TF32 (float32 as trained) TFLOP/s
     ("NVIDIA A10", 125.0, 62.5),
     ("NVIDIA GeForce RTX 4090", 165.0, 82.6),
     ("Tesla V100-SXM2-16GB", 125.0, 15.7),  # no TF32: plain fp32
-    ("Tesla V100-PCIE-32GB", 125.0, 15.7),
+    ("Tesla V100-PCIE-32GB", 112.0, 14.0),
     ("Tesla T4", 65.0, 8.1),
-    ("NVIDIA A10G", 0.0, 0.0),  # not in the table: MFU n/a (--peak_tflops), never the A10's figure
+    # Parts the table has no figure for: MFU n/a (--peak_tflops), never a figure of another part.
+    ("NVIDIA A10G", 0.0, 0.0),  # not the A10
+    ("NVIDIA H200 NVL", 0.0, 0.0),  # not the SXM H200
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 0.0, 0.0),  # a seventh of the GPU
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", 0.0, 0.0),
+    ("NVIDIA GeForce RTX 4090 D", 0.0, 0.0),  # fewer SMs than the 4090
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", 0.0, 0.0),  # another chip
+    ("NVIDIA RTX A6000", 0.0, 0.0),
     ("AMD Instinct MI300X", 0.0, 0.0),
 ]
 
