@@ -23,10 +23,11 @@ def resumable(default):
     return field(default=default, metadata={"resumable": True})
 
 
-def per_machine(default, resumable: bool = True):
-    """A field that settles for the machine that runs (settings.settle): a run's config.json holds the value it
-    settled to there and, under "requested", the "auto" that was asked, which settles again on the next machine."""
-    return field(default=default, metadata={"resumable": resumable, "per_machine": True})
+def auto_setting(default, resumable: bool = True):
+    """A field whose "auto" (or 0) settings.settle decides for the machine and the run: a run's config.json holds
+    what it settled to and, under "requested", the auto that was asked, which settles again when the file is
+    reused as --config (on the next machine, or with another --max_steps or --lr)."""
+    return field(default=default, metadata={"resumable": resumable, "auto_setting": True})
 
 
 _SHAPE = GPTConfig()  # the model's fields and their defaults are GPTConfig's
@@ -51,13 +52,13 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (gpt2repro/optim.py)
     # --optimizer muon: the Muon matrices' peak lr (lr stays AdamW's; the schedule scales both); 0: twice lr,
     # the ratio benchmarks/optimizer_steps.py found best (README, Muon)
-    muon_lr: float = 0.0
+    muon_lr: float = auto_setting(0.0, resumable=False)
     max_steps: int = resumable(600_000)
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 2000
     lr_schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
-    decay_steps: int = resumable(0)  # wsd: length of the final linear decay (0: 20% of max_steps)
+    decay_steps: int = auto_setting(0)  # wsd: length of the final linear decay (0: 20% of max_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -72,18 +73,18 @@ class TrainConfig:
     rollback_after: int = resumable(32)
     max_rollbacks: int = resumable(3)
     # system
-    dtype: str = per_machine("auto", resumable=False)  # auto | float32 | bfloat16 | float16
-    compile: str = per_machine("auto")  # auto (on for CUDA) | true | false
-    device: str = per_machine("auto")  # auto | cpu | cuda
+    dtype: str = auto_setting("auto", resumable=False)  # auto | float32 | bfloat16 | float16
+    compile: str = auto_setting("auto")  # auto (on for CUDA) | true | false
+    device: str = auto_setting("auto")  # auto | cpu | cuda
     # auto (when the planner says ddp does not fit: hsdp on several nodes, else fsdp) | ddp | fsdp | hsdp
-    strategy: str = per_machine("auto")
+    strategy: str = auto_setting("auto")
     activation_checkpointing: bool = resumable(False)
     # auto | true | false: the loss without the full logits (gpt2repro/loss.py); auto: on a CPU only
-    fused_loss: str = per_machine("auto")
+    fused_loss: str = auto_setting("auto")
     fp8: bool = resumable(False)  # the blocks' matmuls in float8 (torchao; GPUs with compute capability 8.9+)
-    gpu_memory_gb: float = per_machine(0.0)  # for the planner; 0: this GPU's memory (none on a CPU)
+    gpu_memory_gb: float = auto_setting(0.0)  # for the planner; 0: this GPU's memory (none on a CPU)
     collective_timeout_s: float = resumable(600.0)  # a rank silent this long inside a collective fails the job
-    peak_tflops: float = per_machine(0.0)  # accelerator's dense peak for MFU; 0: look the GPU up in a table
+    peak_tflops: float = auto_setting(0.0)  # accelerator's dense peak for MFU; 0: look the GPU up in a table
     seed: int = 1337
     # evaluation, logging, checkpoints
     eval_interval: int = resumable(1000)
@@ -130,8 +131,8 @@ FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 MODEL_FIELDS = tuple(name for name in GPTConfig.weight_fields() if name in FIELD_TYPES)
 # Whether a field may change on resume is its own metadata (`resumable`).
 RESUMABLE = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
-# The fields settled for the machine that runs (`per_machine`).
-PER_MACHINE = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("per_machine"))
+# The fields whose auto settle() decides (`auto_setting`); the batch split is settled too, but from the global batch.
+AUTO_SETTINGS = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("auto_setting"))
 
 
 def model_config(cfg: TrainConfig) -> GPTConfig:
@@ -322,19 +323,23 @@ def load_base(name_or_file: str) -> TrainConfig:
         raise ValueError(f"--config file {path} is not valid JSON: {e}.") from None
     if not isinstance(values, dict):
         raise ValueError(f'--config file {path} must hold one JSON object of fields, e.g. {{"lr": 3e-4}}.')
-    return from_json(as_asked_on_another_machine(values), f"config file {path}")
+    return from_json(as_asked_again(values, f"config file {path}"), f"config file {path}")
 
 
-def as_asked_on_another_machine(values: dict) -> dict:
+def as_asked_again(values: dict, source: str) -> dict:
     """A config file's fields as a new run asks them. A run's own config.json holds what settled on its machine,
-    and under "requested" what was asked where settling changed it: each per-machine field that was asked
-    ("auto", 0) is asked again, to settle for the machine that runs now (a CPU prototype's file trains on the
-    GPU; an H100's gets float16 on a V100); what the user fixed stays. The batch split is not undone: settling
-    it again for another world size keeps the run's global batch (resolve_batch)."""
-    requested = values.get("requested")
-    if not isinstance(requested, dict):
+    and under "requested" what was asked where settling changed it: each auto setting that was asked ("auto",
+    0) is asked again, to settle for the machine and the run now (a CPU prototype's file trains on the GPU; an
+    H100's gets float16 on a V100; wsd's decay follows a new --max_steps); what the user fixed stays. The batch
+    split is not undone: settling it again for another world size keeps the run's global batch (resolve_batch)."""
+    if "requested" not in values:
         return values
-    return {**values, **{name: value for name, value in requested.items() if name in PER_MACHINE}}
+    requested = values["requested"]
+    if not isinstance(requested, dict):
+        raise ValueError(f'Invalid {source}: "requested" must be an object of fields as asked, got {requested!r}.')
+    if unknown := [_unknown_field_message(name) for name in requested if name not in FIELD_TYPES]:
+        raise ValueError(sentence(f'Invalid {source}: in "requested", ', unknown))
+    return {**values, **{name: value for name, value in requested.items() if name in AUTO_SETTINGS}}
 
 
 def from_json(values: dict, source: str) -> TrainConfig:

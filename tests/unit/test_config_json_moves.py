@@ -1,12 +1,15 @@
 """A run's config.json used as --config on another machine: what was "auto" when asked (config.json keeps it
 under "requested") settles again for the machine that runs now, through Machine.this under faked device
-properties; what the user typed stays. (On the same machine it is the same run: test_train_config's round
-trips, and bitwise through real training in tests/distributed/test_train.py.)"""
+properties, and Muon's lr and wsd's decay settle again for the new flags; what the user typed stays. (On the
+same machine it is the same run: test_train_config's round trips, and bitwise through real training in
+tests/distributed/test_train.py.)"""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from gpt2repro import config as C
 from gpt2repro.settings import Machine, settle
@@ -89,3 +92,27 @@ def _preset_file(tmp_path: Path, preset: str) -> Path:
     path = tmp_path / f"{preset}.json"
     path.write_text(json.dumps(C.to_json(C.PRESETS[preset])))
     return path
+
+
+def test_the_runs_other_autos_settle_again_for_the_new_flags(tmp_path):
+    """Muon's lr (twice lr) and wsd's decay (20% of max_steps) were auto: reused with another --lr and --max_steps,
+    config.json gives what the original command line with those flags gives."""
+    asked = C.PRESETS["shakespeare-cpu"].replace(optimizer="muon", lr_schedule="wsd")
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps(run_record(asked, settle(asked, Machine("cpu")), 1, "data/owt")))
+    again = _run_on(Machine("cpu"), first, tmp_path / "again.json", lr=1e-3, max_steps=100)
+    assert (again.muon_lr, again.decay_steps) == (2e-3, 20)
+    assert again == settle(asked.replace(lr=1e-3, max_steps=100), Machine("cpu"))
+    assert json.loads((tmp_path / "again.json").read_text())["requested"]["decay_steps"] == 0  # still auto
+
+
+def test_a_malformed_requested_is_one_clear_error(tmp_path):
+    record = run_record(C.PRESETS["gpt2-124m"], settle(C.PRESETS["gpt2-124m"], Machine("cpu")), 1, "data/owt")
+    path = tmp_path / "config.json"
+    for requested, message in (
+        ([1, 2], '"requested" must be an object of fields as asked, got \\[1, 2\\]'),
+        ({"dtype": "auto", "dtpe": "auto"}, 'in "requested", unknown field --dtpe; did you mean --dtype\\?'),
+    ):
+        path.write_text(json.dumps({**record, "requested": requested}))
+        with pytest.raises(ValueError, match=f"Invalid config file {path}: {message}"):
+            C.load_base(str(path))
