@@ -3,10 +3,11 @@
 llm.c's outlier detector (llmc/outlier_detector.h, -sl/-sg) in spirit, kept on the device: the
 last `window` finite, accepted steps' loss (the mean over ranks) and global gradient norm, and for
 each new step their z-scores against that window. A step whose either z-score exceeds the
-threshold, once the window is full and the lr warmup over, is a spike: its update is skipped through the path non-finite
-steps already take (the GradScaler's found-inf flag, which the fused optimizers read on the device),
-and it is not added to the window. Every rank computes the same decision from the same reduced
-numbers, with no host sync. A loss or gradient norm far *below* its level is no spike.
+threshold, once the window is full and the lr warmup over, is a spike: its update is skipped through
+the path non-finite steps already take (the GradScaler's found-inf flag, which the fused optimizers
+read on the device; the loss scale left as it was), and it is not added to the window. Every rank
+computes the same decision from the same reduced numbers, with no host sync. A loss or gradient norm
+far *below* its level is no spike.
 
 When spikes persist (rollback_after consecutive ones: a long bad stretch of data, or weights that
 updates below the threshold already damaged, so that every clean step looks like a spike), skipping
@@ -15,6 +16,8 @@ data past everything read since (PaLM's remedy: restart before the spike, skip i
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -68,8 +71,19 @@ class SpikeGuard:
         self.streak_start.fill_(state["streak_start"])
 
 
-def skip_update(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """Make scaler.step skip this update when `skip` (a 0-d bool tensor) holds, on the device: after
-    scaler.unscale_(optimizer), fold it into the found-inf flag the optimizer reads."""
-    for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+@contextmanager
+def skip_update(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skip: torch.Tensor):
+    """Around scaler.step(optimizer) and scaler.update(), after scaler.unscale_(optimizer): the update is skipped
+    when `skip` (a 0-d bool tensor) holds, on the device, by folding it into the found-inf flag the optimizer
+    reads. A spike is no overflow: a step skipped for it alone leaves the loss scale and its growth count as they
+    were (under float16 each such skip would otherwise halve the scale: 30 skips took 8192 to 2^-16), while
+    non-finite gradients still back it off."""
+    found_infs = list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
+    overflow = torch.stack(found_infs).amax() > 0  # before the spike is folded in
+    scale, growth = scaler._scale.clone(), scaler._growth_tracker.clone()
+    for found in found_infs:
         found.copy_(torch.maximum(found, skip.to(found.dtype)))
+    yield
+    spike_only = skip & ~overflow
+    scaler._scale.copy_(torch.where(spike_only, scale, scaler._scale))
+    scaler._growth_tracker.copy_(torch.where(spike_only, growth, scaler._growth_tracker))

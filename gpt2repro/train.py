@@ -150,10 +150,12 @@ def train_step(engine: Engine, step: int, judge=None, data_step: int | None = No
     engine.scaler.unscale_(engine.optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = parallel.clip_grad_norm(engine.raw_model.parameters(), max_norm)
+    spike_skip = contextlib.nullcontext()
     if judge is not None:
-        guard.skip_update(engine.scaler, engine.optimizer, judge(step, loss_sum, grad_norm))
-    engine.scaler.step(engine.optimizer)  # skipped when gradients hold inf/nan (on any rank), or on a spike
-    engine.scaler.update()
+        spike_skip = guard.skip_update(engine.scaler, engine.optimizer, judge(step, loss_sum, grad_norm))
+    with spike_skip:
+        engine.scaler.step(engine.optimizer)  # skipped when gradients hold inf/nan (on any rank), or on a spike
+        engine.scaler.update()
     engine.optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
 

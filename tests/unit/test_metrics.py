@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2repro import metrics, references, settings
+from gpt2repro import guard, metrics, references, settings
 from gpt2repro.config import TrainConfig
 from gpt2repro.train import make_scaler
 
@@ -167,3 +167,34 @@ def test_a_resumed_runs_forecast_starts_at_this_process_not_the_first_launch(tmp
     text = forecast.describe()
     assert "1,000 steps (from step 1,001) at 1.0000 s" in text
     assert f"{forecast.total_s / 3600 * 2:.2f} GPU-hours x $2 = ${forecast.total_s / 3600 * 2 * 2:,.2f}" in text
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_an_update_skipped_as_a_spike_leaves_the_loss_scale_as_it_was(dtype):
+    """guard.skip_update under train_step's GradScaler: a spike skips the update without backing the scale off
+    (under float16, 30 skips used to take 8192 to 2^-16), an overflow still halves it, and both at once halve it."""
+    scaler = make_scaler(dtype, "cpu")
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+
+    def step(grad: float, spike: bool) -> None:
+        (scaler.scale(param.sum()) * grad).backward()
+        scaler.unscale_(optimizer)
+        with guard.skip_update(scaler, optimizer, torch.tensor(spike)):
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad()
+
+    step(1.0, spike=False)
+    scale, growth, before = scaler.get_scale(), int(scaler._growth_tracker), param.detach().clone()
+    for _ in range(30):
+        step(1.0, spike=True)
+    assert (scaler.get_scale(), int(scaler._growth_tracker)) == (scale, growth)
+    assert torch.equal(param.detach(), before), "every spike's update skipped"
+    if dtype == "float16":
+        step(math.inf, spike=True)
+        assert scaler.get_scale() == scale / 2  # an overflow backs off, spike or not
+        step(math.inf, spike=False)
+        assert scaler.get_scale() == scale / 4
+    step(1.0, spike=False)
+    assert not torch.equal(param.detach(), before), "a clean step is taken"
