@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2repro import references
+from gpt2repro.metrics import ROLLED_BACK_NAME
 from gpt2repro.references import Reference
 
 
@@ -26,6 +27,7 @@ class Run:
     model: str | None = None  # the model it trained (references.run_model)
     settings: dict | None = None  # what ran (its config.json's SETTINGS), None for a run without one
     events: list[dict] = dataclasses.field(default_factory=list)  # the spike guard's rollbacks
+    rolled_back: list[dict] = dataclasses.field(default_factory=list)  # the steps they took back, with a loss
 
 
 # What a reader comparing two runs needs to tell them apart: a run's settled values, from its config.json.
@@ -57,12 +59,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir} has no metrics.jsonl; pass a run directory written by launch/train.py.")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the last line of a run that is writing right now
+    records = _records(path)
     steps = [r for r in records if r.get("loss") is not None]
     evals = [r for r in records if r.get("val_loss") is not None]
     if not steps and not evals:
@@ -76,7 +73,19 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         references.run_model(run_dir),
         read_settings(run_dir),
         events,
+        [r for r in _records(Path(run_dir) / ROLLED_BACK_NAME) if r.get("loss") is not None],
     )
+
+
+def _records(path: Path) -> list[dict]:
+    """The JSON lines of path (none if it does not exist)."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line of a run that is writing right now
+    return records
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -212,6 +221,9 @@ def plot(
                 ms=3,
                 label=f"{run.name} val",
             )
+        if run.rolled_back:  # the steps a rollback took back: the spikes it saw, kept as evidence
+            ax.plot([r["tokens"] for r in run.rolled_back], [r["loss"] for r in run.rolled_back], ls="none",
+                    marker="x", ms=4, color=color, alpha=0.6, label=f"{run.name} rolled back")  # fmt: skip
         for event in run.events:  # where the spike guard rolled the run back (its tokens at the checkpoint)
             ax.axvline(event["tokens"], color=color, ls=":", lw=1)
             ax.annotate(f"rollback from step {event['rollback_from']}", (event["tokens"], 0.98), color=color,

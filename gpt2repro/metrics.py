@@ -66,18 +66,24 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
     return None if peak is None else flops_per_token * tokens_per_s_per_device / peak
 
 
+# Beside metrics.jsonl: the records a rollback took back, each with the rollback's number ("rollback": k).
+ROLLED_BACK_NAME = "metrics.rolled_back.jsonl"
+
+
 class MetricsLog:
     """RUN_DIR/metrics.jsonl: one JSON object per logged step. Written by the main rank only."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int):
+    def __init__(self, path: str | os.PathLike, resume_step: int, rollback: int = 0):
+        """The log, cut back to resume_step: the records past it are about to be logged again. After a resume
+        they are the same again and dropped; after rollback number `rollback` they are the evidence (the
+        spiking losses), moved to ROLLED_BACK_NAME beside it, never deleted."""
         self.path = Path(path)
         if self.path.exists():
-            self._truncate_after(resume_step)
+            self._cut_after(resume_step, rollback)
         self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the whole run)
 
-    def _truncate_after(self, step: int) -> None:
-        """Drop records past the step we resume from: they are about to be logged again."""
-        kept = []
+    def _cut_after(self, step: int, rollback: int) -> None:
+        kept, past = [], []
         for line in self.path.read_text().splitlines():
             try:
                 record = json.loads(line)
@@ -85,6 +91,13 @@ class MetricsLog:
                 continue  # a line cut short by a kill
             if record.get("step", math.inf) <= step:
                 kept.append(line + "\n")
+            else:
+                past.append(record)
+        if rollback and past:  # first set aside (durably), then cut: a kill between them loses nothing
+            with open(self.path.with_name(ROLLED_BACK_NAME), "a") as f:
+                f.write("".join(json.dumps({**r, "rollback": rollback}) + "\n" for r in past))
+                f.flush()
+                os.fsync(f.fileno())
         with atomic_file(self.path, "w") as f:
             f.write("".join(kept))
 
@@ -301,13 +314,13 @@ class RunLog:
         self.record = {}
 
     def rollback(self, record: dict, seconds: float) -> None:
-        """A rollback: the records past the step it went back to are dropped (they are about to be logged
-        again, as after a resume), then the event's own record and line."""
+        """A rollback: the records past the step it went back to are moved aside (MetricsLog), then the event's
+        own record and line."""
         self.record = {}
         self.throughput.restart(record["step"])
         if self.info.is_main:
             self.file.close()
-            self.file = MetricsLog(self.file.path, record["step"])
+            self.file = MetricsLog(self.file.path, record["step"], rollback=record["rollbacks"])
             self._emit({**record, "rollback_s": seconds})
 
     def checkpoint(self, state, seconds: float) -> None:

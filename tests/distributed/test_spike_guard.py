@@ -110,6 +110,11 @@ def test_persistent_spikes_roll_back_past_the_stretch_on_one_rank_and_two(runs):
     assert metrics(one)[-1]["step"] == 400 and [r for r in metrics(one) if "spikes" in r][-1]["spikes"] == len(LONG)
     assert (one / "checkpoints" / ".rolled-back-step_00000200").is_dir()  # set aside, never resumed from
     assert [e["rollback_from"] for e in compare.read_run(one).events] == [220, 170]  # marked on compare's plot
+    # The evidence kept: the logged steps each rollback took back, set aside with the spikes counted in them.
+    taken_back = {(r["rollback"], r["step"]): r for r in compare.read_run(one).rolled_back}
+    assert [s for (k, s) in taken_back if k == 1] == list(range(160, 221, 10))
+    assert taken_back[(1, 220)]["spikes"] - taken_back[(1, 190)]["spikes"] >= 16  # the streak that rolled it back
+    assert any(k == 2 for k, _ in taken_back)
     clean = final_val(runs["clean"])
     assert abs(final_val(one) - clean) / clean < 0.01, (final_val(one), clean)
 

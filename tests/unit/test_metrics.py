@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2repro import guard, metrics, references, settings
+from gpt2repro import compare, guard, metrics, references, settings
 from gpt2repro.config import TrainConfig
 from gpt2repro.train import make_scaler
 
@@ -198,3 +198,21 @@ def test_an_update_skipped_as_a_spike_leaves_the_loss_scale_as_it_was(dtype):
         assert scaler.get_scale() == scale / 4
     step(1.0, spike=False)
     assert not torch.equal(param.detach(), before), "a clean step is taken"
+
+
+def test_a_rollback_moves_the_records_it_takes_back_aside_and_compare_still_shows_them(tmp_path):
+    """A resume drops the records past its checkpoint (they come again, the same); a rollback's are the evidence
+    (the spiking losses): moved to metrics.rolled_back.jsonl with the rollback's number, read by compare."""
+    path = tmp_path / "metrics.jsonl"
+    log = metrics.MetricsLog(path, resume_step=0)
+    for step, loss in ((10, 5.0), (20, 4.5), (30, 13.1), (40, 12.8)):
+        log.write({"step": step, "tokens": 100 * step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0})
+    log.close()
+    metrics.MetricsLog(path, resume_step=20, rollback=1).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+    aside = [json.loads(line) for line in (tmp_path / metrics.ROLLED_BACK_NAME).read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["rollback"]) for r in aside] == [(30, 13.1, 1), (40, 12.8, 1)]
+    metrics.MetricsLog(path, resume_step=10).close()  # a resume: step 20 comes again, nothing set aside
+    assert len((tmp_path / metrics.ROLLED_BACK_NAME).read_text().splitlines()) == 2
+    run = compare.read_run(tmp_path)
+    assert [r["loss"] for r in run.rolled_back] == [13.1, 12.8] and [r["step"] for r in run.steps] == [10]
