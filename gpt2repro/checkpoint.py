@@ -52,7 +52,8 @@ class CheckpointError(ValueError):
 class Checkpointer:
     """A run's checkpoints, and when: every ckpt_interval steps, at the last step and at a stop
     request. It keeps the newest keep_ckpts and, while the newest ones may hold diverged weights,
-    the last good one; and it finds and loads the point a run resumes from.
+    the last good one, and while spikes are skipped in a row the one a rollback would need; and it
+    finds and loads the point a run resumes from.
 
     What a checkpoint holds: model and AdamW state (sharded under FSDP), and in trainer.pt the
     step, tokens, skipped steps, GradScaler state and every rank's RNG state.
@@ -90,11 +91,19 @@ class Checkpointer:
             "world_size": self.info.world_size,
             "tokens": state.tokens,
         }
-        good = self.last_good(state.step, consecutive_bad)
+        needed = {self.last_good(state.step, consecutive_bad), self.rollback_target()} - {None}
         self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
         if self.info.is_main:
-            prune(self.run_dir, self.cfg.keep_ckpts, good)
+            prune(self.run_dir, self.cfg.keep_ckpts, needed)
         return self.saved
+
+    def rollback_target(self) -> Path | None:
+        """While the spike guard skips updates in a row: the checkpoint a rollback would go back to (the newest
+        from before the streak), which retention keeps however many checkpoints come after it."""
+        if self.guard is None or int(self.guard.streak) == 0:  # a host sync, at checkpoints only
+            return None
+        began = int(self.guard.streak_start)
+        return next((p for p in reversed(list_steps(self.run_dir)) if step_of(p) < began), None)
 
     def last_good(self, step: int, consecutive_bad: int) -> Path | None:
         """The newest checkpoint whose weights still gave a finite loss: checkpoint j holds the weights
@@ -398,13 +407,13 @@ def step_of(path: Path) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
 
 
-def prune(run_dir: Path, keep: int, keep_also: Path | None = None) -> None:
-    """Keep the newest `keep` complete checkpoints and keep_also; never delete the newest one."""
+def prune(run_dir: Path, keep: int, keep_also: set[Path] = frozenset()) -> None:
+    """Keep the newest `keep` complete checkpoints and those in keep_also; never delete the newest one."""
     # Hashing every one at each save would cost minutes for the big models, so full integrity
     # checks are left to resume.
     intact = complete_steps(run_dir)
     for path in intact[: max(0, len(intact) - max(1, keep))]:
-        if path != keep_also:
+        if path not in keep_also:
             shutil.rmtree(path, ignore_errors=True)
     for stale in checkpoint_dir(run_dir).glob(".tmp-step_*"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -65,6 +65,10 @@ def runs(shakespeare_data, tmp_path_factory):
         # loss 7.61 and 9.15 at step 50 here): which rollbacks such a pair takes is left to the machine.
         "two_ranks": train_cmd(long, root / "two_ranks", *ROLLBACK, "--batch_size", 2, nproc=2),
         "one_rank_2x2": train_cmd(long, root / "one_rank_2x2", *ROLLBACK, "--batch_size", 2, "--grad_accum_steps", 2),
+        # A checkpoint every 10 steps and the default retention (3): the one before the streak must survive.
+        "frequent_ckpts": train_cmd(
+            long, root / "frequent_ckpts", *ROLLBACK[: ROLLBACK.index(50)], 10, *ROLLBACK[ROLLBACK.index(50) + 1 :]
+        ),  # fmt: skip
     }
     procs = {name: _start(cmd, root / f"{name}.log") for name, cmd in cases.items()}
     # Each step of the killed run a little slower, so that the kill lands well before its end on any machine.
@@ -117,6 +121,16 @@ def test_persistent_spikes_roll_back_past_the_stretch_on_one_rank_and_two(runs):
     assert any(k == 2 for k, _ in taken_back)
     clean = final_val(runs["clean"])
     assert abs(final_val(one) - clean) / clean < 0.01, (final_val(one), clean)
+
+
+def test_retention_keeps_the_checkpoint_a_rollback_needs(runs):
+    """Checkpoints every 10 steps, the newest 3 kept: by log step 220 those of 200-220 are the newest, and the
+    one from before the streak (190) is kept for the rollback all the same."""
+    run_dir = runs["frequent_ckpts"]
+    assert rollbacks(run_dir)[0] == (190, 220, 30)
+    assert metrics(run_dir)[-1]["step"] == 400
+    clean = final_val(runs["clean"])
+    assert abs(final_val(run_dir) - clean) / clean < 0.01, (final_val(run_dir), clean)
 
 
 def test_a_kill_after_a_rollback_resumes_in_the_same_order(runs):
