@@ -43,6 +43,7 @@ def poison(data, out, steps, batch_size=4, block_size=32, seed=1337):
 
 LONG = range(200, 251)  # longer than --rollback_after 16: skipping alone is not enough
 ROLLBACK = [*RUN[:-1], 50, "--spike_zscore", 10, "--spike_window", 32, "--rollback_after", 16]
+FREQUENT_CKPTS = [*RUN[:-1], 10, "--spike_zscore", 10, "--spike_window", 32]
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,9 @@ def runs(shakespeare_data, tmp_path_factory):
         # loss 7.61 and 9.15 at step 50 here): which rollbacks such a pair takes is left to the machine.
         "two_ranks": train_cmd(long, root / "two_ranks", *ROLLBACK, "--batch_size", 2, nproc=2),
         "one_rank_2x2": train_cmd(long, root / "one_rank_2x2", *ROLLBACK, "--batch_size", 2, "--grad_accum_steps", 2),
-        # A checkpoint every 10 steps and the default retention (3): the one before the streak must survive.
-        "frequent_ckpts": train_cmd(
-            long, root / "frequent_ckpts", *ROLLBACK[: ROLLBACK.index(50)], 10, *ROLLBACK[ROLLBACK.index(50) + 1 :]
-        ),  # fmt: skip
+        # A checkpoint every 10 steps, the default retention (3) and --rollback_after (32): by the time the streak
+        # is due, the checkpoint before it is older than the newest three, and must survive all the same.
+        "frequent_ckpts": train_cmd(long, root / "frequent_ckpts", *FREQUENT_CKPTS),
     }
     procs = {name: _start(cmd, root / f"{name}.log") for name, cmd in cases.items()}
     # Each step of the killed run a little slower, so that the kill lands well before its end on any machine.
@@ -124,10 +124,10 @@ def test_persistent_spikes_roll_back_past_the_stretch_on_one_rank_and_two(runs):
 
 
 def test_retention_keeps_the_checkpoint_a_rollback_needs(runs):
-    """Checkpoints every 10 steps, the newest 3 kept: by log step 220 those of 200-220 are the newest, and the
-    one from before the streak (190) is kept for the rollback all the same."""
+    """Checkpoints every 10 steps, the newest 3 kept: when 32 spikes in a row from step 200 are seen (log step
+    240), those of 210-240 are the newest, and the one from before the streak (190) is kept for the rollback."""
     run_dir = runs["frequent_ckpts"]
-    assert rollbacks(run_dir)[0] == (190, 220, 30)
+    assert rollbacks(run_dir)[0] == (190, 240, 50)
     assert metrics(run_dir)[-1]["step"] == 400
     clean = final_val(runs["clean"])
     assert abs(final_val(run_dir) - clean) / clean < 0.01, (final_val(run_dir), clean)
