@@ -102,8 +102,7 @@ class Checkpointer:
         from before the streak), which retention keeps however many checkpoints come after it."""
         if self.guard is None or int(self.guard.streak) == 0:  # a host sync, at checkpoints only
             return None
-        began = int(self.guard.streak_start)
-        return next((p for p in reversed(list_steps(self.run_dir)) if step_of(p) < began), None)
+        return newest_before(self.run_dir, int(self.guard.streak_start))  # intact or not: hashing is for resume
 
     def last_good(self, step: int, consecutive_bad: int) -> Path | None:
         """The newest checkpoint whose weights still gave a finite loss: checkpoint j holds the weights
@@ -118,8 +117,7 @@ class Checkpointer:
         trouble that began at `step` touched): chosen by rank 0, the same path on every rank."""
         found = None
         if self.info.is_main:
-            found = next((p for p in reversed(list_steps(self.run_dir)) if step_of(p) < step and problem(p) is None),
-                         None)  # fmt: skip
+            found = newest_before(self.run_dir, step, intact=True)
         return D.broadcast_object(found, self.info)
 
     def set_aside_after(self, step: int) -> None:
@@ -401,6 +399,11 @@ def check(path: Path) -> Path:
     if why is not None:
         raise CheckpointError(why[0].upper() + why[1:] + "; pass another checkpoint or --resume auto.")
     return Path(path)
+
+
+def newest_before(run_dir: Path, step: int, intact: bool = False) -> Path | None:
+    """The newest checkpoint of a step before `step` (intact: the newest whose files all check out)."""
+    return next((p for p in reversed(list_steps(run_dir)) if step_of(p) < step and not (intact and problem(p))), None)
 
 
 def step_of(path: Path) -> int:
