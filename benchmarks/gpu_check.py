@@ -421,6 +421,8 @@ def train_resume_eval(sizes: Sizes, data: Path, work: Path, budget: Budget) -> l
             stage.ok = stage.ok and resumed
             summary = ("resumed from step 40, " if resumed else "DID NOT RESUME from step 40, ") + summary
         stage.lines.append(summary)
+        if name == "resume":
+            stage.lines.append(guard_line(records, json.loads((run_dir / "config.json").read_text())))
         if name == "train":
             stages.append(profile_stage(run_dir, sizes))
     stages.append(eval_stage(sizes, data, run_dir, work, val_losses(records).get(60), budget))
@@ -458,6 +460,18 @@ def summarise_run(records: list[dict]) -> tuple[int | None, str]:
     val = f"val_loss {loss_text(vals[last])} at step {last}" if last in vals else f"no val_loss at step {last}"
     rates = [r["tokens_per_s"] for r in records if finite(r.get("tokens_per_s"))]
     return last, f"steps up to {last}, {val}" + (f", {rates[-1]:,.0f} tokens/s at the last log" if rates else "")
+
+
+def guard_line(records: list[dict], config: dict) -> str:
+    """What the spike guard (on by default) saw in the healthy train and resume runs: the largest z-score of the
+    steps it judged, against the run's threshold (config.json's), and what it skipped."""
+    judged = [r for r in records if "max_z" in r]
+    if not judged:
+        return "spike guard: no z-score logged"
+    largest = max(judged, key=lambda r: r["max_z"])
+    threshold = config["spike_zscore"]
+    return (f"spike guard: largest healthy z-score {largest['max_z']:.2f} (at the log step {largest['step']}; "
+            f"threshold {threshold:g}), {judged[-1].get('spikes', 0)} updates skipped")  # fmt: skip
 
 
 def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:

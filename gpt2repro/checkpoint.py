@@ -52,8 +52,7 @@ class CheckpointError(ValueError):
 class Checkpointer:
     """A run's checkpoints, and when: every ckpt_interval steps, at the last step and at a stop
     request. It keeps the newest keep_ckpts and, while the newest ones may hold diverged weights,
-    the last good one, and while spikes are skipped in a row the one a rollback would need; and it
-    finds and loads the point a run resumes from.
+    the last good one; and it finds and loads the point a run resumes from.
 
     What a checkpoint holds: model and AdamW state (sharded under FSDP), and in trainer.pt the
     step, tokens, skipped steps, GradScaler state and every rank's RNG state.
@@ -91,18 +90,11 @@ class Checkpointer:
             "world_size": self.info.world_size,
             "tokens": state.tokens,
         }
-        needed = {self.last_good(state.step, consecutive_bad), self.rollback_target()} - {None}
+        needed = {self.last_good(state.step, consecutive_bad)} - {None}
         self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
         if self.info.is_main:
             prune(self.run_dir, self.cfg.keep_ckpts, needed)
         return self.saved
-
-    def rollback_target(self) -> Path | None:
-        """While the spike guard skips updates in a row: the checkpoint a rollback would go back to (the newest
-        from before the streak), which retention keeps however many checkpoints come after it."""
-        if self.guard is None or int(self.guard.streak) == 0:  # a host sync, at checkpoints only
-            return None
-        return newest_before(self.run_dir, int(self.guard.streak_start))  # intact or not: hashing is for resume
 
     def last_good(self, step: int, consecutive_bad: int) -> Path | None:
         """The newest checkpoint whose weights still gave a finite loss: checkpoint j holds the weights
@@ -117,7 +109,7 @@ class Checkpointer:
         trouble that began at `step` touched): chosen by rank 0, the same path on every rank."""
         found = None
         if self.info.is_main:
-            found = newest_before(self.run_dir, step, intact=True)
+            found = newest_intact_before(self.run_dir, step)
         return D.broadcast_object(found, self.info)
 
     def set_aside_after(self, step: int) -> None:
@@ -401,9 +393,9 @@ def check(path: Path) -> Path:
     return Path(path)
 
 
-def newest_before(run_dir: Path, step: int, intact: bool = False) -> Path | None:
-    """The newest checkpoint of a step before `step` (intact: the newest whose files all check out)."""
-    return next((p for p in reversed(list_steps(run_dir)) if step_of(p) < step and not (intact and problem(p))), None)
+def newest_intact_before(run_dir: Path, step: int) -> Path | None:
+    """The newest checkpoint of a step before `step` whose files all check out."""
+    return next((p for p in reversed(list_steps(run_dir)) if step_of(p) < step and not problem(p)), None)
 
 
 def step_of(path: Path) -> int:

@@ -28,6 +28,7 @@ class Run:
     settings: dict | None = None  # what ran (its config.json's SETTINGS), None for a run without one
     events: list[dict] = dataclasses.field(default_factory=list)  # the spike guard's rollbacks
     rolled_back: list[dict] = dataclasses.field(default_factory=list)  # the steps they took back, with a loss
+    spikes: list[dict] = dataclasses.field(default_factory=list)  # the steps the spike guard skipped (spike_loss)
 
 
 # What a reader comparing two runs needs to tell them apart: a run's settled values, from its config.json.
@@ -74,6 +75,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         read_settings(run_dir),
         events,
         [r for r in _records(Path(run_dir) / ROLLED_BACK_NAME) if r.get("loss") is not None],
+        [r for r in records if "spike_loss" in r],
     )
 
 
@@ -224,6 +226,9 @@ def plot(
         if run.rolled_back:  # the steps a rollback took back: the spikes it saw, kept as evidence
             ax.plot([r["tokens"] for r in run.rolled_back], [r["loss"] for r in run.rolled_back], ls="none",
                     marker="x", ms=4, color=color, alpha=0.6, label=f"{run.name} rolled back")  # fmt: skip
+        if run.spikes:  # the updates the spike guard skipped, at the loss it saw
+            ax.plot([r["tokens"] for r in run.spikes], [r["spike_loss"] for r in run.spikes], ls="none", marker="+",
+                    ms=5, color=color, alpha=0.6, label=f"{run.name} skipped")  # fmt: skip
         for event in run.events:  # where the spike guard rolled the run back (its tokens at the checkpoint)
             ax.axvline(event["tokens"], color=color, ls=":", lw=1)
             ax.annotate(f"rollback from step {event['rollback_from']}", (event["tokens"], 0.98), color=color,

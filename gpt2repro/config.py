@@ -64,11 +64,13 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     max_nonfinite_steps: int = resumable(5)  # stop after this many consecutive non-finite steps
-    # The loss-spike guard (gpt2repro/guard.py): skip an update whose loss or grad-norm z-score against the
-    # last spike_window accepted steps (after the lr warmup) exceeds spike_zscore (0: off); after rollback_after
-    # consecutive skips, roll back to the last checkpoint from before them and move the data past them, at most
-    # max_rollbacks times
-    spike_zscore: float = resumable(0.0)
+    # The loss-spike guard (gpt2repro/guard.py), on by default: skip the update of a step whose loss lies more than
+    # spike_zscore noise units above the median of the last spike_window accepted steps (judged from the end of
+    # the lr warmup; 0: off), or whose grad norm does by spike_grad_zscore (0: measured, not judged); after
+    # rollback_after consecutive skips, roll back to the last checkpoint from before them and move the data past
+    # them, at most max_rollbacks times. The thresholds: benchmarks/spike_guard.py's healthy and poisoned runs.
+    spike_zscore: float = resumable(8.0)
+    spike_grad_zscore: float = resumable(0.0)
     spike_window: int = 128  # llm.c's outlier detector's window
     rollback_after: int = resumable(32)
     max_rollbacks: int = resumable(3)
@@ -525,9 +527,9 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         problems.append(f"need 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
     if not cfg.muon_lr >= 0:
         problems.append(f"muon_lr must be >= 0 (0: twice lr), got {cfg.muon_lr}")
-    if not cfg.spike_zscore >= 0 or cfg.max_rollbacks < 0:
-        problems.append(f"spike_zscore (0: off) and max_rollbacks must be >= 0, got {cfg.spike_zscore}, "
-                        f"{cfg.max_rollbacks}")  # fmt: skip
+    if not (cfg.spike_zscore >= 0 and cfg.spike_grad_zscore >= 0) or cfg.max_rollbacks < 0:
+        problems.append(f"spike_zscore (0: off), spike_grad_zscore (0: not judged) and max_rollbacks must be >= 0, "
+                        f"got {cfg.spike_zscore}, {cfg.spike_grad_zscore}, {cfg.max_rollbacks}")  # fmt: skip
     if cfg.gpu_memory_gb < 0:
         problems.append(f"gpu_memory_gb must be >= 0 (0: this GPU's), got {cfg.gpu_memory_gb}")
     if cfg.collective_timeout_s <= 0:

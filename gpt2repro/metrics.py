@@ -176,6 +176,9 @@ def format_line(
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         if record.get("mfu") is not None:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if "spike_loss" in record:
+        parts.append(f"SPIKE: loss {record['spike_loss']:.4f} (z {record['spike_z']:.1f}), grad "
+                     f"{record['spike_grad_norm']:.3f}: update skipped, batch {record['batch']} left out")  # fmt: skip
     if "rollback_from" in record:
         parts.append(f"ROLLED BACK from step {record['rollback_from']} after {record['spikes']} spikes (rollback "
                      f"{record['rollbacks']}): the data moves {record['data_offset']} batches ahead")  # fmt: skip
@@ -239,9 +242,9 @@ class RunLog:
     def due(self, step: int) -> bool:
         return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
 
-    def training(self, state, loss: torch.Tensor, grad_norm: torch.Tensor, max_z: float | None = None) -> None:
+    def training(self, state, loss: torch.Tensor, grad_norm: torch.Tensor, max_z: dict | None = None) -> None:
         """The training numbers of a log step (host syncs: only here); with the spike guard on, its count of
-        skipped updates and the largest z-score it saw since the last log step."""
+        skipped updates and the largest z-scores it saw since the last log step (max_z, max_grad_z)."""
         train_s, steps = self.throughput.close(state.step)
         tok_s = self.tokens_per_step * steps / train_s if steps else None  # none yet: the first step
         self.record = {
@@ -257,7 +260,7 @@ class RunLog:
             "eta_s": self.throughput.eta_s(self.cfg.max_steps - state.step),
         }
         if max_z is not None:
-            self.record.update(spikes=state.spikes, max_z=max_z)
+            self.record.update(spikes=state.spikes, **max_z)
         if tok_s and self.forecast_due and self.info.is_main:
             self.forecast_due = False
             print(self.forecast(state).describe(), flush=True)
@@ -312,6 +315,12 @@ class RunLog:
         if self.record and self.info.is_main:
             self._emit(self.record)
         self.record = {}
+
+    def spike(self, state, step: int, batch: int, loss: torch.Tensor, grad_norm: torch.Tensor, z: float) -> None:
+        """A step the spike guard skipped, as evidence: its loss and z-score, and the batch left out."""
+        if self.info.is_main:
+            self._emit({"step": step, "tokens": state.tokens, "batch": batch, "spike_loss": loss.item(),
+                        "spike_grad_norm": grad_norm.item(), "spike_z": z})  # fmt: skip
 
     def rollback(self, record: dict, seconds: float) -> None:
         """A rollback: the records past the step it went back to are moved aside (MetricsLog), then the event's

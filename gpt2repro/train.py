@@ -229,15 +229,23 @@ def fit(
                 log.step_done(step)
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
             loss = stopper.watch(loss, grad_norm)  # the mean over ranks; counts non-finite steps
+            spike, rollback_due = stopper.verdict()  # the spike guard's: one host sync per step while it is on
+            if spike:
+                log.spike(state, step, step + state.data_offset, loss, grad_norm, run.guard.last_z())
+            if rollback_due:  # every rank: the same decision, from the same reduced numbers
+                target = stopper.rollback_target(step, run.checkpointer)
+                log.flush()
+                with watchdog.slow(f"the rollback to {target}"):
+                    log.rollback(*timed(info.device, roll_back, run, stopper, target, step))
+                continue
+            if spike:  # the batch is skipped, not the step: step `step` again, on the next batch
+                state.data_offset += 1
+                watchdog.beat()
+                continue
             state.step, state.tokens = step, state.tokens + run.tokens_per_step
             if log.due(step):
-                rollback = stopper.check(step, run.checkpointer)  # host syncs: only at log steps
+                stopper.check(step, run.checkpointer)  # host syncs: only at log steps
                 log.training(state, loss, grad_norm, stopper.take_max_z())
-                if rollback is not None:  # every rank: the same decision, from the same reduced numbers
-                    log.flush()
-                    with watchdog.slow(f"the rollback to {rollback}"):
-                        log.rollback(*timed(info.device, roll_back, run, stopper, rollback, step))
-                    continue
             if run.evaluator.due(step):
                 with watchdog.slow(f"the evaluation at step {step}"):
                     log.evaluation(state, *timed(info.device, run.evaluator, step))
@@ -281,7 +289,9 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
     state = TrainState()
     spike_guard = None
     if cfg.spike_zscore:
-        spike_guard = guard.SpikeGuard(cfg.spike_zscore, cfg.spike_window, info.device, cfg.warmup_steps)
+        spike_guard = guard.SpikeGuard(
+            cfg.spike_zscore, cfg.spike_window, info.device, cfg.warmup_steps, cfg.rollback_after, cfg.spike_grad_zscore
+        )
     checkpointer = checkpoint.Checkpointer(
         run_dir, cfg, engine.raw_model, engine.optimizer, engine.scaler, info, spike_guard
     )
@@ -373,13 +383,12 @@ class Stopper:
     def bad_streak(self) -> int:
         return int(self.consecutive_bad)
 
-    def take_max_z(self) -> float | None:
+    def take_max_z(self) -> dict | None:
         return self.guard.take_max_z() if self.guard is not None else None
 
-    def check(self, step: int, checkpointer: checkpoint.Checkpointer) -> Path | None:
-        """At a log step: the counts into the state; the end of a run that diverged; and, when spikes persist,
-        the checkpoint to roll back to (a TrainingError past max_rollbacks, or with none from before them)."""
-        self.state.skipped_steps, self.state.spikes = int(self.skipped), int(self.spikes)
+    def check(self, step: int, checkpointer: checkpoint.Checkpointer) -> None:
+        """At a log step: the counts into the state, and the end of a run that diverged."""
+        self.count_skips()
         bad = self.bad_streak()
         if bad >= self.cfg.max_nonfinite_steps:
             good = checkpointer.last_good(step, bad)
@@ -388,11 +397,20 @@ class Stopper:
                 f"{bad} consecutive steps had a non-finite loss (step {step}); "
                 f"{where}. Lower --lr or check the data, then resume from it (--resume PATH)."
             )
-        streak = int(self.guard.streak) if self.guard is not None else 0
-        if streak < self.cfg.rollback_after:
-            return None
+
+    def count_skips(self) -> None:
+        self.state.skipped_steps, self.state.spikes = int(self.skipped), int(self.spikes)
+
+    def verdict(self) -> tuple[bool, bool]:
+        """After each step: (whether the spike guard skipped it, whether a rollback is due); a host sync."""
+        return self.guard.verdict() if self.guard is not None else (False, False)
+
+    def rollback_target(self, step: int, checkpointer: checkpoint.Checkpointer) -> Path:
+        """When rollback_after spikes in a row end at step `step`: the checkpoint to roll back to, the newest
+        from before the streak; a TrainingError past max_rollbacks, or with none."""
+        self.count_skips()
         began = int(self.guard.streak_start)
-        what = f"{streak} consecutive updates skipped as spikes, from step {began}"
+        what = f"{self.cfg.rollback_after} consecutive updates skipped as spikes at step {began}"
         if self.state.rollbacks >= self.cfg.max_rollbacks:
             raise TrainingError(
                 f"{what}, after {self.state.rollbacks} rollback(s) (--max_rollbacks {self.cfg.max_rollbacks}); "
@@ -400,7 +418,7 @@ class Stopper:
             )
         target = checkpointer.before(began)
         if target is None:
-            raise TrainingError(f"{what}, and no checkpoint from before step {began} to roll back to.")
+            raise TrainingError(f"{what}, and no checkpoint from before it to roll back to.")
         return target
 
     def announce(self, stop: int, step: int, saved: Path | None) -> None:
@@ -420,6 +438,7 @@ def roll_back(run: Run, stopper: Stopper, target: Path, step: int) -> dict:
     state = run.state
     spikes, rollbacks, read = state.spikes, state.rollbacks + 1, step + state.data_offset  # the last batch read
     run.checkpointer.load(target, state)
+    run.guard.after_rollback(state.step)  # its window as of the checkpoint, judging from there on
     state.data_offset = read - state.step
     state.spikes, state.rollbacks = spikes, rollbacks
     run.checkpointer.set_aside_after(state.step)
