@@ -422,7 +422,8 @@ def train_resume_eval(sizes: Sizes, data: Path, work: Path, budget: Budget) -> l
             summary = ("resumed from step 40, " if resumed else "DID NOT RESUME from step 40, ") + summary
         stage.lines.append(summary)
         if name == "resume":
-            stage.lines.append(guard_line(records, json.loads((run_dir / "config.json").read_text())))
+            config = run_dir / "config.json"
+            stage.lines.append(guard_line(records, json.loads(config.read_text()) if config.is_file() else {}))
         if name == "train":
             stages.append(profile_stage(run_dir, sizes))
     stages.append(eval_stage(sizes, data, run_dir, work, val_losses(records).get(60), budget))
@@ -469,9 +470,11 @@ def guard_line(records: list[dict], config: dict) -> str:
     if not judged:
         return "spike guard: no z-score logged"
     largest = max(judged, key=lambda r: r["max_z"])
-    threshold = config["spike_zscore"]
+    grad_z = max(r.get("max_grad_z", 0.0) for r in judged)
+    threshold = config.get("spike_zscore", "unknown")
     return (f"spike guard: largest healthy z-score {largest['max_z']:.2f} (at the log step {largest['step']}; "
-            f"threshold {threshold:g}), {judged[-1].get('spikes', 0)} updates skipped")  # fmt: skip
+            f"threshold {threshold}), of the grad norm {grad_z:.2f}; {judged[-1].get('spikes', 0)} updates "
+            "skipped")  # fmt: skip
 
 
 def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:

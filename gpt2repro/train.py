@@ -233,7 +233,7 @@ def fit(
             if spike:
                 log.spike(state, step, step + state.data_offset, loss, grad_norm, run.guard.last_z())
             if rollback_due:  # every rank: the same decision, from the same reduced numbers
-                target = stopper.rollback_target(step, run.checkpointer)
+                target = stopper.rollback_target(run.checkpointer)
                 log.flush()
                 with watchdog.slow(f"the rollback to {target}"):
                     log.rollback(*timed(info.device, roll_back, run, stopper, target, step))
@@ -405,8 +405,8 @@ class Stopper:
         """After each step: (whether the spike guard skipped it, whether a rollback is due); a host sync."""
         return self.guard.verdict() if self.guard is not None else (False, False)
 
-    def rollback_target(self, step: int, checkpointer: checkpoint.Checkpointer) -> Path:
-        """When rollback_after spikes in a row end at step `step`: the checkpoint to roll back to, the newest
+    def rollback_target(self, checkpointer: checkpoint.Checkpointer) -> Path:
+        """When rollback_after spikes in a row are due: the checkpoint to roll back to, the newest
         from before the streak; a TrainingError past max_rollbacks, or with none."""
         self.count_skips()
         began = int(self.guard.streak_start)

@@ -136,3 +136,16 @@ def test_a_resume_without_a_val_loss_at_step_60_fails_and_eval_has_nothing_to_eq
     assert stages["resume"].lines[0].startswith("resumed from step 40, steps up to 60, no val_loss at step 60")
     assert not stages["eval"].ok
     assert stages["eval"].lines == [f"step 60: val_loss 3.250000 ({HOW}) DIFFERS FROM the logged null"]
+
+
+def test_the_resume_stage_prints_the_healthy_z_score_the_guard_saw():
+    records = [
+        {"step": 10, "loss": 7.0, "spikes": 0, "max_z": 0.0, "max_grad_z": 0.0},
+        {"step": 20, "loss": 6.0, "spikes": 0, "max_z": 3.25, "max_grad_z": 6.5},
+        {"step": 20, "val_loss": 6.1},
+        {"step": 30, "loss": 5.0, "spikes": 1, "max_z": 1.5, "max_grad_z": 2.0},
+    ]
+    line = gpu_check.guard_line(records, {"spike_zscore": 8.0})
+    assert line.startswith("spike guard: largest healthy z-score 3.25 (at the log step 20; threshold 8.0)")
+    assert line.endswith("of the grad norm 6.50; 1 updates skipped")
+    assert gpu_check.guard_line([{"step": 10, "loss": 7.0}], {"spike_zscore": 0.0}) == "spike guard: no z-score logged"
