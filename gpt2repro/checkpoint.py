@@ -52,7 +52,8 @@ class CheckpointError(ValueError):
 class Checkpointer:
     """A run's checkpoints, and when: every ckpt_interval steps, at the last step and at a stop
     request. It keeps the newest keep_ckpts and, while the newest ones may hold diverged weights,
-    the last good one; and it finds and loads the point a run resumes from.
+    the last good one, and those a spike guard's rollback may go back to; and it finds and loads the point a
+    run resumes from.
 
     What a checkpoint holds: model and AdamW state (sharded under FSDP), and in trainer.pt the
     step, tokens, skipped steps, GradScaler state and every rank's RNG state.
@@ -90,11 +91,20 @@ class Checkpointer:
             "world_size": self.info.world_size,
             "tokens": state.tokens,
         }
-        needed = {self.last_good(state.step, consecutive_bad)} - {None}
+        needed = {self.last_good(state.step, consecutive_bad), *self.rollback_candidates(state.step)} - {None}
         self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
         if self.info.is_main:
             prune(self.run_dir, self.cfg.keep_ckpts, needed)
         return self.saved
+
+    def rollback_candidates(self, step: int) -> list[Path]:
+        """With the spike guard on: the checkpoints a rollback after `step` may go back to (one from at least
+        rollback_after steps before the streak: train.Stopper.rollback_target), which retention keeps: every one
+        from the newest that is rollback_after steps old."""
+        if self.guard is None:
+            return []
+        oldest = newest_before(self.run_dir, step + 1 - self.cfg.rollback_after)  # none yet: all are candidates
+        return [p for p in list_steps(self.run_dir) if oldest is None or step_of(p) >= step_of(oldest)]
 
     def last_good(self, step: int, consecutive_bad: int) -> Path | None:
         """The newest checkpoint whose weights still gave a finite loss: checkpoint j holds the weights
@@ -109,7 +119,7 @@ class Checkpointer:
         trouble that began at `step` touched): chosen by rank 0, the same path on every rank."""
         found = None
         if self.info.is_main:
-            found = newest_intact_before(self.run_dir, step)
+            found = newest_before(self.run_dir, step, intact=True)
         return D.broadcast_object(found, self.info)
 
     def set_aside_after(self, step: int) -> None:
@@ -393,9 +403,9 @@ def check(path: Path) -> Path:
     return Path(path)
 
 
-def newest_intact_before(run_dir: Path, step: int) -> Path | None:
-    """The newest checkpoint of a step before `step` whose files all check out."""
-    return next((p for p in reversed(list_steps(run_dir)) if step_of(p) < step and not problem(p)), None)
+def newest_before(run_dir: Path, step: int, intact: bool = False) -> Path | None:
+    """The newest checkpoint of a step before `step` (intact: the newest whose files all check out)."""
+    return next((p for p in reversed(list_steps(run_dir)) if step_of(p) < step and not (intact and problem(p))), None)
 
 
 def step_of(path: Path) -> int:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from gpt2repro.guard import MIN_HISTORY
 from gpt2repro.model import GPTConfig, shape_problems
 
 
@@ -494,7 +495,6 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         problems.append(str(e))
     problems += shape_problems(cfg)  # the model's own validation
     positive = (
-        "spike_window",
         "rollback_after",
         "batch_size",
         "grad_accum_steps",
@@ -527,6 +527,9 @@ def resolve(cfg: TrainConfig, world_size: int, given: frozenset[str] = frozenset
         problems.append(f"need 0 <= min_lr <= lr, got min_lr={cfg.min_lr}, lr={cfg.lr}")
     if not cfg.muon_lr >= 0:
         problems.append(f"muon_lr must be >= 0 (0: twice lr), got {cfg.muon_lr}")
+    if cfg.spike_window < MIN_HISTORY:
+        problems.append(f"spike_window must be at least {MIN_HISTORY} (the steps the guard judges from), got "
+                        f"{cfg.spike_window}")  # fmt: skip
     if not (cfg.spike_zscore >= 0 and cfg.spike_grad_zscore >= 0) or cfg.max_rollbacks < 0:
         problems.append(f"spike_zscore (0: off), spike_grad_zscore (0: not judged) and max_rollbacks must be >= 0, "
                         f"got {cfg.spike_zscore}, {cfg.spike_grad_zscore}, {cfg.max_rollbacks}")  # fmt: skip

@@ -71,13 +71,13 @@ class SpikeGuard:
         """Whether step `step` (its loss averaged over ranks, its global grad norm) is a spike: a 0-d bool
         tensor on the device. Updates the window and the streak; never syncs with the host."""
         x = torch.stack([loss.float(), grad_norm.float()])
-        finite = torch.isfinite(x).all()
+        finite = torch.isfinite(x)  # a finite loss is judged even where the gradients overflowed (float16)
         judged = (step > self.judge_after) & (self.count >= MIN_HISTORY)
         level, noise = self.baseline()
         z = torch.where(finite & judged, (x - level) / noise, 0.0)
         self.max_z = torch.maximum(self.max_z, z)
-        spike = finite & (z > self.thresholds).any()
-        accept = finite & ~spike
+        spike = (z > self.thresholds).any()
+        accept = finite.all() & ~spike
         slot = (self.count % self.window).view(1)  # the oldest accepted step's place, once the ring is full
         kept = torch.where(accept, x, self.values.index_select(1, slot).squeeze(1))
         self.values.index_copy_(1, slot, kept[:, None])
@@ -133,14 +133,12 @@ def skip_update(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, 
     """Around scaler.step(optimizer) and scaler.update(), after scaler.unscale_(optimizer): the update is skipped
     when `skip` (a 0-d bool tensor) holds, on the device, by folding it into the found-inf flag the optimizer
     reads. A spike is no overflow: a step skipped for it alone leaves the loss scale and its growth count as they
-    were (under float16 each such skip would otherwise halve the scale: 30 skips took 8192 to 2^-16), while
-    non-finite gradients still back it off."""
+    were (under float16 each such skip would otherwise halve the scale: 30 skips took 8192 to 2^-16), even where
+    the spike's own gradients overflowed; non-finite gradients of a step that is no spike still back it off."""
     found_infs = list(scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values())
-    overflow = torch.stack(found_infs).amax() > 0  # before the spike is folded in
     scale, growth = scaler._scale.clone(), scaler._growth_tracker.clone()
     for found in found_infs:
         found.copy_(torch.maximum(found, skip.to(found.dtype)))
     yield
-    spike_only = skip & ~overflow
-    scaler._scale.copy_(torch.where(spike_only, scale, scaler._scale))
-    scaler._growth_tracker.copy_(torch.where(spike_only, growth, scaler._growth_tracker))
+    scaler._scale.copy_(torch.where(skip, scale, scaler._scale))
+    scaler._growth_tracker.copy_(torch.where(skip, growth, scaler._growth_tracker))

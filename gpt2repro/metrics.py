@@ -73,11 +73,12 @@ ROLLED_BACK_NAME = "metrics.rolled_back.jsonl"
 class MetricsLog:
     """RUN_DIR/metrics.jsonl: one JSON object per logged step. Written by the main rank only."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int, rollback: int = 0):
+    def __init__(self, path: str | os.PathLike, resume_step: int, rollback: int = 0, next_batch: int | None = None):
         """The log, cut back to resume_step: the records past it are about to be logged again. After a resume
-        they are the same again and dropped; after rollback number `rollback` they are the evidence (the
-        spiking losses), moved to ROLLED_BACK_NAME beside it, never deleted."""
-        self.path = Path(path)
+        they are the same again and dropped (but the batches the spike guard skipped before next_batch, the
+        first the resumed run reads: a stop in the middle of a streak); after rollback number `rollback` they
+        are the evidence (the spiking losses), moved to ROLLED_BACK_NAME beside it, never deleted."""
+        self.path, self.next_batch = Path(path), next_batch
         if self.path.exists():
             self._cut_after(resume_step, rollback)
         self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the whole run)
@@ -89,7 +90,8 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if record.get("step", math.inf) <= step:
+            skipped_before = self.next_batch is not None and record.get("batch", math.inf) < self.next_batch
+            if record.get("step", math.inf) <= step or skipped_before:
                 kept.append(line + "\n")
             else:
                 past.append(record)
@@ -216,7 +218,10 @@ class RunLog:
         self.file = self.sink = None
         if run.info.is_main:
             self.started = _started(run.run_dir)
-            self.file = MetricsLog(run.run_dir / "metrics.jsonl", run.state.step)
+            state = run.state
+            self.file = MetricsLog(
+                run.run_dir / "metrics.jsonl", state.step, next_batch=state.step + 1 + state.data_offset
+            )
             if run.cfg.wandb != "disabled":
                 self.sink = WandbSink(
                     run.cfg.wandb, run.run_dir, run.cfg.wandb_project, run.cfg.wandb_run_name, run.cfg.to_dict()

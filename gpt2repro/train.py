@@ -241,6 +241,11 @@ def fit(
             if spike:  # the batch is skipped, not the step: step `step` again, on the next batch
                 state.data_offset += 1
                 watchdog.beat()
+                if stop:  # the last step's checkpoint again, with the data past this batch: a streak can be long
+                    with watchdog.slow(f"the checkpoint of step {state.step}"):
+                        log.checkpoint(state, timed(info.device, run.checkpointer.save, state, stopper.bad_streak())[1])
+                    stopper.announce(stop, state.step, run.checkpointer.saved)
+                    break
                 continue
             state.step, state.tokens = step, state.tokens + run.tokens_per_step
             if log.due(step):
@@ -369,7 +374,8 @@ class Stopper:
         same non-finite decisions; this rank's stop request rides in the same all-reduce."""
         loss = self.vote.average_loss_and_count_requests(loss, self.signals.received)
         self.consecutive_bad = torch.where(torch.isfinite(loss), 0, self.consecutive_bad + 1)
-        self.skipped += (~torch.isfinite(grad_norm)).long()
+        overflow = ~torch.isfinite(grad_norm)
+        self.skipped += (overflow & ~self.guard.spike if self.guard is not None else overflow).long()  # a spike's own
         return loss
 
     def judge(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -406,19 +412,22 @@ class Stopper:
         return self.guard.verdict() if self.guard is not None else (False, False)
 
     def rollback_target(self, checkpointer: checkpoint.Checkpointer) -> Path:
-        """When rollback_after spikes in a row are due: the checkpoint to roll back to, the newest
-        from before the streak; a TrainingError past max_rollbacks, or with none."""
+        """When rollback_after spikes in a row are due: the checkpoint to roll back to, the newest from at least
+        rollback_after steps before the streak (the updates just before it may be what made clean batches look
+        like spikes: PaLM went back about 100 steps), else the newest from before it; a TrainingError past
+        max_rollbacks, or with none."""
         self.count_skips()
-        began = int(self.guard.streak_start)
-        what = f"{self.cfg.rollback_after} consecutive updates skipped as spikes at step {began}"
+        began, last_batch = int(self.guard.streak_start), self.state.step + 1 + self.state.data_offset
+        what = (f"{self.cfg.rollback_after} consecutive updates skipped as spikes at step {began} (batches "
+                f"{last_batch - self.cfg.rollback_after + 1}-{last_batch} of the data's order)")  # fmt: skip
         if self.state.rollbacks >= self.cfg.max_rollbacks:
             raise TrainingError(
-                f"{what}, after {self.state.rollbacks} rollback(s) (--max_rollbacks {self.cfg.max_rollbacks}); "
-                "check the data around these steps or lower --lr, then resume (--resume PATH)."
+                f"{what}, after {self.state.rollbacks} rollback(s): look at those batches, or lower --lr; to go on "
+                f"past them, rerun with --max_rollbacks {self.cfg.max_rollbacks + 1} or more (it resumes)."
             )
-        target = checkpointer.before(began)
+        target = checkpointer.before(began - self.cfg.rollback_after) or checkpointer.before(began)
         if target is None:
-            raise TrainingError(f"{what}, and no checkpoint from before it to roll back to.")
+            raise TrainingError(f"{what}, and no checkpoint from before them to roll back to.")
         return target
 
     def announce(self, stop: int, step: int, saved: Path | None) -> None:

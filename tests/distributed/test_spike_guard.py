@@ -69,6 +69,14 @@ def runs(shakespeare_data, tmp_path_factory):
     proc.wait()
     assert metrics(root / "killed")[-1]["step"] < 300
     procs["killed"] = _start(killed, root / "resumed.log")  # the resume, while the others run
+    # SIGTERM in the middle of a streak (its 5th skipped batch): a checkpoint of the last step, then the resume.
+    stopped = train_cmd(data[MID], root / "stopped", *RUN)
+    proc = _start(stopped, root / "stopped.log", slow)
+    log = root / "stopped" / "metrics.jsonl"
+    wait_for(lambda: log.exists() and log.read_text().count("spike_loss") >= 5, timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (root / "stopped.log").read_text()[-3000:]
+    procs["stopped"] = _start(stopped, root / "stopped_resumed.log")
     for name, proc in procs.items():
         assert proc.wait(timeout=900) == 0, f"{name}: {(root / f'{name}.log').read_text()[-3000:]}"
     return {name: root / name for name in procs}
@@ -166,13 +174,23 @@ def test_a_stretch_longer_than_rollback_after_rolls_back_once_and_skips_the_rest
 
 
 def test_the_rollback_finds_its_checkpoint_with_frequent_checkpoints_and_the_default_retention(runs):
-    """Checkpoints every 10 steps, the newest 3 kept: none is written while the step is taken again, so the
-    one from before the streak (190) is there when the rollback is due."""
+    """Checkpoints every 10 steps, the newest 3 kept: the rollback goes back at least rollback_after (32) steps
+    before the streak (to 160, where the updates just before it, which may have done the damage, are undone),
+    and retention has kept that one."""
     run_dir = runs["frequent_ckpts"]
-    assert rollbacks(run_dir) == [(190, 200, 41)]
+    assert rollbacks(run_dir) == [(160, 200, 71)]
     assert spikes(run_dir) == len(FREQUENT) and within_1_percent_of_clean(runs, "frequent_ckpts")
 
 
 def test_a_kill_after_a_rollback_resumes_in_the_same_order(runs):
     assert losses(runs["killed"]) == losses(runs["long"])  # bitwise: the same data order and decisions
     assert rollbacks(runs["killed"]) == rollbacks(runs["long"])
+
+
+def test_a_stop_in_the_middle_of_a_streak_checkpoints_at_once_and_resumes_in_the_same_order(runs):
+    """SIGTERM at the 5th of 30 skipped batches: a checkpoint of step 199 with the data past them, not after the
+    streak; the resume skips the other 25 and ends as the uninterrupted run, its evidence whole."""
+    stopped = runs["stopped"]
+    assert "stopping on SIGTERM at step 199" in (stopped.parent / "stopped.log").read_text()
+    assert losses(stopped) == losses(runs["mid"])
+    assert [r["batch"] for r in skipped(stopped)] == list(MID)

@@ -77,6 +77,9 @@ def test_a_step_far_below_its_level_or_not_finite_is_no_spike_and_stays_out_of_t
     assert torch.equal(guard.values, window)
     assert feed(guard, [(6.5, 9.0)], first_step=104) == [104]  # a grad-norm spike: kept out of the window
     assert torch.equal(guard.values, window)
+    # A poisoned batch under float16: a finite loss far up, gradients that overflowed. A spike all the same.
+    assert feed(guard, [(12.0, math.inf)], first_step=105) == [105]
+    assert torch.equal(guard.values, window)
 
 
 def test_the_verdict_says_spike_and_when_a_rollback_is_due():
@@ -112,3 +115,17 @@ def test_a_mean_and_std_guards_saved_window_loads_with_its_empty_slots_empty():
     guard = SpikeGuard(zscore=8, window=8, device="cpu", judge_after=0)
     guard.load_state_dict(old)
     assert torch.isnan(guard.values[:, 3:]).all() and float(guard.baseline()[0][0]) == 7.0
+
+
+def test_the_guards_settings_are_checked_in_one_message():
+    from gpt2repro import config as C
+
+    bad = C.TrainConfig(spike_window=1, spike_zscore=-1, max_rollbacks=-1)
+    try:
+        C.resolve(bad, 1)
+    except ValueError as e:
+        message = str(e)
+    else:
+        raise AssertionError("accepted")
+    assert f"spike_window must be at least {MIN_HISTORY}" in message and "spike_zscore (0: off)" in message
+    C.resolve(C.TrainConfig(spike_window=MIN_HISTORY), 1)

@@ -1,5 +1,6 @@
 """The training loop's host traffic: what a step reads back from the device when nothing is logged."""
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -24,7 +25,12 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_between_log_steps_a_step_reads_one_step_old_value_only(shakespeare_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spike_zscore", [8.0, 0.0])
+def test_between_log_steps_a_step_reads_the_stop_vote_and_the_guards_verdict_only(
+    shakespeare_data, tmp_path, monkeypatch, spike_zscore
+):
+    """The stop vote of the step before (one step old: the GPU queue never runs dry), and with the spike guard on
+    (the default) its verdict on this step: one read of two flags, which decides whether the step counts."""
     reads = HostReads()
     real_step = train.train_step
 
@@ -49,14 +55,16 @@ def test_between_log_steps_a_step_reads_one_step_old_value_only(shakespeare_data
         ckpt_interval=1000,
         eval_tokens=64,
         device="cpu",
+        spike_zscore=spike_zscore,
     )
     with reads:
         train.fit(C.resolve(base, 1), str(shakespeare_data), tmp_path / "run", D.DistInfo())
     after_step = " ".join(reads.log).split("step")[1:]  # what the loop read after each step
     assert len(after_step) == 8
-    assert after_step[0].split() == []  # nothing to read yet
-    for k in range(1, 7):  # the stop vote of the step before (the loss and the rest only at log steps)
-        assert after_step[k].split() == ["tolist"], (k + 1, after_step[k])
+    verdict = ["tolist"] if spike_zscore else []
+    assert after_step[0].split() == verdict  # no stop vote to read yet
+    for k in range(1, 7):  # the loss and the rest only at log steps
+        assert after_step[k].split() == ["tolist", *verdict], (k + 1, after_step[k])
 
 
 def test_throughput_leaves_the_first_step_out_and_the_eta_counts_eval_time_at_its_share(monkeypatch):
