@@ -68,17 +68,19 @@ HEALTHY = {
     "warmup 10, lr 8e-3": ["--warmup_steps", "10"],
 }
 
-POISONS = {  # name: (poisoned batches, extra flags, one rank's rows only)
-    "none": (range(0), [], False),
-    "200-229, guard off": (range(200, 230), ["--spike_zscore", "0"], False),
-    "200-229": (range(200, 230), [], False),
-    "61-90 (right after the warmup)": (range(61, 91), [], False),
-    "136-165 (inside the first window)": (range(136, 166), [], False),
-    "200-259 (longer than rollback_after)": (range(200, 260), [], False),
-    "200-240, a checkpoint every 10": (range(200, 241), ["--ckpt_interval", "10"], False),
-    "200-229, float16": (range(200, 230), ["--dtype", "float16"], False),
-    "200-229, 2 ranks, rank 0's rows only": (range(200, 230), ["--batch_size", "4", "--nproc", "2"], True),
-    "200-259, kill -9 after the rollback": (range(200, 260), [], False),
+NEWLINE = 198  # one repeated token whose loss is low: learned without a spike, it damages the weights
+POISONS = {  # name: (poisoned batches, extra flags, one rank's rows only, the token (None: random ones))
+    "none": (range(0), [], False, None),
+    "200-229, guard off": (range(200, 230), ["--spike_zscore", "0"], False, None),
+    "200-229": (range(200, 230), [], False, None),
+    "61-90 (right after the warmup)": (range(61, 91), [], False, None),
+    "136-165 (inside the first window)": (range(136, 166), [], False, None),
+    "200-259 (longer than rollback_after)": (range(200, 260), [], False, None),
+    "200-240, a checkpoint every 10": (range(200, 241), ["--ckpt_interval", "10"], False, None),
+    "200-229, float16": (range(200, 230), ["--dtype", "float16"], False, None),
+    "200-229, 2 ranks, rank 0's rows only": (range(200, 230), ["--batch_size", "4", "--nproc", "2"], True, None),
+    "200-259, kill -9 after the rollback": (range(200, 260), [], False, None),
+    "200-229 newlines, a checkpoint every 10": (range(200, 230), ["--ckpt_interval", "10"], False, NEWLINE),
 }
 
 
@@ -192,13 +194,13 @@ def healthy(data: Path, out: Path, jobs: int) -> None:
     )
 
 
-def poisoned(data: Path, out: Path, jobs: int) -> None:
+def poisoned(data: Path, out: Path, jobs: int, only: str = "") -> None:
     def one(item):
-        name, (batches, flags, one_rank) = item
+        name, (batches, flags, one_rank, token) = item
         slug = name.split(" (")[0].replace(" ", "_").replace(",", "").replace("'", "")
         two = "--nproc" in flags
         copy = poison(data, out / "poison" / f"{slug}.data", batches, batch_size=4 if two else 8,
-                      world_size=2 if two else 1, ranks=[0] if one_rank else None)  # fmt: skip
+                      world_size=2 if two else 1, ranks=[0] if one_rank else None, token=token)  # fmt: skip
         run_dir = out / "poison" / slug
         seconds = train(copy, run_dir, flags, kill_after_rollback="kill" in name)
         shutil.rmtree(copy)
@@ -208,7 +210,8 @@ def poisoned(data: Path, out: Path, jobs: int) -> None:
         return name, final_val(run_dir), spikes, back, seconds
 
     (out / "poison").mkdir(parents=True, exist_ok=True)
-    results = list(ThreadPoolExecutor(jobs).map(one, POISONS.items()))
+    rows = [item for item in POISONS.items() if not only or item[0] == "none" or only in item[0]]
+    results = list(ThreadPoolExecutor(jobs).map(one, rows))
     clean = results[0][1]
     print(f"{'poison (random tokens), defaults unless named':42} {'final val':>9} {'vs clean':>8} {'spikes':>6}  "
           "rollbacks")  # fmt: skip
@@ -223,6 +226,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="a directory for the data and the runs")
     parser.add_argument("--data", type=Path, help="prepared shards (default: tiny Shakespeare from examples/)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--only", default="", help="poison: only the rows whose name holds this (and the clean one)")
     args = parser.parse_args()
     data = args.data
     if data is None:
@@ -231,7 +235,10 @@ def main() -> None:
             prepare = [sys.executable, str(REPO / "data_prep" / "prepare.py"), "--out", str(data), "--files",
                        str(REPO / "examples" / "tinyshakespeare.txt")]  # fmt: skip
             subprocess.run(prepare, check=True, capture_output=True)
-    (healthy if args.table == "healthy" else poisoned)(data, args.out, args.jobs)
+    if args.table == "healthy":
+        healthy(data, args.out, args.jobs)
+    else:
+        poisoned(data, args.out, args.jobs, args.only)
 
 
 if __name__ == "__main__":
