@@ -230,20 +230,18 @@ def fit(
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
             loss = stopper.watch(loss, grad_norm)  # the mean over ranks; counts non-finite steps
             spike, rollback_due = stopper.verdict()  # the spike guard's: one host sync per step while it is on
-            if spike:
-                log.spike(state, step, step + state.data_offset, loss, grad_norm, run.guard.last_z())
-            if rollback_due:  # every rank: the same decision, from the same reduced numbers
-                target = stopper.rollback_target(run.checkpointer)
-                log.flush()
-                with watchdog.slow(f"the rollback to {target}"):
-                    log.rollback(*timed(info.device, roll_back, run, stopper, target, step))
-                continue
             if spike:  # the batch is skipped, not the step: step `step` again, on the next batch
+                log.spike(state, step, step + state.data_offset, loss, grad_norm, run.guard.last_z())
+                if rollback_due:  # the streak's last spike; every rank decides alike, from the same reduced numbers
+                    target = stopper.rollback_target(run.checkpointer)
+                    log.flush()
+                    with watchdog.slow(f"the rollback to {target}"):
+                        log.rollback(*timed(info.device, roll_back, run, stopper, target, step))
+                    continue
                 state.data_offset += 1
                 watchdog.beat()
                 if stop:  # the last step's checkpoint again, with the data past this batch: a streak can be long
-                    with watchdog.slow(f"the checkpoint of step {state.step}"):
-                        log.checkpoint(state, timed(info.device, run.checkpointer.save, state, stopper.bad_streak())[1])
+                    save_checkpoint(run, log, stopper, watchdog)
                     stopper.announce(stop, state.step, run.checkpointer.saved)
                     break
                 continue
@@ -256,8 +254,7 @@ def fit(
                     log.evaluation(state, *timed(info.device, run.evaluator, step))
             log.flush()  # before the checkpoint: a checkpoint's step always has its record
             if run.checkpointer.due(step, stop):
-                with watchdog.slow(f"the checkpoint of step {step}"):
-                    log.checkpoint(state, timed(info.device, run.checkpointer.save, state, stopper.bad_streak())[1])
+                save_checkpoint(run, log, stopper, watchdog)
             watchdog.beat()
             if stop and step < cfg.max_steps:
                 stopper.announce(stop, step, run.checkpointer.saved)
@@ -266,6 +263,12 @@ def fit(
 
 
 STARTUP = "start-up (the first step, compilation)"
+
+
+def save_checkpoint(run: Run, log: RunLog, stopper: Stopper, watchdog: D.Watchdog) -> None:
+    """A checkpoint of the run's state as it is (its last counted step), timed and logged."""
+    with watchdog.slow(f"the checkpoint of step {run.state.step}"):
+        log.checkpoint(run.state, timed(run.info.device, run.checkpointer.save, run.state, stopper.bad_streak())[1])
 
 
 def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Path, info: D.DistInfo) -> Run:
