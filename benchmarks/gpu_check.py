@@ -136,7 +136,7 @@ GPU = Sizes(
         "3",
         "--tune_warmup",
         "2",
-    ],  # fmt: skip
+    ],
     # Estimates on an H100: a speed run ~100-130 s (a cold compile of each row but fp8's, muon's from the cache),
     # a memory run ~20-40 s (no compile). With the data stage these fill the 360 s budget at worst.
     speed_bound_s=130.0,
@@ -207,7 +207,7 @@ SMOKE = Sizes(
         "1",
         "--tune_warmup",
         "1",
-    ],  # fmt: skip
+    ],
     cuda=False,
 )
 
@@ -472,9 +472,11 @@ def guard_line(records: list[dict], config: dict) -> str:
     largest = max(judged, key=lambda r: r["max_z"])
     grad_z = max(r.get("max_grad_z", 0.0) for r in judged)
     threshold = config.get("spike_zscore", "unknown")
-    return (f"spike guard: largest healthy z-score {largest['max_z']:.2f} (at the log step {largest['step']}; "
-            f"threshold {threshold}), of the grad norm {grad_z:.2f}; {judged[-1].get('spikes', 0)} updates "
-            "skipped")  # fmt: skip
+    return (
+        f"spike guard: largest healthy z-score {largest['max_z']:.2f} (at the log step {largest['step']}; "
+        f"threshold {threshold}), of the grad norm {grad_z:.2f}; {judged[-1].get('spikes', 0)} updates "
+        "skipped"
+    )
 
 
 def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:

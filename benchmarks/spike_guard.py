@@ -42,8 +42,20 @@ from gpt2repro.data import BatchSpec, ShardLoader  # noqa: E402
 from gpt2repro.guard import MIN_HISTORY, SpikeGuard  # noqa: E402
 
 # The issue's setting: shakespeare-cpu cut to 300 steps, a 60-step warmup, a checkpoint every 50.
-BASE = ["--config", "shakespeare-cpu", "--max_steps", "300", "--warmup_steps", "60", "--ckpt_interval", "50",
-        "--eval_interval", "300", "--log_interval", "10"]  # fmt: skip
+BASE = [
+    "--config",
+    "shakespeare-cpu",
+    "--max_steps",
+    "300",
+    "--warmup_steps",
+    "60",
+    "--ckpt_interval",
+    "50",
+    "--eval_interval",
+    "300",
+    "--log_interval",
+    "10",
+]
 WATCH = ["--spike_zscore", "1e9", "--log_interval", "1"]  # the guard computes z-scores and never skips
 
 HEALTHY = {
@@ -84,8 +96,18 @@ POISONS = {  # name: (poisoned batches, extra flags, one rank's rows only, the t
 }
 
 
-def poison(data: Path, out: Path, batches, batch_size=8, block_size=64, seed=1337, world_size=1, ranks=None,
-           token=None, vocab_size=50257) -> Path:  # fmt: skip
+def poison(
+    data: Path,
+    out: Path,
+    batches,
+    batch_size=8,
+    block_size=64,
+    seed=1337,
+    world_size=1,
+    ranks=None,
+    token=None,
+    vocab_size=50257,
+) -> Path:
     """A copy of the shards in `data` whose windows read by optimizer steps `batches` (of a run with this global
     layout: batch_size per rank, world_size ranks, one micro-batch) hold random tokens, or `token` repeated;
     only the rows of `ranks` when given. The first and last token of each window, which its neighbours share,
@@ -116,8 +138,11 @@ def train_command(data: Path, out: Path, flags: list[str]) -> list[str]:
         i = flags.index("--nproc")
         nproc = int(flags[i + 1])
         del flags[i : i + 2]
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  f"--nproc_per_node={nproc}"]  # fmt: skip
+    launch = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     return [*launch, str(REPO / "launch" / "train.py"), "--data", str(data), "--out", str(out), *BASE, *flags]
 
 
@@ -179,14 +204,17 @@ def healthy(data: Path, out: Path, jobs: int) -> None:
         return name, replay_z(run_dir, warmup), final_val(run_dir), records(run_dir)[-1]["step"], seconds
 
     (out / "healthy").mkdir(parents=True, exist_ok=True)
-    print(f"{'healthy run (shakespeare-cpu, 300 steps, warmup 60)':54} {'steps':>5} {'loss z (step)':>15} "
-          f"{'grad z (step)':>15} {'val':>7} {'time':>6}")  # fmt: skip
+    print(
+        f"{'healthy run (shakespeare-cpu, 300 steps, warmup 60)':54} {'steps':>5} {'loss z (step)':>15} "
+        f"{'grad z (step)':>15} {'val':>7} {'time':>6}"
+    )
     largest = [0.0, 0.0]
     with ThreadPoolExecutor(jobs) as pool:
         for name, ((zl, sl), (zg, sg)), val, steps, seconds in pool.map(one, HEALTHY.items()):
             largest = [max(largest[0], zl), max(largest[1], zg)]
-            print(f"{name:54} {steps:5d} {zl:8.2f} ({sl:4d}) {zg:8.2f} ({sg:4d}) {val:7.4f} {seconds:5.0f}s",
-                  flush=True)  # fmt: skip
+            print(
+                f"{name:54} {steps:5d} {zl:8.2f} ({sl:4d}) {zg:8.2f} ({sg:4d}) {val:7.4f} {seconds:5.0f}s", flush=True
+            )
     threshold = TrainConfig().spike_zscore
     print(
         f"largest healthy z-score of the loss {largest[0]:.2f}: the default --spike_zscore {threshold:g} is "
@@ -199,8 +227,15 @@ def poisoned(data: Path, out: Path, jobs: int, only: str = "") -> None:
         name, (batches, flags, one_rank, token) = item
         slug = name.split(" (")[0].replace(" ", "_").replace(",", "").replace("'", "")
         two = "--nproc" in flags
-        copy = poison(data, out / "poison" / f"{slug}.data", batches, batch_size=4 if two else 8,
-                      world_size=2 if two else 1, ranks=[0] if one_rank else None, token=token)  # fmt: skip
+        copy = poison(
+            data,
+            out / "poison" / f"{slug}.data",
+            batches,
+            batch_size=4 if two else 8,
+            world_size=2 if two else 1,
+            ranks=[0] if one_rank else None,
+            token=token,
+        )
         run_dir = out / "poison" / slug
         seconds = train(copy, run_dir, flags, kill_after_rollback="kill" in name)
         shutil.rmtree(copy)
@@ -213,11 +248,15 @@ def poisoned(data: Path, out: Path, jobs: int, only: str = "") -> None:
     rows = [item for item in POISONS.items() if not only or item[0] == "none" or only in item[0]]
     results = list(ThreadPoolExecutor(jobs).map(one, rows))
     clean = results[0][1]
-    print(f"{'poison (random tokens), defaults unless named':42} {'final val':>9} {'vs clean':>8} {'spikes':>6}  "
-          "rollbacks")  # fmt: skip
+    print(
+        f"{'poison (random tokens), defaults unless named':42} {'final val':>9} {'vs clean':>8} {'spikes':>6}  "
+        "rollbacks"
+    )
     for name, val, spikes, back, seconds in results:
-        print(f"{name:42} {val:9.4f} {100 * (val - clean) / clean:+7.2f}% {spikes:6d}  {', '.join(back) or '-'}"
-              f"  ({seconds:.0f}s)")  # fmt: skip
+        print(
+            f"{name:42} {val:9.4f} {100 * (val - clean) / clean:+7.2f}% {spikes:6d}  {', '.join(back) or '-'}"
+            f"  ({seconds:.0f}s)"
+        )
 
 
 def main() -> None:
@@ -232,8 +271,14 @@ def main() -> None:
     if data is None:
         data = args.out / "data"
         if not data.exists():
-            prepare = [sys.executable, str(REPO / "data_prep" / "prepare.py"), "--out", str(data), "--files",
-                       str(REPO / "examples" / "tinyshakespeare.txt")]  # fmt: skip
+            prepare = [
+                sys.executable,
+                str(REPO / "data_prep" / "prepare.py"),
+                "--out",
+                str(data),
+                "--files",
+                str(REPO / "examples" / "tinyshakespeare.txt"),
+            ]
             subprocess.run(prepare, check=True, capture_output=True)
     if args.table == "healthy":
         healthy(data, args.out, args.jobs)

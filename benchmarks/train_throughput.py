@@ -35,12 +35,12 @@ import torch  # noqa: E402
 
 from gpt2repro import distributed as D
 from gpt2repro import parallel, settings
-from gpt2repro.config import PRESETS
 from gpt2repro.data import to_device
+from gpt2repro.devices import GiB
 from gpt2repro.errors import first_line
-from gpt2repro.memory import GiB
 from gpt2repro.metrics import mfu
 from gpt2repro.model import GPT
+from gpt2repro.presets import PRESETS
 from gpt2repro.train import build_engine, train_step
 
 

@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt2repro import distributed as D
-from gpt2repro.config import MODEL_FIELDS, TrainConfig, to_json
 from gpt2repro.errors import first_line
-from gpt2repro.model import GPT, with_tied, without_tied
+from gpt2repro.model import GPT, MODEL_FIELDS, with_tied, without_tied
+from gpt2repro.schema import Settings, setting, to_json
 from gpt2repro.shards import sha256_file, write_json_atomic
 
 META_NAME = "meta.json"
@@ -49,6 +50,26 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used."""
 
 
+@dataclass(frozen=True)
+class CheckpointSettings(Settings):
+    TITLE = "checkpoints and resume"
+
+    ckpt_interval: int = setting(
+        1000, "checkpoint every this many steps, at the last and on a stop signal", resumable=True, at_least=1
+    )
+    keep_ckpts: int = setting(
+        3, "the newest checkpoints kept (and those a spike rollback may need)", resumable=True, at_least=1
+    )
+    resume: str = setting(
+        "auto", "auto: the newest intact checkpoint in --out; never; or a checkpoint's PATH", resumable=True
+    )
+    init_from: str = setting(
+        "",
+        "start at step 0 from these weights: gpt2..gpt2-xl, a Hugging Face directory, an "
+        "exported .pt or a checkpoint (the shape comes from them)",
+    )
+
+
 class Checkpointer:
     """A run's checkpoints, and when: every ckpt_interval steps, at the last step and at a stop
     request. It keeps the newest keep_ckpts and, while the newest ones may hold diverged weights,
@@ -59,8 +80,7 @@ class Checkpointer:
     step, tokens, skipped steps, GradScaler state and every rank's RNG state.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, raw_model: GPT, optimizer, scaler, info: D.DistInfo,
-                 guard=None):  # fmt: skip
+    def __init__(self, run_dir: Path, cfg, raw_model: GPT, optimizer, scaler, info: D.DistInfo, guard=None):
         self.run_dir, self.cfg, self.info = Path(run_dir), cfg, info
         self.raw_model, self.optimizer, self.scaler, self.guard = raw_model, optimizer, scaler, guard
         self.resumed_from: Path | None = None

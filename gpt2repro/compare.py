@@ -224,15 +224,39 @@ def plot(
                 label=f"{run.name} val",
             )
         if run.rolled_back:  # the steps a rollback took back: the spikes it saw, kept as evidence
-            ax.plot([r["tokens"] for r in run.rolled_back], [r["loss"] for r in run.rolled_back], ls="none",
-                    marker="x", ms=4, color=color, alpha=0.6, label=f"{run.name} rolled back")  # fmt: skip
+            ax.plot(
+                [r["tokens"] for r in run.rolled_back],
+                [r["loss"] for r in run.rolled_back],
+                ls="none",
+                marker="x",
+                ms=4,
+                color=color,
+                alpha=0.6,
+                label=f"{run.name} rolled back",
+            )
         if run.spikes:  # the batches the spike guard skipped, marked along the top (their losses lie far above)
-            ax.plot([r["tokens"] for r in run.spikes], [0.97] * len(run.spikes), transform=ax.get_xaxis_transform(),
-                    ls="none", marker="v", ms=4, color=color, alpha=0.6, label=f"{run.name} skipped")  # fmt: skip
+            ax.plot(
+                [r["tokens"] for r in run.spikes],
+                [0.97] * len(run.spikes),
+                transform=ax.get_xaxis_transform(),
+                ls="none",
+                marker="v",
+                ms=4,
+                color=color,
+                alpha=0.6,
+                label=f"{run.name} skipped",
+            )
         for event in run.events:  # where the spike guard rolled the run back (its tokens at the checkpoint)
             ax.axvline(event["tokens"], color=color, ls=":", lw=1)
-            ax.annotate(f"rollback from step {event['rollback_from']}", (event["tokens"], 0.98), color=color,
-                        xycoords=("data", "axes fraction"), rotation=90, va="top", fontsize=7)  # fmt: skip
+            ax.annotate(
+                f"rollback from step {event['rollback_from']}",
+                (event["tokens"], 0.98),
+                color=color,
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                fontsize=7,
+            )
     for j, name in enumerate(names):
         row = baselines[name]
         ax.axhline(

@@ -20,6 +20,24 @@ import torch
 import torch.distributed as dist
 
 from gpt2repro.errors import first_line, hang_sentence, print_error
+from gpt2repro.schema import Settings, setting
+
+
+@dataclass(frozen=True)
+class ClusterSettings(Settings):
+    TITLE = "cluster and faults"
+
+    collective_timeout_s: float = setting(
+        600.0,
+        "a rank silent this long inside a collective fails the job "
+        "(evaluations and checkpoints get SLOW_PHASE_TIMEOUT_S)",
+        resumable=True,
+    )
+
+    def problems(self) -> list[str]:
+        if not self.collective_timeout_s > 0:
+            return [f"collective_timeout_s must be positive, got {self.collective_timeout_s}"]
+        return []
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from gpt2repro import distributed as D
 from gpt2repro.data import EvalWindows
+from gpt2repro.schema import Settings, setting
 
 # Published GPT-2 numbers. Losses: OpenAI's checkpoints evaluated on OpenWebText, from
 # nanoGPT's README (github.com/karpathy/nanoGPT, "baselines"). HellaSwag acc_norm
@@ -37,6 +38,36 @@ def load_baselines(path: str | os.PathLike | None) -> dict[str, dict]:
         for name, row in json.loads(Path(path).read_text()).items():
             table.setdefault(name, {}).update({k: v for k, v in row.items() if v is not None}, source="measured")
     return table
+
+
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    """The val loss every eval_interval steps and at the last; HellaSwag and lm-eval tasks (gpt2repro/harness.py,
+    needs gpt2repro[eval]) beside it; and the reference curve each evaluation is judged by."""
+
+    TITLE = "evaluation and references"
+
+    eval_interval: int = setting(1000, "evaluate every this many steps, and at the last", resumable=True, at_least=1)
+    eval_tokens: int = setting(
+        10_485_760, "val tokens per evaluation (10 x 2**20: 10,240 windows of 1024)", resumable=True
+    )
+    hellaswag_file: str = setting("", "HellaSwag's jsonl: its accuracy at each evaluation", resumable=True)
+    eval_tasks: str = setting("", "lm-eval tasks, comma-separated (e.g. hellaswag,lambada_openai)", resumable=True)
+    eval_task_data: str = setting("", "local data files for them, TASK=FILE,... (else the Hub's)", resumable=True)
+    eval_tasks_limit: int = setting(
+        500, "the first this many documents of each task (0: all)", resumable=True, at_least=0
+    )
+    eval_tasks_at: str = setting(
+        "end", "run the tasks at every evaluation or at the last step only", resumable=True, choices=("eval", "end")
+    )
+    reference: str = setting(
+        "", "a val curve (gpt2repro/references.py) or a run directory each evaluation is judged by", resumable=True
+    )
+
+    def problems(self) -> list[str]:
+        if self.eval_tokens < self.block_size:
+            return [f"eval_tokens ({self.eval_tokens}) must be at least block_size ({self.block_size})"]
+        return []
 
 
 class Evaluator:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpt2repro.devices import gpu_computes_float8
+
 INSTALL = "pip install torchao"
 
 
 def check_supported(device: str) -> None:
     """Raise ValueError naming the problem when this device or install cannot train in FP8."""
     dev = torch.device(device)
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
+    if not gpu_computes_float8(dev):
         what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "a CPU"
         raise ValueError(
             f"--fp8 true needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, "

@@ -31,17 +31,51 @@ every step after a rollback, warmup or not: it is never blind where the rest of 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+
+from gpt2repro.schema import Settings, setting
 
 MIN_HISTORY = 16  # steps in the window before any is judged (with a shorter warmup the guard starts there)
 NOISE_PER_DIFFERENCE = 0.9539  # median |a - b| of two independent N(0, 1) draws: sqrt(2) * 0.6745
 MIN_NOISE = 1e-3  # the noise is taken as at least this fraction of the level: a flat series is no license
 
 
+@dataclass(frozen=True)
+class GuardSettings(Settings):
+    """Skip the update of a step whose loss lies more than spike_zscore noise units above the median of the last
+    spike_window accepted steps (judged from the end of the lr warmup), or whose grad norm does by
+    spike_grad_zscore; after rollback_after consecutive skips, roll back to a checkpoint from before them and move
+    the data past them, at most max_rollbacks times. The thresholds: benchmarks/spike_guard.py's healthy and
+    poisoned runs (docs/training.md, the spike guard)."""
+
+    TITLE = "guard"
+
+    spike_zscore: float = setting(
+        8.0, "skip a step whose loss z-score passes this (0: the guard is off)", resumable=True, at_least=0
+    )
+    spike_grad_zscore: float = setting(
+        0.0, "skip a step whose grad norm z-score passes this (0: measured, not judged)", resumable=True, at_least=0
+    )
+    spike_window: int = setting(128, "accepted steps the baseline is taken over (llm.c's window)", at_least=MIN_HISTORY)
+    rollback_after: int = setting(32, "consecutive skipped steps that roll the run back", resumable=True, at_least=1)
+    max_rollbacks: int = setting(3, "rollbacks before the run stops with an error", resumable=True, at_least=0)
+    max_nonfinite_steps: int = setting(
+        5, "consecutive steps with non-finite gradients before the run stops", resumable=True
+    )
+
+
 class SpikeGuard:
-    def __init__(self, zscore: float, window: int, device: str, judge_after: int = 0, rollback_after: int = 0,
-                 grad_zscore: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        zscore: float,
+        window: int,
+        device: str,
+        judge_after: int = 0,
+        rollback_after: int = 0,
+        grad_zscore: float = 0.0,
+    ):
         self.rollback_after = rollback_after  # 0: never due
         # The loss's threshold and the grad norm's (0: its z-score is measured, never judged).
         self.thresholds = torch.tensor([zscore, grad_zscore or float("inf")], device=device)
@@ -111,9 +145,14 @@ class SpikeGuard:
         return {"max_z": loss_z, "max_grad_z": grad_z}
 
     def state_dict(self) -> dict:
-        return {"values": self.values.cpu(), "count": int(self.count), "streak": int(self.streak),
-                "streak_start": int(self.streak_start), "judge_after": int(self.judge_after),
-                "baseline": "median"}  # fmt: skip
+        return {
+            "values": self.values.cpu(),
+            "count": int(self.count),
+            "streak": int(self.streak),
+            "streak_start": int(self.streak_start),
+            "judge_after": int(self.judge_after),
+            "baseline": "median",
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["values"].shape) != tuple(self.values.shape):  # another window: start it afresh

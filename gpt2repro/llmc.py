@@ -32,9 +32,19 @@ HEADER_INTS = 256
 PAD_VOCAB_TO = 128  # llm.c's padded_vocab_size: the vocabulary rounded up to this
 # The per-layer tensors, in file order: each is written for every layer before the next one.
 LAYER_TENSORS = (
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
-    "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-)  # fmt: skip
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
 
 
 class LlmcError(ValueError):
@@ -86,11 +96,19 @@ def _shapes(config: GPTConfig, padded: int) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor in the file (llm.c's fill_in_parameter_sizes), by name."""
     C = config.n_embd
     per_layer = {
-        "ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
-        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-        "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (C, 4 * C),
+        "ln_1.weight": (C,),
+        "ln_1.bias": (C,),
+        "attn.c_attn.weight": (3 * C, C),
+        "attn.c_attn.bias": (3 * C,),
+        "attn.c_proj.weight": (C, C),
+        "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,),
+        "ln_2.bias": (C,),
+        "mlp.c_fc.weight": (4 * C, C),
+        "mlp.c_fc.bias": (4 * C,),
+        "mlp.c_proj.weight": (C, 4 * C),
         "mlp.c_proj.bias": (C,),
-    }  # fmt: skip
+    }
     shapes = {"transformer.wte.weight": (padded, C), "transformer.wpe.weight": (config.block_size, C)}
     shapes |= {f"transformer.h.{i}.{t}": per_layer[t] for t in LAYER_TENSORS for i in range(config.n_layer)}
     return shapes | {"transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}

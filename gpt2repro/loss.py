@@ -21,14 +21,6 @@ import torch
 CHUNK_ELEMENTS = 2**26
 
 
-def fused_loss_pays(device_type: str) -> bool:
-    """Where the fused loss is the default (fused_loss auto; GPT.fused_loss None): where it was measured to
-    pay. On a CPU it is as fast as the plain loss at half the peak memory (README, Speed). On CUDA the plain
-    loss inside the compiled forward was measured (H200, 124M: 33.9 ms, 8.45 GiB) and the fused one was
-    not, so auto stays plain there until benchmarks/gpu_check.sh shows the fused loss at least as fast."""
-    return device_type != "cuda"
-
-
 def default_chunk_size(vocab: int) -> int:
     """Tokens per chunk for a vocabulary of `vocab` rows: a multiple of 64 (matmul-friendly), at least 64."""
     return max(64, CHUNK_ELEMENTS // vocab // 64 * 64)

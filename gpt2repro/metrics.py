@@ -7,59 +7,37 @@ import math
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gpt2repro import references
-from gpt2repro.config import lr_at
+from gpt2repro.devices import peak_tflops_of
+from gpt2repro.forecast import Forecast, duration
+from gpt2repro.schedule import lr_at
+from gpt2repro.schema import Settings, setting
 from gpt2repro.shards import atomic_file, write_json_atomic
 
-# Dense peaks in TFLOP/s (no sparsity) per GPU model: (bf16/fp16 tensor cores, float32 as training runs
-# it: TF32 tensor cores where the card has them, which fit() enables, else plain fp32). Keyed by the model
-# as torch.cuda.get_device_name() spells it, with the form factor where it changes the peak (gpu_model).
-GPU_PEAK_TFLOPS = {
-    "B200": (2250.0, 1100.0),
-    "GH200": (989.0, 494.0),
-    "H200": (989.0, 494.0),
-    "H100": (989.0, 494.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    "H100 NVL": (835.0, 418.0),
-    "H100 PCIe": (756.0, 378.0),
-    "A100": (312.0, 156.0),  # SXM4
-    "A100 PCIe": (312.0, 156.0),
-    "L40S": (362.0, 183.0),
-    "L40": (181.0, 90.5),
-    "L4": (121.0, 60.0),
-    "A10": (125.0, 62.5),
-    "4090": (165.0, 82.6),  # GeForce RTX 4090, fp32 accumulation
-    "V100": (125.0, 15.7),  # SXM2; no TF32
-    "V100 PCIe": (112.0, 14.0),
-    "T4": (65.0, 8.1),
-}
-_VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE", "RTX", "QUADRO"}
-_FORM_FACTORS = ("NVL", "PCIe")
-# Words that name a smaller part than the model's: a MIG slice of the GPU, a cut-down or a laptop chip.
-_LESSER_PARTS = {"MIG", "D", "LAPTOP", "MOBILE", "MAX", "Q"}
 
+@dataclass(frozen=True)
+class LoggingSettings(Settings):
+    TITLE = "logging and profiling"
 
-def gpu_model(gpu_name: str) -> str:
-    """The table's key for a device name, matched on the whole name: its model ("NVIDIA L40" is an L40, not an
-    L4) with its form factor ("NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100"). "" where
-    the table has no figure for that part: a form factor it does not list ("NVIDIA H200 NVL"), a MIG slice, a
-    4090 D or a laptop GPU: MFU is then n/a (--peak_tflops), never another part's figure."""
-    words = [w for w in gpu_name.replace("-", " ").split() if w.upper() not in _VENDOR_WORDS]
-    if not words or _LESSER_PARTS & {w.upper() for w in words[1:]}:
-        return ""
-    upper = [w.upper() for w in words[1:]]
-    forms = [form for form in _FORM_FACTORS if form.upper() in upper]
-    key = f"{words[0]} {forms[0]}" if forms else words[0]
-    return key if key in GPU_PEAK_TFLOPS else ""
+    log_interval: int = setting(
+        10, "a record and a console line every this many steps, and at the last", resumable=True, at_least=1
+    )
+    wandb: str = setting(
+        "disabled", "Weights & Biases logging", resumable=True, choices=("online", "offline", "disabled")
+    )
+    wandb_project: str = setting("gpt2repro", "W&B project", resumable=True)
+    wandb_run_name: str = setting("", "W&B run name (empty: the run directory's name)", resumable=True)
+    peak_tflops: float = setting(
+        0.0, "the accelerator's dense peak TFLOP/s for MFU (0: look the GPU up)", auto=True, resumable=True, at_least=0
+    )
 
-
-def peak_tflops_of(gpu_name: str, dtype: str) -> float:
-    """The dense peak TFLOP/s of the GPU named so (torch.cuda.get_device_name) for dtype; 0 if unknown."""
-    half, single = GPU_PEAK_TFLOPS.get(gpu_model(gpu_name), (0.0, 0.0))
-    return single if dtype == "float32" else half
+    def settled(self, machine) -> dict:
+        return {"peak_tflops": self.peak_tflops or peak_tflops_of(machine.gpu_name, self.dtype)}
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | None) -> float | None:
@@ -144,13 +122,6 @@ class WandbSink:
         self.run.finish()
 
 
-def duration(seconds: float) -> str:
-    """2h05m09s, or 5m09s under an hour."""
-    h, rest = divmod(round(seconds), 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def format_line(
     record: dict, max_steps: int, eta_s: float | None, reference: str | None = None, target: str | None = None
 ) -> str:
@@ -179,11 +150,15 @@ def format_line(
         if record.get("mfu") is not None:
             parts.append(f"mfu {100 * record['mfu']:.1f}%")
     if "spike_loss" in record:
-        parts.append(f"SPIKE: loss {record['spike_loss']:.4f} (z {record['spike_z']:.1f}), grad "
-                     f"{record['spike_grad_norm']:.3f}: update skipped, batch {record['batch']} left out")  # fmt: skip
+        parts.append(
+            f"SPIKE: loss {record['spike_loss']:.4f} (z {record['spike_z']:.1f}), grad "
+            f"{record['spike_grad_norm']:.3f}: update skipped, batch {record['batch']} left out"
+        )
     if "rollback_from" in record:
-        parts.append(f"ROLLED BACK from step {record['rollback_from']} after {record['spikes']} spikes (rollback "
-                     f"{record['rollbacks']}): the data moves {record['data_offset']} batches ahead")  # fmt: skip
+        parts.append(
+            f"ROLLED BACK from step {record['rollback_from']} after {record['spikes']} spikes (rollback "
+            f"{record['rollbacks']}): the data moves {record['data_offset']} batches ahead"
+        )
     elif record.get("spikes"):
         parts.append(f"spikes skipped {record['spikes']}")
     parts += [f"{key} {record[f'{key}_s']:.1f}s" for key in ("eval", "ckpt", "rollback") if f"{key}_s" in record]
@@ -271,19 +246,25 @@ class RunLog:
             print(self.forecast(state).describe(), flush=True)
 
     def forecast(self, state):
-        """tune.Forecast of this process at its pace so far: its start-up (its own start to the end of its first
+        """The Forecast of this process at its pace so far: its start-up (its own start to the end of its first
         step: never, after a resume, the time since the run's first launch) and its steps at the mean step time;
         evaluations and checkpoints join the ETA as they are measured."""
-        from gpt2repro.tune import Forecast
-
         step_s = self.throughput.train_s / self.throughput.steps
         curve = self.comparison.reference if self.comparison else None
         return Forecast(
-            self.cfg, self.info.world_size, step_s, self.startup_s or 0.0, 0.0, 0.0, curve, self.target,
+            self.cfg,
+            self.info.world_size,
+            step_s,
+            self.startup_s or 0.0,
+            0.0,
+            0.0,
+            curve,
+            self.target,
             measured=f"the pace of steps {self.first_step + 1}-{state.step}; evals and checkpoints join the ETA as "
-            "they are measured", first_step=self.first_step,
+            "they are measured",
+            first_step=self.first_step,
             run_dataset=self.comparison.run_dataset if self.comparison else None,
-        )  # fmt: skip
+        )
 
     def evaluation(self, state, results: dict, seconds: float) -> None:
         """The evaluation's results, judged against the run's reference curve (--reference) if it has one."""
@@ -324,8 +305,16 @@ class RunLog:
     def spike(self, state, step: int, batch: int, loss: torch.Tensor, grad_norm: torch.Tensor, z: float) -> None:
         """A step the spike guard skipped, as evidence: its loss and z-score, and the batch left out."""
         if self.info.is_main:
-            self._emit({"step": step, "tokens": state.tokens, "batch": batch, "spike_loss": loss.item(),
-                        "spike_grad_norm": grad_norm.item(), "spike_z": z})  # fmt: skip
+            self._emit(
+                {
+                    "step": step,
+                    "tokens": state.tokens,
+                    "batch": batch,
+                    "spike_loss": loss.item(),
+                    "spike_grad_norm": grad_norm.item(),
+                    "spike_z": z,
+                }
+            )
 
     def rollback(self, record: dict, seconds: float) -> None:
         """A rollback: the records past the step it went back to are moved aside (MetricsLog), then the event's

@@ -20,7 +20,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gpt2repro.loss import fused_loss_pays, linear_cross_entropy
+from gpt2repro.devices import fused_loss_pays
+from gpt2repro.loss import linear_cross_entropy
+from gpt2repro.schema import Settings, setting
 from gpt2repro.shards import atomic_file, atomic_path
 
 EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
@@ -89,6 +91,39 @@ def shape_problems(config) -> list[str]:
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1), got {config.dropout}")
     return problems
+
+
+_GPT2 = GPTConfig()
+
+
+@dataclass(frozen=True)
+class ModelSettings(Settings):
+    """The network a run trains (GPTConfig's fields, with its defaults: GPT-2 124M), and the seed of its weights."""
+
+    TITLE = "model"
+
+    n_layer: int = setting(_GPT2.n_layer, "transformer blocks")
+    n_head: int = setting(_GPT2.n_head, "attention heads per block (they divide n_embd)")
+    n_embd: int = setting(_GPT2.n_embd, "width of the residual stream")
+    block_size: int = setting(_GPT2.block_size, "context length in tokens")
+    vocab_size: int = setting(_GPT2.vocab_size, "token embedding rows (GPT-2's BPE: 50257; at most 65536)")
+    dropout: float = setting(_GPT2.dropout, "dropout probability in training (GPT-2 pretraining: 0)")
+    bias: bool = setting(_GPT2.bias, "biases in Linear and LayerNorm, as GPT-2")
+    seed: int = setting(1337, "the weights' initialisation, dropout and the data's shuffle")
+
+    def problems(self) -> list[str]:
+        problems = shape_problems(self)
+        if self.vocab_size > 65536:
+            problems.append(f"vocab_size {self.vocab_size} does not fit the uint16 token shards (at most 65536)")
+        return problems
+
+    def model_config(self) -> GPTConfig:
+        """The network. 64-row padding of the vocabulary: faster lm_head matmuls, never part of the loss."""
+        return GPTConfig(**{f: getattr(self, f) for f in MODEL_FIELDS}, dropout=self.dropout, pad_vocab_multiple=64)
+
+
+# The fields that define the network (and must match a checkpoint to load it).
+MODEL_FIELDS = tuple(f for f in GPTConfig.weight_fields() if f in {f.name for f in dataclasses.fields(ModelSettings)})
 
 
 PRESETS: dict[str, GPTConfig] = {

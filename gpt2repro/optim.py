@@ -17,17 +17,38 @@ its own rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim._muon import _adjust_lr
 
 from gpt2repro.precision import resolve_dtype
+from gpt2repro.schema import Settings, setting
 
 MUON_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's (Keller Jordan's quintic)
 NS_STEPS = 5
 ADJUST_LR = "match_rms_adamw"  # Moonshot's: an update RMS like AdamW's, so its lr and weight decay carry over
+
+
+@dataclass(frozen=True)
+class OptimizerSettings(Settings):
+    TITLE = "optimizer and schedule"
+
+    optimizer: str = setting(
+        "adamw", "muon: Muon for the blocks' matrices, AdamW for the rest", choices=("adamw", "muon")
+    )
+    # 0: twice lr, the ratio benchmarks/optimizer_steps.py found best (docs/training.md, Muon)
+    muon_lr: float = setting(0.0, "--optimizer muon: the Muon matrices' peak lr (0: twice --lr)", auto=True, at_least=0)
+    weight_decay: float = setting(0.1, "AdamW's (and Muon's) decoupled weight decay, on matrices only")
+    beta1: float = setting(0.9, "AdamW's beta1 (Muon's momentum)")
+    beta2: float = setting(0.95, "AdamW's beta2")
+    grad_clip: float = setting(1.0, "clip the global grad norm to this (0: no clipping)")
+
+    def settled(self, machine) -> dict:
+        return {"muon_lr": 2 * self.lr} if self.optimizer == "muon" and not self.muon_lr else {}
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:

@@ -15,6 +15,7 @@ pieces of a step that differ between them (gradient sync during accumulation, th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -27,10 +28,47 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2repro import fp8 as fp8_training
 from gpt2repro import memory
-from gpt2repro.config import TrainConfig
+from gpt2repro.devices import GiB
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.precision import PTDTYPE
+from gpt2repro.schema import Settings, setting
+
+
+@dataclass(frozen=True)
+class ParallelSettings(Settings):
+    TITLE = "parallelism and memory"
+
+    device: str = setting(
+        "auto", "auto: this rank's GPU, else the CPU", auto=True, resumable=True, choices=("auto", "cpu", "cuda")
+    )
+    strategy: str = setting(
+        "auto",
+        "how ranks hold the model (auto: ddp where the memory plan says it fits; else hsdp across nodes, fsdp on one)",
+        auto=True,
+        resumable=True,
+        choices=("auto", "ddp", "fsdp", "hsdp"),
+    )
+    activation_checkpointing: bool = setting(
+        False,
+        "recompute each block's activations in the backward: less memory, about a third more compute",
+        resumable=True,
+    )
+    gpu_memory_gb: float = setting(
+        0.0, "GPU memory the planner counts (0: this GPU's; none on a CPU)", auto=True, resumable=True, at_least=0
+    )
+    dry_run: bool = setting(
+        False,
+        "print the batch and the memory plan (with --world_size, --gpus_per_node) and train nothing",
+        resumable=True,
+    )
+
+    def settled(self, machine) -> dict:
+        """The device, the GPU memory counted, and strategy auto: the planner's choice for this machine."""
+        changes = {"device": machine.device_type, "gpu_memory_gb": self.gpu_memory_gb or machine.gpu_memory_bytes / GiB}
+        if self.strategy == "auto":
+            changes["strategy"] = plan_on(dataclasses.replace(self, **changes), machine).strategy
+        return changes
 
 
 @dataclass(frozen=True)
@@ -57,8 +95,14 @@ def layout(strategy: str, info: DistInfo) -> Layout:
     return Layout(info, strategy, info.rank, info.world_size, mesh)
 
 
+def plan_on(cfg, machine) -> memory.MemoryPlan:
+    """The memory plan of a settled run's config on machine (strategy auto: the one the planner picks)."""
+    gpu_bytes = cfg.gpu_memory_gb * GiB
+    return plan(cfg, cfg.model_config(), machine.world_size, gpu_bytes, machine.device_type, machine.ranks_per_node)
+
+
 def plan(
-    cfg: TrainConfig, config: GPTConfig, world_size: int, gpu_bytes: float, device_type: str, ranks_per_node: int = 0
+    cfg, config: GPTConfig, world_size: int, gpu_bytes: float, device_type: str, ranks_per_node: int = 0
 ) -> memory.MemoryPlan:
     """The memory plan of cfg's layout (its dtype, compile and fused loss settled: gpt2repro/settings.py) on
     device_type, with strategy auto resolved (to ddp, fsdp, or hsdp when the ranks span several nodes of

@@ -3,16 +3,50 @@ training, evaluation, the benchmark, export and the dry run all ask here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from gpt2repro.devices import fused_loss_pays, gpu_computes_bfloat16
+from gpt2repro.schema import SWITCH, Settings, setting
 
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def gpu_computes_bfloat16() -> bool:
-    """Whether this process's GPU has bfloat16 tensor cores: compute capability 8.0 (Ampere) and newer.
-    Not torch.cuda.is_bf16_supported(), which by default also says yes on a V100 or T4 (sm70/75), where
-    bfloat16 is only emulated: slow, and Inductor declines to compile it."""
-    return torch.cuda.get_device_capability() >= (8, 0)
+@dataclass(frozen=True)
+class PrecisionSettings(Settings):
+    TITLE = "precision and compile"
+
+    dtype: str = setting(
+        "auto",
+        "auto: bfloat16 on a GPU that computes it, else float16 with loss scaling; float32 on a CPU",
+        auto=True,
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    compile: str = setting(
+        "auto", "torch.compile the model (auto: on a GPU)", auto=True, resumable=True, choices=SWITCH
+    )
+    fused_loss: str = setting(
+        "auto",
+        "the loss without the full logits (gpt2repro/loss.py; auto: on a CPU)",
+        auto=True,
+        resumable=True,
+        choices=SWITCH,
+    )
+    fp8: bool = setting(
+        False, "the blocks' matmuls in float8 (torchao; GPUs of compute capability 8.9+)", resumable=True
+    )
+
+    def settled(self, machine) -> dict:
+        return {
+            "dtype": resolve_dtype(self.dtype, machine.device_type, gpu_bfloat16=machine.gpu_bfloat16),
+            "compile": _switch(self.compile, machine.device_type == "cuda"),
+            "fused_loss": _switch(self.fused_loss, fused_loss_pays(machine.device_type)),
+        }
+
+
+def _switch(setting: str, auto: bool) -> str:
+    return setting if setting != "auto" else ("true" if auto else "false")
 
 
 def resolve_dtype(setting: str, device_type: str, trained_in: str = "auto", gpu_bfloat16: bool | None = None) -> str:

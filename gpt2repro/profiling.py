@@ -16,14 +16,49 @@ RUN_DIR/profile/rank{R}/oom_memory_snapshot.pickle (pytorch.org/memory_viz opens
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from gpt2repro.config import profile_range
+from gpt2repro.schema import Settings, setting
 
 MEMORY_HISTORY_ENTRIES = 100_000
+
+
+@dataclass(frozen=True)
+class ProfilingSettings(Settings):
+    TITLE = "logging and profiling"
+
+    profile_steps: str = setting(
+        "",
+        'trace steps FIRST:LAST on every rank (torch.profiler, into RUN/profile/), e.g. "10:12"',
+        resumable=True,
+        metavar="A:B",
+    )
+    profile_with_stack: bool = setting(False, "record Python stacks in the trace (costs more)", resumable=True)
+
+    def problems(self) -> list[str]:
+        try:
+            profile_range(self.profile_steps)
+        except ValueError as e:
+            return [str(e)]
+        return []
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """--profile_steps "A:B" -> (A, B), the first and last step profiled (as logged); "" -> None."""
+    if not spec:
+        return None
+    first, _, last = spec.partition(":")
+    try:
+        steps = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"profile_steps takes FIRST:LAST step numbers, e.g. 10:12, got {spec!r}") from None
+    if not 1 <= steps[0] <= steps[1]:
+        raise ValueError(f"profile_steps needs 1 <= FIRST <= LAST, got {spec!r}")
+    return steps
 
 
 def rank_dir(run_dir: Path, rank: int) -> Path:

@@ -144,9 +144,13 @@ def from_run(run_dir: str | os.PathLike) -> Reference:
         raise ValueError(f"reference run {run_dir} has no val_loss in its metrics.jsonl yet.")
     tokens = sorted(evals)
     return Reference(
-        str(run_dir), run_dataset(run_dir), f"run {run_dir}", tuple(tokens), tuple(evals[t] for t in tokens),
+        str(run_dir),
+        run_dataset(run_dir),
+        f"run {run_dir}",
+        tuple(tokens),
+        tuple(evals[t] for t in tokens),
         model=run_model(run_dir),
-    )  # fmt: skip
+    )
 
 
 def run_model(run_dir: str | os.PathLike) -> str | None:
@@ -191,8 +195,9 @@ def datasets_differ(run_dataset: str | None, reference: Reference) -> bool:
     return run_dataset is not None and reference.dataset is not None and run_dataset != reference.dataset
 
 
-def why_no_projection(reference: Reference, run_dataset: str | None, run_model: str | None,
-                      tokens: float | None = None) -> str:  # fmt: skip
+def why_no_projection(
+    reference: Reference, run_dataset: str | None, run_model: str | None, tokens: float | None = None
+) -> str:
     """Why `reference` cannot project a run to a target loss ("" where it can): a projection follows the
     curve, so it holds only for a run on the curve's dataset (an unknown one taken to be the same, as for
     verdicts), of the model the curve is of (unknown: taken to be the same), at `tokens` inside the curve."""

@@ -27,13 +27,16 @@ import torch
 from gpt2repro import checkpoint, evaluate, guard, parallel, profiling, references, settings, weights
 from gpt2repro import config as C
 from gpt2repro import distributed as D
-from gpt2repro.config import TrainConfig, lr_at
+from gpt2repro.batch import describe_batch
+from gpt2repro.config import TrainConfig
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
-from gpt2repro.memory import GiB
+from gpt2repro.devices import GiB
 from gpt2repro.metrics import RunLog, timed
 from gpt2repro.model import GPT
 from gpt2repro.optim import make_optimizer
 from gpt2repro.precision import precision
+from gpt2repro.schedule import lr_at
+from gpt2repro.schema import to_json
 from gpt2repro.settings import Machine
 from gpt2repro.shards import write_json_atomic
 
@@ -122,7 +125,7 @@ def build_engine(cfg: TrainConfig, layout: parallel.Layout, loader, seed: int) -
     out for its strategy, compiled if it says so, with its optimizer and scaler."""
     device_type = layout.info.device_type
     _, autocast = precision(cfg.dtype, device_type)
-    raw_model = parallel.build_model(C.model_config(cfg), layout, cfg.dtype, seed, fp8=cfg.fp8)
+    raw_model = parallel.build_model(cfg.model_config(), layout, cfg.dtype, seed, fp8=cfg.fp8)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     raw_model.fused_loss = cfg.fused_loss == "true"
     optimizer, scaler = make_optimizer(raw_model, cfg), make_scaler(cfg.dtype, device_type)
@@ -171,7 +174,7 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, machine: Machine) -> None:
     old = settings.settle(C.from_json(recorded, str(path)), machine)
     diffs = [
         f"{f}: {getattr(old, f)!r} -> {getattr(cfg, f)!r}"
-        for f in C.FIELD_TYPES
+        for f in C.FIELDS
         if f not in C.RESUMABLE and getattr(old, f) != getattr(cfg, f)
     ]
     old_global = recorded.get("batch_size", 0) * recorded.get("grad_accum_steps", 0) * recorded.get("world_size", 0)
@@ -316,7 +319,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
             print(warning, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", run_record(asked, cfg, info.world_size, data_dir))
-        print(C.describe_batch(asked, cfg, info.world_size, given), flush=True)
+        print(describe_batch(asked, cfg, info.world_size, given), flush=True)
         plan = settings.plan(cfg, machine)
         print(
             f"model {plan.num_params:,} params | {cfg.strategy} on {info.world_size} rank(s) on {info.device} | "
@@ -340,7 +343,7 @@ def run_record(asked: TrainConfig, cfg: TrainConfig, world_size: int, data_dir: 
     """A run's config.json: the settled fields (typed; it works as --config), the launch and the data, and
     under "requested" what was asked where settling changed it."""
     return {
-        **C.to_json(cfg),
+        **to_json(cfg),
         "world_size": world_size,
         "data": data_dir,
         "dataset": references.dataset_of(data_dir),
@@ -354,8 +357,14 @@ class Stopper:
     consecutive non-finite losses. Also counts the updates skipped for non-finite gradients, and
     those the spike guard (gpt2repro/guard.py) skipped."""
 
-    def __init__(self, cfg: TrainConfig, info: D.DistInfo, signals: StopSignals, state: TrainState,
-                 spike_guard: guard.SpikeGuard | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: D.DistInfo,
+        signals: StopSignals,
+        state: TrainState,
+        spike_guard: guard.SpikeGuard | None = None,
+    ):
         self.cfg, self.info, self.signals, self.state, self.guard = cfg, info, signals, state, spike_guard
         self.vote = D.StopVote(info, StopSignals.SIGNALS)
         self.is_main = info.is_main
@@ -421,8 +430,10 @@ class Stopper:
         max_rollbacks, or with none."""
         self.count_skips()
         began, last_batch = int(self.guard.streak_start), self.state.step + 1 + self.state.data_offset
-        what = (f"{self.cfg.rollback_after} consecutive updates skipped as spikes at step {began} (batches "
-                f"{last_batch - self.cfg.rollback_after + 1}-{last_batch} of the data's order)")  # fmt: skip
+        what = (
+            f"{self.cfg.rollback_after} consecutive updates skipped as spikes at step {began} (batches "
+            f"{last_batch - self.cfg.rollback_after + 1}-{last_batch} of the data's order)"
+        )
         if self.state.rollbacks >= self.cfg.max_rollbacks:
             raise TrainingError(
                 f"{what}, after {self.state.rollbacks} rollback(s): look at those batches, or lower --lr; to go on "
@@ -456,8 +467,14 @@ def roll_back(run: Run, stopper: Stopper, target: Path, step: int) -> dict:
     run.checkpointer.set_aside_after(state.step)
     run.checkpointer.save(state)
     stopper.restart()
-    return {"step": state.step, "tokens": state.tokens, "rollback_from": step, "data_offset": state.data_offset,
-            "rollbacks": rollbacks, "spikes": spikes}  # fmt: skip
+    return {
+        "step": state.step,
+        "tokens": state.tokens,
+        "rollback_from": step,
+        "data_offset": state.data_offset,
+        "rollbacks": rollbacks,
+        "spikes": spikes,
+    }
 
 
 def check_out_dir(run_dir: Path) -> None:

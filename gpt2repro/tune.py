@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import shlex
 import statistics
@@ -47,9 +46,10 @@ from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro import evaluate, parallel, references, settings
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
+from gpt2repro.devices import GiB
 from gpt2repro.errors import first_line
-from gpt2repro.memory import GiB
-from gpt2repro.metrics import duration, mfu, synchronize
+from gpt2repro.forecast import Forecast, reference_and_target
+from gpt2repro.metrics import mfu, synchronize
 from gpt2repro.train import build_engine, train_step
 
 LAYOUT_FIELDS = ("batch_size", "grad_accum_steps", "activation_checkpointing", "fused_loss", "strategy")
@@ -97,8 +97,15 @@ def candidates(cfg: C.TrainConfig, machine: settings.Machine) -> list[C.TrainCon
     ]
 
 
-def run_trial(cfg: C.TrainConfig, machine: settings.Machine, data_dir: str, layout: parallel.Layout, steps: int,
-              warmup: int, watchdog: D.Watchdog) -> Trial:  # fmt: skip
+def run_trial(
+    cfg: C.TrainConfig,
+    machine: settings.Machine,
+    data_dir: str,
+    layout: parallel.Layout,
+    steps: int,
+    warmup: int,
+    watchdog: D.Watchdog,
+) -> Trial:
     """One candidate (on `layout`, its strategy's, made once for the tune): refused by the planner, or built
     and timed; an out-of-memory error on any rank marks it as not fitting on all of them."""
     info = layout.info
@@ -165,8 +172,9 @@ def _local_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def tune(asked: C.TrainConfig, given: frozenset[str], data_dir: str, run_dir: str, info: D.DistInfo,
-         argv: list[str]) -> Trial | None:  # fmt: skip
+def tune(
+    asked: C.TrainConfig, given: frozenset[str], data_dir: str, run_dir: str, info: D.DistInfo, argv: list[str]
+) -> Trial | None:
     """Every candidate, timed; the table, the fastest that fits and its command line, and the forecast
     (printed by rank 0). Returns the chosen trial (None if nothing fits)."""
     machine = settings.Machine.this(info.device, info.world_size, info.local_world_size)
@@ -208,8 +216,10 @@ def _try(candidate, machine, data_dir, layout, asked, trials, watchdog) -> list[
     trial = run_trial(candidate, machine, data_dir, layout, steps, warmup, watchdog)
     if trial.fits:
         return [trial]
-    return [trial, run_trial(candidate.replace(activation_checkpointing=True), machine, data_dir, layout, steps,
-                             warmup, watchdog)]  # fmt: skip
+    return [
+        trial,
+        run_trial(candidate.replace(activation_checkpointing=True), machine, data_dir, layout, steps, warmup, watchdog),
+    ]
 
 
 def table(trials: list[Trial], info: D.DistInfo) -> str:
@@ -238,7 +248,7 @@ def _flops_per_token(cfg: C.TrainConfig) -> float:
     from gpt2repro.model import GPT
 
     with torch.device("meta"):
-        return GPT(C.model_config(cfg)).flops_per_token(cfg.block_size)
+        return GPT(cfg.model_config()).flops_per_token(cfg.block_size)
 
 
 def layout_args(cfg: C.TrainConfig) -> list[str]:
@@ -271,123 +281,6 @@ def write_layout(path: str, asked: C.TrainConfig, chosen: C.TrainConfig) -> None
     Path(path).write_text(json.dumps(fields.to_dict(), indent=1) + "\n")
 
 
-# ----- the forecast --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Forecast:
-    cfg: C.TrainConfig
-    world_size: int
-    step_s: float
-    startup_s: float  # the process's start to the end of its first step (compilation and warm-up included)
-    eval_s: float  # one evaluation
-    ckpt_s: float  # one checkpoint
-    reference: references.Reference | None = None
-    target: references.Reference | None = None
-    measured: str = "measured"  # how eval_s and ckpt_s were found
-    first_step: int = 1  # this launch's first step (after a resume: the one after the checkpoint's)
-    run_dataset: str | None = None  # the run's data (references.dataset_of), for the reference's applicability
-
-    @property
-    def steps(self) -> int:
-        """The steps this launch runs."""
-        return self.cfg.max_steps - self.first_step + 1
-
-    @property
-    def evals(self) -> int:
-        return self._count(self.cfg.max_steps, self.cfg.eval_interval)
-
-    @property
-    def ckpts(self) -> int:
-        return self._count(self.cfg.max_steps, self.cfg.ckpt_interval)
-
-    def _count(self, step: int, interval: int) -> int:
-        """Of this launch's steps up to `step`, those that evaluate (or checkpoint) every `interval`."""
-        done = evaluations(self.first_step - 1, interval, self.cfg.max_steps) if self.first_step > 1 else 0
-        return evaluations(step, interval, self.cfg.max_steps) - done
-
-    @property
-    def total_s(self) -> float:
-        return self.seconds_to(self.cfg.max_steps)
-
-    def seconds_to(self, step: int) -> float:
-        """Wall-clock from this launch's start until `step` is done, with the evaluations and checkpoints on the
-        way (after a resume: from the resumed process's start, never the downtime before it)."""
-        cfg = self.cfg
-        return (
-            self.startup_s
-            + (step - self.first_step) * self.step_s
-            + self._count(step, cfg.eval_interval) * self.eval_s
-            + self._count(step, cfg.ckpt_interval) * self.ckpt_s
-        )
-
-    def why_no_target(self) -> str:
-        """Why the reference's pace says nothing of this run ("" where it does): references.why_no_projection."""
-        if self.reference is None or self.target is None:
-            return ""
-        model = references.model_name(self.cfg.n_layer, self.cfg.n_head, self.cfg.n_embd)
-        return references.why_no_projection(self.reference, self.run_dataset, model)
-
-    def target_step(self) -> int | None:
-        """The step at which the run reaches the target's loss if it keeps the reference's pace; None where the
-        reference does not apply to the run."""
-        if self.reference is None or self.target is None or self.why_no_target():
-            return None
-        tokens = self.reference.tokens_to_reach(self.target.val_loss)
-        if tokens is None:
-            return None
-        return math.ceil(tokens / tokens_per_step(self.cfg, self.world_size))
-
-    def describe(self) -> str:
-        resumed = f" (from step {self.first_step:,})" if self.first_step > 1 else ""
-        terms = [f"{self.steps:,} steps{resumed} at {self.step_s:.4f} s"]
-        terms += [f"start-up {self.startup_s:.1f} s"] if self.startup_s else []
-        terms += [f"{self.evals} evals x {self.eval_s:.2f} s"] if self.eval_s else []
-        terms += [f"{self.ckpts} checkpoints x {self.ckpt_s:.2f} s"] if self.ckpt_s else []
-        line = (
-            f"forecast for this launch ({self.world_size} rank(s), as measured; never another world size): "
-            f"{' + '.join(terms)} ({self.measured}) = {duration(self.total_s)} ({self.total_s:.1f} s)"
-        )
-        if self.cfg.gpu_hour_cost:
-            gpu_hours, price = self.total_s / 3600 * self.world_size, self.cfg.gpu_hour_cost
-            line += f", {gpu_hours:.2f} GPU-hours x ${price:g} = ${gpu_hours * price:,.2f}"
-        step = self.target_step()
-        if why := self.why_no_target():
-            line += f"\nno time to {self.target.name}'s val loss at {self.reference.name}'s pace: {why}"
-        elif step is not None and step < self.first_step:
-            line += f"\nat {self.reference.name}'s pace it reached {self.target.name}'s val loss before this launch"
-        elif step is not None and step <= self.cfg.max_steps:
-            line += (
-                f"\nat {self.reference.name}'s pace it reaches {self.target.name}'s val loss "
-                f"{self.target.val_loss:.4f} at step {step:,}, after {duration(self.seconds_to(step))}"
-            )
-        elif step is not None:
-            line += (
-                f"\nat {self.reference.name}'s pace it needs {step:,} steps to reach {self.target.name}'s val loss, "
-                f"more than max_steps {self.cfg.max_steps:,}"
-            )
-        return line
-
-
-def evaluations(step: int, interval: int, max_steps: int | None = None) -> int:
-    """How many of steps 1..step are multiples of interval or the run's last step."""
-    last = max_steps if max_steps is not None else step
-    return step // interval + (1 if step == last and last % interval else 0)
-
-
-def tokens_per_step(cfg: C.TrainConfig, world_size: int) -> int:
-    return cfg.batch_size * cfg.grad_accum_steps * cfg.block_size * world_size
-
-
-def reference_and_target(reference: str, dataset: str | None):
-    """(the curve a run is judged by, GPT-2 124M's val loss on its dataset): from --reference, as the run's
-    evals are judged (train.setup); (None, None) without one."""
-    if not reference:
-        return None, None
-    curve = references.get(reference)
-    if not curve.is_curve:
-        return None, None
-    return curve, references.default_target(dataset or curve.dataset)
-
-
 def measure_forecast(best: Trial, data_dir: str, run_dir: str, layout: parallel.Layout, watchdog) -> Forecast:
     """The chosen layout's forecast: its measured steps, one evaluation timed on a few val batches and
     scaled to eval_tokens, and a checkpoint's bytes over this file system's write speed."""
@@ -397,9 +290,19 @@ def measure_forecast(best: Trial, data_dir: str, run_dir: str, layout: parallel.
         write_bps = D.broadcast_object(_write_speed(run_dir) if info.is_main else None, info)
     dataset = references.dataset_of(data_dir)
     curve, target = reference_and_target(cfg.reference, dataset)
-    return Forecast(cfg, info.world_size, best.step_s, best.first_step_s, eval_s, best.state_bytes / write_bps,
-                    curve, target, measured="measured: evals on a sample of val batches, checkpoints at this "
-                    f"file system's {write_bps / 2**20:,.0f} MiB/s", run_dataset=dataset)  # fmt: skip
+    return Forecast(
+        cfg,
+        info.world_size,
+        best.step_s,
+        best.first_step_s,
+        eval_s,
+        best.state_bytes / write_bps,
+        curve,
+        target,
+        measured="measured: evals on a sample of val batches, checkpoints at this "
+        f"file system's {write_bps / 2**20:,.0f} MiB/s",
+        run_dataset=dataset,
+    )
 
 
 def _eval_seconds(cfg: C.TrainConfig, data_dir: str, layout: parallel.Layout) -> float:

@@ -29,7 +29,7 @@ from gpt2repro import checkpoint, llmc
 from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro.errors import first_line
-from gpt2repro.model import GPT, HF_NAMES, PRESETS, GPTConfig, _read_hf_config, with_tied, without_tied
+from gpt2repro.model import GPT, HF_NAMES, MODEL_FIELDS, PRESETS, GPTConfig, _read_hf_config, with_tied, without_tied
 
 KINDS = ("checkpoint", "export", "llmc", "hf", "hub")
 NOT_A_MODEL = "neither a model file written by launch/export.py nor an llm.c model file"
@@ -174,7 +174,7 @@ def with_source_shape(
     """cfg with the network shape of cfg.init_from (read by rank 0 only, given info); a typed shape
     flag that disagrees is an error. block_size may only crop the source's."""
     source = _on_rank0(_init_from_shape, info, cfg.init_from)
-    fixed = [f for f in C.MODEL_FIELDS if f != "block_size"]
+    fixed = [f for f in MODEL_FIELDS if f != "block_size"]
     conflicts = [
         f"--{f} {getattr(cfg, f)} (the source has {getattr(source, f)})"
         for f in fixed

@@ -2,16 +2,11 @@
 
     python launch/train.py --config shakespeare-cpu --data data/shakespeare --out runs/shk
     torchrun --standalone --nproc_per_node=8 launch/train.py --config gpt2-124m --data data/owt --out runs/124m
-    python launch/train.py --config gpt2-124m --data data/owt --out runs/x --batch_size=16 --max_steps 5000
-    python launch/train.py --config gpt2-1558m --dry_run true --world_size 8 --gpu_memory_gb 40   (memory plan)
-    python launch/train.py --config gpt2-124m --data data/owt --out runs/124m --tune true  (time layouts, forecast)
 
---config takes a preset or a JSON file of fields; any field can be overridden with
---field value or --field=value. Rerunning the same command resumes from the newest
-complete checkpoint in --out.
+--help lists every flag with its type, default and meaning (gpt2repro/cli.py builds them from the config;
+docs/flags.md is the same list). Rerunning the same command resumes from the newest complete checkpoint in --out.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,10 +18,10 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 if __name__ == "__main__":  # before torch is imported: the re-exec would otherwise import it twice
     keep_freed_memory_in_heap()
 
-from gpt2repro import config as C  # noqa: E402
+from gpt2repro import cli, tune  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
-from gpt2repro import tune  # noqa: E402
 from gpt2repro.checkpoint import CheckpointError  # noqa: E402
+from gpt2repro.distributed import ClusterSettings  # noqa: E402
 from gpt2repro.errors import failure_message, out_of_memory_message, print_error  # noqa: E402
 from gpt2repro.profiling import memory_snapshot_on_oom  # noqa: E402
 from gpt2repro.settings import Machine, dry_run  # noqa: E402
@@ -35,39 +30,10 @@ from gpt2repro.train import TrainingError, fit  # noqa: E402
 from gpt2repro.weights import with_source_shape  # noqa: E402
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset[str]]:
-    fields = ", ".join(C.FIELD_TYPES)
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"fields: {fields}; presets: {', '.join(C.PRESETS)}",
-    )
-    p.add_argument("--config", required=True, help="preset name or JSON file")
-    p.add_argument("--data", help="prepared dataset directory (data_prep/prepare.py)")
-    p.add_argument("--out", help="run directory: config, metrics.jsonl, checkpoints")
-    p.add_argument(
-        "--world_size",
-        type=int,
-        default=0,
-        help="with --dry_run true: plan for this many GPUs (default: this launch's ranks)",
-    )
-    p.add_argument(
-        "--gpus_per_node",
-        type=int,
-        default=0,
-        help="with --dry_run true: GPUs per node, for hsdp (default: --world_size, one node)",
-    )
-    args, rest = p.parse_known_args(argv)
-    cfg, given = C.parse_overrides(C.load_base(args.config), rest)
-    if not cfg.dry_run and not (args.data and args.out):
-        p.error("--data and --out are required (except with --dry_run true)")
-    return args, cfg, given
-
-
 def main(argv: list[str] | None = None) -> int:
     info = asked = None
     try:
-        args, asked, given = parse(sys.argv[1:] if argv is None else argv)
+        args, asked, given = cli.parse(sys.argv[1:] if argv is None else argv)
         with D.distributed_context(asked.device, asked.collective_timeout_s) as info:
             if asked.init_from:  # the network's shape is the source's (read by rank 0 alone)
                 asked = with_source_shape(asked, given, info)
@@ -89,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(e, info)  # from every rank that fails, not only rank 0
         return 1
     except (RuntimeError, MemoryError) as e:
-        timeout_s = asked.collective_timeout_s if asked else C.TrainConfig.collective_timeout_s
+        timeout_s = asked.collective_timeout_s if asked else ClusterSettings.collective_timeout_s
         message = out_of_memory_message(e) or failure_message(e, D.backend_timeout_s(timeout_s))
         if message is None:
             raise

@@ -13,7 +13,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker  # noqa: E
 from benchmarks.train_throughput import RandomTokens  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro import memory, parallel  # noqa: E402
-from gpt2repro.config import model_config, resolve  # noqa: E402
+from gpt2repro.config import resolve  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
 from gpt2repro.train import Engine, make_optimizer, make_scaler, train_step  # noqa: E402
 from tests.unit.test_memory import SMALL  # noqa: E402
@@ -24,7 +24,7 @@ def measure(checkpointing: bool, info: D.DistInfo) -> dict:
     # GPT-2's vocabulary (the root group, gathered whole, is most of the weights) and short windows.
     cfg = resolve(SMALL.replace(n_layer=4, n_embd=128, block_size=128, activation_checkpointing=checkpointing), 2)
     torch.manual_seed(0)
-    model = GPT(model_config(cfg))
+    model = GPT(cfg.model_config())
     model.activation_checkpointing = checkpointing
     parallel.shard(model, "float32")
     optimizer, scaler = make_optimizer(model, cfg), make_scaler("float32", "cpu")
@@ -37,7 +37,7 @@ def measure(checkpointing: bool, info: D.DistInfo) -> dict:
             if step == 0:
                 tracker.reset_mod_stats()
     plan = memory.estimate(
-        model_config(cfg),
+        cfg.model_config(),
         batch_size=cfg.batch_size,
         world_size=2,
         dtype="float32",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gpt2repro import shards
+from gpt2repro.presets import PRESETS
 from tests.distributed.helpers import REPO, losses, metrics, run, train_cmd
 
 transformers = pytest.importorskip("transformers")
@@ -80,7 +81,6 @@ def test_hf_loss_equals_transformers_on_the_same_windows(hf_dir, shakespeare_dat
 
 
 def test_finetune_from_a_hugging_face_directory_starts_at_its_weights(hf_dir, shakespeare_data, tmp_path):
-    from gpt2repro import config as C
     from gpt2repro.weights import with_source_shape
 
     path, _ = hf_dir
@@ -134,7 +134,7 @@ def test_finetune_from_a_hugging_face_directory_starts_at_its_weights(hf_dir, sh
     )
     assert logged == pytest.approx(json.loads(hf_eval.read_text())["loss"], rel=1e-6)
 
-    base = C.PRESETS["shakespeare-cpu"].replace(init_from=str(path))
+    base = PRESETS["shakespeare-cpu"].replace(init_from=str(path))
     cropped = with_source_shape(base.replace(block_size=32), frozenset({"block_size"}))
     assert (cropped.block_size, cropped.n_layer) == (32, 2)
     with pytest.raises(ValueError, match=r"drop --n_layer 3 \(the source has 2\)"):
@@ -280,8 +280,20 @@ def test_an_llmc_model_file_evaluates_samples_trains_and_goes_back(shakespeare_d
     assert "--- sample 1 ---" in proc.stdout
     # A run that starts from the file: the source's shape, and at a vanishing lr its weights' val loss.
     ft = tmp_path / "ft"
-    args = ["--init_from", str(fp32), "--lr", "1e-12", "--min_lr", "0", "--warmup_steps", "0", "--max_steps", "1",
-            "--eval_interval", "1"]  # fmt: skip
+    args = [
+        "--init_from",
+        str(fp32),
+        "--lr",
+        "1e-12",
+        "--min_lr",
+        "0",
+        "--warmup_steps",
+        "0",
+        "--max_steps",
+        "1",
+        "--eval_interval",
+        "1",
+    ]
     proc = run(train_cmd(shakespeare_data, ft, *args))
     assert "from scratch" in proc.stdout and metrics(ft)[-1]["val_loss"] == pytest.approx(logged, rel=1e-5)
     run([*export[:-2], "--ckpt", str(fp32), "--hf", str(tmp_path / "hf")])

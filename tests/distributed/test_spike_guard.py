@@ -18,8 +18,22 @@ from gpt2repro.checkpoint import read_trainer
 from gpt2repro.config import TrainConfig
 from tests.distributed.helpers import env, env_with_sitecustomize, losses, metrics, slowed, train_cmd, wait_for
 
-RUN = ["--max_steps", 300, "--warmup_steps", 60, "--lr", 2e-3, "--log_interval", 10, "--eval_interval", 300,
-       "--eval_tokens", 4096, "--ckpt_interval", 50]  # fmt: skip
+RUN = [
+    "--max_steps",
+    300,
+    "--warmup_steps",
+    60,
+    "--lr",
+    2e-3,
+    "--log_interval",
+    10,
+    "--eval_interval",
+    300,
+    "--eval_tokens",
+    4096,
+    "--ckpt_interval",
+    50,
+]
 # (At lr 4e-3 this tiny model's runs are chaotic: leaving out 30 clean batches moved the final val by 1.7%; at
 # 2e-3 by 0.15%, so that 1% tells a guarded run from one that learned the poison.)
 GUARD_OFF = ["--spike_zscore", 0]
@@ -123,9 +137,16 @@ def test_a_healthy_run_is_bitwise_the_same_with_the_guard_on(runs):
     assert 0 < max(r["max_z"] for r in logged) < TrainConfig().spike_zscore
 
 
-@pytest.mark.parametrize("name, poisoned", [("mid", MID), ("after_warmup", AFTER_WARMUP),
-                                            ("first_window", FIRST_WINDOW), ("float16", MID),
-                                            ("two_ranks_one_poisoned", MID)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, poisoned",
+    [
+        ("mid", MID),
+        ("after_warmup", AFTER_WARMUP),
+        ("first_window", FIRST_WINDOW),
+        ("float16", MID),
+        ("two_ranks_one_poisoned", MID),
+    ],
+)
 def test_a_poisoned_stretch_is_skipped_exactly_and_the_run_ends_where_the_clean_one_does(runs, name, poisoned):
     by_step = {r["step"]: r for r in metrics(runs[name]) if "spikes" in r}
     before = poisoned.start - 1 - (poisoned.start - 1) % 10  # the log step before the stretch

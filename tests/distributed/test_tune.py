@@ -62,8 +62,12 @@ module.measure_forecast = measure_forecast
 
 def test_tune_picks_the_fastest_layout_and_its_forecast_adds_up_what_it_measured(shakespeare_data, tmp_path):
     out, tuned, record = tmp_path / "run", tmp_path / "tuned.json", tmp_path / "record.json"
-    environ = {**env_with_sitecustomize(tmp_path / "site", SLOW_BUT_ONE, slowed("gpt2repro.evaluate", "val_loss",
-               EVAL_SLOW_S)), "RECORD": str(record)}  # fmt: skip
+    environ = {
+        **env_with_sitecustomize(
+            tmp_path / "site", SLOW_BUT_ONE, slowed("gpt2repro.evaluate", "val_loss", EVAL_SLOW_S)
+        ),
+        "RECORD": str(record),
+    }
     args = ["--batch_size", ROWS, "--max_steps", 20, "--eval_interval", 10, "--ckpt_interval", 10]
     args += ["--tune", "true", "--tune_out", tuned, "--tune_steps", 3, "--tune_warmup", 1]
     proc = run(train_cmd(shakespeare_data, out, *args), environ=environ)

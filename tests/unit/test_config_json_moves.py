@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from gpt2repro import cli
 from gpt2repro import config as C
+from gpt2repro.presets import PRESETS
+from gpt2repro.schema import to_json
 from gpt2repro.settings import Machine, settle
 from gpt2repro.train import run_record
 from tests.fake_cuda import GiB, fake_gpu
@@ -22,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _run_on(machine: Machine, config_file: Path, out: Path, **typed) -> C.TrainConfig:
     """What launch/train.py --config config_file [--typed ...] settles to on machine; its config.json written to
     out, as setup() writes it."""
-    asked, given = C.parse_overrides(C.load_base(str(config_file)), [f"--{k}={v}" for k, v in typed.items()])
+    asked, given = cli.parse_overrides(cli.load_base(str(config_file)), [f"--{k}={v}" for k, v in typed.items()])
     cfg = settle(asked, machine, given)
     out.write_text(json.dumps(run_record(asked, cfg, machine.world_size, "data/owt")))
     return cfg
@@ -34,7 +37,7 @@ def _this_gpu(kind: str) -> Machine:
 
 
 def test_a_cpu_prototypes_config_json_settles_again_on_an_h100_then_a_v100(tmp_path):
-    prototype = C.PRESETS["gpt2-124m"].replace(n_layer=2, n_head=2, n_embd=64, total_batch_tokens=0, batch_size=4)
+    prototype = PRESETS["gpt2-124m"].replace(n_layer=2, n_head=2, n_embd=64, total_batch_tokens=0, batch_size=4)
     cpu_file = tmp_path / "cpu.json"
     cpu_file.write_text(json.dumps(run_record(prototype, settle(prototype, Machine("cpu")), 1, "data/owt")))
     assert json.loads(cpu_file.read_text())["device"] == "cpu"  # what ran there, as the contract says
@@ -73,12 +76,12 @@ def test_a_1558m_file_settled_on_8_h100s_fits_one_a100_40gb_again(tmp_path):
     one_a100 = Machine("cuda", 1, 1, 40 * GiB, "NVIDIA A100-SXM4-40GB", True)
     narrow = _run_on(one_a100, h100_file, tmp_path / "a100.json")
     assert (narrow.gpu_memory_gb, narrow.peak_tflops) == (40.0, 312.0)
-    assert narrow.strategy == settle(C.PRESETS["gpt2-1558m"], one_a100).strategy  # planned for this GPU
+    assert narrow.strategy == settle(PRESETS["gpt2-1558m"], one_a100).strategy  # planned for this GPU
     assert narrow.total_batch_tokens == wide.total_batch_tokens  # the same global batch, split for 1 rank
 
 
 def test_the_dry_run_of_a_cpu_runs_config_json_plans_for_the_gpu_asked(tmp_path):
-    prototype = C.PRESETS["gpt2-124m"]
+    prototype = PRESETS["gpt2-124m"]
     cpu_file = tmp_path / "config.json"
     cpu_file.write_text(json.dumps(run_record(prototype, settle(prototype, Machine("cpu")), 1, "data/owt")))
     cmd = [sys.executable, "launch/train.py", "--config", str(cpu_file), "--dry_run", "true", "--gpu_memory_gb", "80"]
@@ -90,14 +93,14 @@ def test_the_dry_run_of_a_cpu_runs_config_json_plans_for_the_gpu_asked(tmp_path)
 
 def _preset_file(tmp_path: Path, preset: str) -> Path:
     path = tmp_path / f"{preset}.json"
-    path.write_text(json.dumps(C.to_json(C.PRESETS[preset])))
+    path.write_text(json.dumps(to_json(PRESETS[preset])))
     return path
 
 
 def test_the_runs_other_autos_settle_again_for_the_new_flags(tmp_path):
     """Muon's lr (twice lr) and wsd's decay (20% of max_steps) were auto: reused with another --lr and --max_steps,
     config.json gives what the original command line with those flags gives."""
-    asked = C.PRESETS["shakespeare-cpu"].replace(optimizer="muon", lr_schedule="wsd")
+    asked = PRESETS["shakespeare-cpu"].replace(optimizer="muon", lr_schedule="wsd")
     first = tmp_path / "first.json"
     first.write_text(json.dumps(run_record(asked, settle(asked, Machine("cpu")), 1, "data/owt")))
     again = _run_on(Machine("cpu"), first, tmp_path / "again.json", lr=1e-3, max_steps=100)
@@ -107,7 +110,7 @@ def test_the_runs_other_autos_settle_again_for_the_new_flags(tmp_path):
 
 
 def test_a_malformed_requested_is_one_clear_error(tmp_path):
-    record = run_record(C.PRESETS["gpt2-124m"], settle(C.PRESETS["gpt2-124m"], Machine("cpu")), 1, "data/owt")
+    record = run_record(PRESETS["gpt2-124m"], settle(PRESETS["gpt2-124m"], Machine("cpu")), 1, "data/owt")
     path = tmp_path / "config.json"
     for requested, message in (
         ([1, 2], '"requested" must be an object of fields as asked, got \\[1, 2\\]'),
@@ -115,4 +118,4 @@ def test_a_malformed_requested_is_one_clear_error(tmp_path):
     ):
         path.write_text(json.dumps({**record, "requested": requested}))
         with pytest.raises(ValueError, match=f"Invalid config file {path}: {message}"):
-            C.load_base(str(path))
+            cli.load_base(str(path))

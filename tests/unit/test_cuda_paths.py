@@ -18,8 +18,8 @@ from gpt2repro import checkpoint, fp8, loss, metrics, parallel, profiling, setti
 from gpt2repro import distributed as D
 from gpt2repro.config import TrainConfig
 from gpt2repro.data import to_device
+from gpt2repro.devices import GiB
 from gpt2repro.errors import out_of_memory_message
-from gpt2repro.memory import GiB
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.optim import MuonAdamW
 from gpt2repro.precision import precision, resolve_dtype

@@ -127,5 +127,6 @@ def test_the_guards_settings_are_checked_in_one_message():
         message = str(e)
     else:
         raise AssertionError("accepted")
-    assert f"spike_window must be at least {MIN_HISTORY}" in message and "spike_zscore (0: off)" in message
+    assert f"spike_window must be at least {MIN_HISTORY}" in message and "spike_zscore must be at least 0" in message
+    assert "max_rollbacks must be at least 0" in message
     C.resolve(C.TrainConfig(spike_window=MIN_HISTORY), 1)

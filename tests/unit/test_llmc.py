@@ -51,9 +51,20 @@ def spec_file(model: GPT, dtype: str) -> bytes:
     wte[: c.vocab_size] = sd["transformer.wte.weight"][: c.vocab_size]
     tensors = [wte, sd["transformer.wpe.weight"]]
     # llm.c's order: ln1w ln1b qkvw qkvb attprojw attprojb ln2w ln2b fcw fcb fcprojw fcprojb, each over all layers
-    for kind in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                 "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                 "mlp.c_proj.weight", "mlp.c_proj.bias"):  # fmt: skip
+    for kind in (
+        "ln_1.weight",
+        "ln_1.bias",
+        "attn.c_attn.weight",
+        "attn.c_attn.bias",
+        "attn.c_proj.weight",
+        "attn.c_proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    ):
         tensors += [sd[f"transformer.h.{i}.{kind}"] for i in range(c.n_layer)]
     tensors += [sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]]
     for t in tensors:  # (out, in) as nn.Linear holds them: llm.c's layout
@@ -111,7 +122,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
             lambda d: d[:-10],
             f"is {size - 10:,} bytes but its header (2 layers, 8 channels, 384 vocabulary "
             f"rows, float32) needs {size:,}: it is truncated",
-        ),  # fmt: skip
+        ),
         "trailing": (lambda d: d + b"\0" * 8, "it has trailing bytes"),
         "version": (header_int(1, 4), "llm.c model version 4; this reads versions 3 (float32) and 5"),
         "heads": (header_int(5, 3), "n_embd (8) must be divisible by n_head (3)"),
@@ -165,8 +176,9 @@ def test_llmcs_own_c_code_loads_an_export_and_computes_our_val_loss(shakespeare_
     driver = tmp_path / "val_loss.c"
     driver.write_text(DRIVER)
     binary = tmp_path / "val_loss"
-    subprocess.run(["gcc", "-O2", f"-I{LLMC_DIR}", "-o", str(binary), str(driver), "-lm"], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["gcc", "-O2", f"-I{LLMC_DIR}", "-o", str(binary), str(driver), "-lm"], check=True, capture_output=True
+    )
     model = random_model(GPTConfig(vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32))
     with torch.no_grad():
         for p in model.parameters():
@@ -175,8 +187,9 @@ def test_llmcs_own_c_code_loads_an_export_and_computes_our_val_loss(shakespeare_
     llmc.write(model.state_dict(), model.config, path)
     batches, B, T = 4, 4, 32
     val = next(shakespeare_data.glob("*val*.bin"))
-    out = subprocess.run([str(binary), str(path), str(val), str(B), str(T), str(batches)], check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(binary), str(path), str(val), str(B), str(T), str(batches)], check=True, capture_output=True, text=True
+    ).stdout
     theirs = float(out.strip().splitlines()[-1].removeprefix("val loss "))
     ours_model, _ = weights.load_model(str(path))
     windows = EvalWindows(str(shakespeare_data), "val", T, batches * B * T, 50257)

@@ -8,9 +8,10 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from benchmarks.train_throughput import RandomTokens
 from gpt2repro import memory, settings
-from gpt2repro.config import PRESETS, TrainConfig, model_config, resolve
+from gpt2repro.config import TrainConfig, resolve
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.parallel import PTDTYPE
+from gpt2repro.presets import PRESETS
 from gpt2repro.train import Engine, make_optimizer, make_scaler, train_step
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def measured_peak(cfg: TrainConfig, dtype: str) -> int:
     """Peak bytes of live tensors over a real train_step (the second, when AdamW state exists)."""
     cfg = settings.settle(cfg.replace(dtype=dtype), settings.Machine("cpu"))  # fused_loss auto: as on a CPU
     torch.manual_seed(0)
-    model = GPT(model_config(cfg))
+    model = GPT(cfg.model_config())
     model.activation_checkpointing = cfg.activation_checkpointing
     model.fused_loss = cfg.fused_loss == "true"
     optimizer, scaler = make_optimizer(model, cfg), make_scaler(dtype, "cpu")
@@ -55,7 +56,7 @@ def test_estimate_within_20_percent_of_measured(base, dtype, checkpointing, fuse
     cfg = resolve(base.replace(activation_checkpointing=checkpointing, fused_loss=fused_loss), 1)
     measured = measured_peak(cfg, dtype)
     plan = memory.estimate(
-        model_config(cfg),
+        cfg.model_config(),
         batch_size=cfg.batch_size,
         world_size=1,
         dtype=dtype,
@@ -74,7 +75,7 @@ def test_fused_loss_saves_what_the_planner_says():
 
     def planned(fused_loss):
         return memory.estimate(
-            model_config(cfg),
+            cfg.model_config(),
             batch_size=cfg.batch_size,
             world_size=1,
             dtype="float32",
@@ -93,7 +94,7 @@ def test_activation_checkpointing_saves_what_the_planner_says():
 
     def planned(checkpointing):
         return memory.estimate(
-            model_config(cfg),
+            cfg.model_config(),
             batch_size=cfg.batch_size,
             world_size=1,
             dtype="float32",
@@ -108,7 +109,7 @@ def test_activation_checkpointing_saves_what_the_planner_says():
 
 @pytest.mark.parametrize("preset", ["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"])
 def test_planner_counts_the_parameters_of_the_model(preset):
-    config = model_config(PRESETS[preset])
+    config = PRESETS[preset].model_config()
     with torch.device("meta"):  # shapes only: no memory for 1.5B parameters
         model = GPT(config)
     plan = memory.estimate(config, batch_size=1, world_size=8, dtype="bfloat16", strategy="fsdp")
@@ -137,7 +138,7 @@ def test_dry_run_prints_the_plan_and_auto_picks_fsdp_when_ddp_does_not_fit():
 
 
 def test_hsdp_holds_per_gpu_what_fsdp_on_one_node_holds():
-    config = model_config(resolve(PRESETS["gpt2-1558m"], 16))
+    config = resolve(PRESETS["gpt2-1558m"], 16).model_config()
     common = dict(batch_size=2, dtype="bfloat16", grad_accum_steps=2, fused_loss=False, compiled=True)
     hsdp = memory.estimate(config, world_size=16, ranks_per_node=8, strategy="hsdp", **common)
     fsdp_node = memory.estimate(config, world_size=8, strategy="fsdp", **common)

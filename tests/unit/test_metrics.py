@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2repro import compare, guard, metrics, references, settings
+from gpt2repro import compare, forecast, guard, metrics, references, settings
 from gpt2repro.config import TrainConfig
 from gpt2repro.train import TrainState, make_scaler
 
@@ -83,10 +83,14 @@ def run_log(tmp_path, dataset="fineweb10B", step=0, rank=1, **shape):
     from gpt2repro.model import GPT, GPTConfig
 
     run = SimpleNamespace(
-        cfg=TrainConfig(max_steps=2000, gpu_hour_cost=2.0, **shape), info=DistInfo(rank=rank, world_size=2),
-        comparison=references.Comparison(LLMC, dataset), state=TrainState(step=step), tokens_per_step=1000,
-        raw_model=GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8)), run_dir=tmp_path,
-    )  # fmt: skip
+        cfg=TrainConfig(max_steps=2000, gpu_hour_cost=2.0, **shape),
+        info=DistInfo(rank=rank, world_size=2),
+        comparison=references.Comparison(LLMC, dataset),
+        state=TrainState(step=step),
+        tokens_per_step=1000,
+        raw_model=GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8)),
+        run_dir=tmp_path,
+    )
     return RunLog(run)
 
 
@@ -113,7 +117,7 @@ def test_each_eval_projects_the_time_to_the_target_at_the_runs_pace(tmp_path):
             {"n_layer": 4, "n_head": 4, "n_embd": 32},
             LLMC_STEP_500[0],
             "a curve of gpt2-124m, this run's model is a 4-layer, 4-head, 32-wide model",
-        ),  # fmt: skip
+        ),
         ("openwebtext", {}, LLMC_STEP_500[0], "a curve on fineweb10B, this run's data is openwebtext"),
         ("fineweb10B", {}, 1_000_000, "1.00M tokens lie outside llmc-124m-fineweb10B's curve"),
     ],
@@ -131,15 +135,14 @@ def test_no_time_to_the_target_where_the_reference_does_not_apply(tmp_path, data
 
 
 def test_the_forecast_gives_no_time_to_the_target_where_the_reference_does_not_apply():
-    from gpt2repro import tune
 
-    curve, target = tune.reference_and_target("llmc-124m-fineweb10B", None)
+    curve, target = forecast.reference_and_target("llmc-124m-fineweb10B", None)
     small = TrainConfig(n_layer=4, n_head=4, n_embd=32, block_size=64, batch_size=8, max_steps=10**6)
-    forecast = tune.Forecast(small, 1, 0.01, 1.0, 0.0, 0.0, curve, target)
-    assert forecast.target_step() is None
-    assert "no time to gpt2-124m@fineweb's val loss at llmc-124m-fineweb10B's pace: " in forecast.describe()
-    assert "reaches" not in forecast.describe()
-    other_data = tune.Forecast(TrainConfig(), 1, 0.01, 1.0, 0.0, 0.0, curve, target, run_dataset="openwebtext")
+    prediction = forecast.Forecast(small, 1, 0.01, 1.0, 0.0, 0.0, curve, target)
+    assert prediction.target_step() is None
+    assert "no time to gpt2-124m@fineweb's val loss at llmc-124m-fineweb10B's pace: " in prediction.describe()
+    assert "reaches" not in prediction.describe()
+    other_data = forecast.Forecast(TrainConfig(), 1, 0.01, 1.0, 0.0, 0.0, curve, target, run_dataset="openwebtext")
     assert other_data.target_step() is None and "this run's data is openwebtext" in other_data.describe()
 
 

@@ -5,6 +5,7 @@ import torch
 from gpt2repro.config import TrainConfig
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.optim import MuonAdamW, is_muon_matrix
+from gpt2repro.presets import PRESETS
 
 CONFIG = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=96)
 CFG = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=4e-3, weight_decay=0.1, dtype="bfloat16")  # NS in bf16, as torch
@@ -76,7 +77,7 @@ def test_muon_runs_resume_bitwise(shakespeare_data, tmp_path):
     from gpt2repro import distributed as D
     from gpt2repro import train
 
-    base = C.PRESETS["shakespeare-cpu"].replace(
+    base = PRESETS["shakespeare-cpu"].replace(
         n_layer=2,
         n_head=2,
         n_embd=32,

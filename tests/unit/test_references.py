@@ -10,7 +10,8 @@ import pytest
 
 from gpt2repro import references as R
 from gpt2repro import shards
-from gpt2repro.config import PRESETS, lr_at
+from gpt2repro.presets import PRESETS
+from gpt2repro.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 LLMC = R.get("llmc-124m-fineweb10B")

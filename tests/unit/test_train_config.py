@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2repro import cli, shards
 from gpt2repro import config as C
-from gpt2repro import shards
+from gpt2repro.batch import describe_batch
 from gpt2repro.data import BatchSpec, ShardLoader
+from gpt2repro.presets import PRESETS
+from gpt2repro.schedule import lr_at
 from gpt2repro.settings import Machine, settle
 from gpt2repro.train import run_record
 
@@ -21,26 +24,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_cosine_schedule_with_warmup():  # steps are 1-based, as logged: step 1 is the first update
     cfg = C.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
-    assert C.lr_at(1, cfg) == pytest.approx(0.1)
-    assert C.lr_at(10, cfg) == pytest.approx(1.0)
-    assert C.lr_at(61, cfg) == pytest.approx(0.55)  # half way down the cosine
-    assert C.lr_at(111, cfg) == pytest.approx(0.1) and C.lr_at(500, cfg) == pytest.approx(0.1)
+    assert lr_at(1, cfg) == pytest.approx(0.1)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(61, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(111, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
 
 
 def test_wsd_and_constant_schedules():
     wsd = C.TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=100, lr_schedule="wsd", decay_steps=20)
-    assert C.lr_at(80, wsd) == 1.0 and C.lr_at(91, wsd) == pytest.approx(0.5) and C.lr_at(101, wsd) == 0.0
+    assert lr_at(80, wsd) == 1.0 and lr_at(91, wsd) == pytest.approx(0.5) and lr_at(101, wsd) == 0.0
     const = C.TrainConfig(lr=0.3, warmup_steps=0, lr_schedule="constant")
-    assert C.lr_at(12345, const) == 0.3
+    assert lr_at(12345, const) == 0.3
 
 
 def test_gpt2_124m_preset_is_nanogpt_with_gpt3_batch():
-    cfg = C.resolve(C.PRESETS["gpt2-124m"], world_size=8)
+    cfg = C.resolve(PRESETS["gpt2-124m"], world_size=8)
     assert (cfg.batch_size, cfg.block_size, cfg.grad_accum_steps) == (16, 1024, 4)
     assert cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * 8 == cfg.total_batch_tokens == 2**19
     assert (cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == (6e-4, 6e-5, 2000, 600_000)
     assert (cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.grad_clip) == (0.1, 0.9, 0.95, 1.0)
-    assert C.resolve(C.PRESETS["gpt2-124m"], world_size=1).grad_accum_steps == 32
+    assert C.resolve(PRESETS["gpt2-124m"], world_size=1).grad_accum_steps == 32
 
 
 def _dry_run(*argv: str) -> str:
@@ -63,7 +66,7 @@ def test_every_preset_runs_on_every_common_world_size(preset):
         text = _dry_run("--config", preset, "--world_size", str(world_size), "--gpu_memory_gb", "80")
         tokens, b, t, w, accum = (int(g.replace(",", "")) for g in BATCH_LINE.search(text).groups())
         assert w == world_size and b * t * w * accum == tokens
-        assert b <= C.PRESETS[preset].batch_size  # a smaller micro-batch always fits where the preset's did
+        assert b <= PRESETS[preset].batch_size  # a smaller micro-batch always fits where the preset's did
         if world_size & (world_size - 1) == 0:  # powers of two split GPT-3's 0.5M tokens exactly
             assert tokens == 2**19, (world_size, text)
         else:
@@ -81,16 +84,16 @@ def test_readme_cluster_commands_pass_their_dry_runs():
 
 
 def given_resolve(base: C.TrainConfig, world_size: int, *argv: str) -> C.TrainConfig:
-    cfg, given = C.parse_overrides(base, list(argv))
+    cfg, given = cli.parse_overrides(base, list(argv))
     return C.resolve(cfg, world_size, given)
 
 
 def test_fields_typed_on_the_command_line_beat_what_the_preset_derives():
-    base = C.PRESETS["gpt2-124m"]
-    cfg, given = C.parse_overrides(base, ["--batch_size", "8", "--grad_accum_steps", "2"])
+    base = PRESETS["gpt2-124m"]
+    cfg, given = cli.parse_overrides(base, ["--batch_size", "8", "--grad_accum_steps", "2"])
     cfg = C.resolve(cfg, 8, given)
     assert (cfg.batch_size, cfg.grad_accum_steps, cfg.total_batch_tokens) == (8, 2, 8 * 1024 * 8 * 2)
-    cfg, given = C.parse_overrides(base, ["--batch_size", "12"])  # the preset's total bends to it
+    cfg, given = cli.parse_overrides(base, ["--batch_size", "12"])  # the preset's total bends to it
     assert C.resolve(cfg, 8, given).batch_size == 12
     with pytest.raises(ValueError, match="disagree"):
         given_resolve(base, 8, "--grad_accum_steps", "2", "--total_batch_tokens", "1000000")
@@ -100,18 +103,18 @@ def test_fields_typed_on_the_command_line_beat_what_the_preset_derives():
 
 
 def test_a_typed_batch_size_that_moves_the_step_much_gets_its_own_warning_line():
-    base = C.PRESETS["gpt2-124m"]  # 524,288 tokens per step
-    cfg, given = C.parse_overrides(base, ["--batch_size", "64"])
-    text = C.describe_batch(cfg, C.resolve(cfg, 16, given), 16, given)
+    base = PRESETS["gpt2-124m"]  # 524,288 tokens per step
+    cfg, given = cli.parse_overrides(base, ["--batch_size", "64"])
+    text = describe_batch(cfg, C.resolve(cfg, 16, given), 16, given)
     warning = text.splitlines()[1]
     assert warning.startswith("warning: --batch_size 64 on 16 rank(s) makes each step 1,048,576 tokens, 2.00x")
     for ok in (["--batch_size", "8"], ["--batch_size", "64", "--total_batch_tokens", "1048576"]):
-        cfg, given = C.parse_overrides(base, ok)
-        assert "warning" not in C.describe_batch(cfg, C.resolve(cfg, 16, given), 16, given)
+        cfg, given = cli.parse_overrides(base, ok)
+        assert "warning" not in describe_batch(cfg, C.resolve(cfg, 16, given), 16, given)
 
 
 def test_overrides_parse_both_forms_and_types():
-    cfg, given = C.parse_overrides(C.PRESETS["gpt2-124m"], ["--lr=3e-4", "--max_steps", "5e3", "--bias", "false"])
+    cfg, given = cli.parse_overrides(PRESETS["gpt2-124m"], ["--lr=3e-4", "--max_steps", "5e3", "--bias", "false"])
     assert (cfg.lr, cfg.max_steps, cfg.bias) == (3e-4, 5000, False)
     assert given == {"lr", "max_steps", "bias"}
 
@@ -119,20 +122,20 @@ def test_overrides_parse_both_forms_and_types():
 def test_config_file(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"n_layer": 2, "lr": 0.01, "max_steps": 5e3}')
-    assert (C.load_base(str(path)).n_layer, C.load_base(str(path)).max_steps) == (2, 5000)
+    assert (cli.load_base(str(path)).n_layer, cli.load_base(str(path)).max_steps) == (2, 5000)
     path.write_text('{"n_layers": 2}')
     with pytest.raises(ValueError, match="did you mean --n_layer"):
-        C.load_base(str(path))
+        cli.load_base(str(path))
     path.write_text('{"lr": "1e-3", "n_layer": 2.5, "bias": "yes"}')
     with pytest.raises(ValueError, match="lr must be a number.*n_layer must be an integer.*bias must be true or false"):
-        C.load_base(str(path))
+        cli.load_base(str(path))
 
 
 def test_a_runs_own_config_json_is_a_valid_config(tmp_path):
-    cfg = settle(C.PRESETS["gpt2-124m"], Machine("cpu", world_size=16))
+    cfg = settle(PRESETS["gpt2-124m"], Machine("cpu", world_size=16))
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(run_record(C.PRESETS["gpt2-124m"], cfg, 16, "data/owt")))
-    again = settle(C.load_base(str(path)), Machine("cpu", world_size=8))  # the same global batch on 8 ranks
+    path.write_text(json.dumps(run_record(PRESETS["gpt2-124m"], cfg, 16, "data/owt")))
+    again = settle(cli.load_base(str(path)), Machine("cpu", world_size=8))  # the same global batch on 8 ranks
     assert again.total_batch_tokens == cfg.total_batch_tokens and again.grad_accum_steps == 4
     assert again.replace(grad_accum_steps=cfg.grad_accum_steps) == cfg
 
@@ -146,9 +149,9 @@ MACHINES = {
 
 
 @pytest.mark.parametrize("machine", list(MACHINES))
-@pytest.mark.parametrize("preset", list(C.PRESETS))
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_settles_to_concrete_values_that_round_trip_through_config_json(preset, machine, tmp_path):
-    asked, here = C.PRESETS[preset], MACHINES[machine]
+    asked, here = PRESETS[preset], MACHINES[machine]
     if asked.init_from:  # the shape comes from the source's weights (the launcher reads it first)
         asked = asked.replace(init_from="")
     cfg = settle(asked, here)
@@ -160,12 +163,12 @@ def test_every_preset_settles_to_concrete_values_that_round_trip_through_config_
     path = tmp_path / "config.json"
     path.write_text(json.dumps(record))
     written = json.loads(path.read_text())
-    assert set(written) == set(C.FIELD_TYPES) | set(C.RUN_KEYS)  # every field, and only the run's own keys
-    assert all(isinstance(written[name], bool) for name in C.SWITCHES)  # typed, not "true" strings
+    assert set(written) == set(C.FIELDS) | set(C.RUN_KEYS)  # every field, and only the run's own keys
+    assert all(isinstance(written[name], bool) for name in ("compile", "fused_loss"))  # typed, not "true" strings
     assert written["requested"]["dtype"] == "auto" and written["dtype"] == cfg.dtype  # what was asked, beside
-    assert settle(C.load_base(str(path)), here) == cfg  # the same run again
+    assert settle(cli.load_base(str(path)), here) == cfg  # the same run again
     # and through the command line, as `--config RUN/config.json --field value` reads it
-    again, given = C.parse_overrides(C.load_base(str(path)), ["--max_steps", str(cfg.max_steps)])
+    again, given = cli.parse_overrides(cli.load_base(str(path)), ["--max_steps", str(cfg.max_steps)])
     assert settle(again, here, given) == cfg
 
 
@@ -176,8 +179,8 @@ def test_settling_decides_for_the_machine():
     assert (settle(C.TrainConfig(), h100).compile, settle(C.TrainConfig(), h100).fused_loss) == ("true", "false")
     # 1558M fits ddp in 40 GB; in 24 GB on 4 nodes of 8 it shards within the nodes; in 16 GB across all.
     a100s, l4s = Machine("cuda", 32, 8, 40 * 2**30), Machine("cuda", 32, 8, 24 * 2**30)
-    assert [settle(C.PRESETS["gpt2-1558m"], m).strategy for m in (a100s, l4s, v100)] == ["ddp", "hsdp", "fsdp"]
-    assert settle(C.PRESETS["gpt2-124m"], h100).strategy == "ddp"
+    assert [settle(PRESETS["gpt2-1558m"], m).strategy for m in (a100s, l4s, v100)] == ["ddp", "hsdp", "fsdp"]
+    assert settle(PRESETS["gpt2-124m"], h100).strategy == "ddp"
     assert settle(C.TrainConfig(optimizer="muon", lr=1e-3), cpu).muon_lr == 2e-3
     assert settle(C.TrainConfig(lr_schedule="wsd", max_steps=1000), cpu).decay_steps == 200
     assert settle(C.TrainConfig(), h100).peak_tflops == 989.0 and settle(C.TrainConfig(), cpu).peak_tflops == 0.0
@@ -187,8 +190,8 @@ def test_settling_decides_for_the_machine():
     )  # typed values are kept as they are
     # lm-eval's tasks in training need the whole model on every rank: a sharded run says so, auto or asked.
     with pytest.raises(ValueError, match="eval_tasks needs every rank to hold the whole model.*launch/eval.py"):
-        settle(C.PRESETS["gpt2-1558m"].replace(eval_tasks="hellaswag"), v100)
-    assert settle(C.PRESETS["gpt2-124m"].replace(eval_tasks="hellaswag"), h100).strategy == "ddp"
+        settle(PRESETS["gpt2-1558m"].replace(eval_tasks="hellaswag"), v100)
+    assert settle(PRESETS["gpt2-124m"].replace(eval_tasks="hellaswag"), h100).strategy == "ddp"
 
 
 def _loader(tmp_path, spec: BatchSpec) -> ShardLoader:
@@ -224,9 +227,9 @@ def test_a_run_from_before_a_field_existed_still_resumes(tmp_path):
     from gpt2repro.train import check_run_dir
 
     here = Machine("cpu")
-    cfg = settle(C.PRESETS["shakespeare-cpu"], here)
+    cfg = settle(PRESETS["shakespeare-cpu"], here)
     # As config.json was written before it recorded settled values: the request, autos and all.
-    written = {**C.resolve(C.PRESETS["shakespeare-cpu"], 1).to_dict(), "world_size": 1, "data": "data/shakespeare"}
+    written = {**C.resolve(PRESETS["shakespeare-cpu"], 1).to_dict(), "world_size": 1, "data": "data/shakespeare"}
     for added_since in ("fused_loss", "fp8", "init_from"):  # fields newer than some runs on disk
         del written[added_since]
     (tmp_path / "config.json").write_text(json.dumps(written))

@@ -7,6 +7,7 @@ from torch.overrides import TorchFunctionMode
 from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro import metrics, train
+from gpt2repro.presets import PRESETS
 
 # Each of these copies a value from the device to the host and waits for it: a host sync on a GPU.
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__}
@@ -43,7 +44,7 @@ def test_between_log_steps_a_step_reads_the_stop_vote_and_the_guards_verdict_onl
             reads.paused = False
 
     monkeypatch.setattr(train, "train_step", marked_step)
-    base = C.PRESETS["shakespeare-cpu"].replace(
+    base = PRESETS["shakespeare-cpu"].replace(
         n_layer=1,
         n_head=1,
         n_embd=16,
