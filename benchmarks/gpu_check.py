@@ -116,7 +116,7 @@ GPU = Sizes(
         "bfloat16",
     ],
     bench=["--dtype", "bfloat16", "--compile", "true", "--steps", "10", "--warmup", "3"],
-    eval=["--batch-size", "16", "--compile", "true"],  # training's micro-batch, compiled as its evaluations
+    eval=["--batch_size", "16", "--compile", "true"],  # training's micro-batch, compiled as its evaluations
     # 4096 x 1024 tokens of 50304 fp32 logits: 800 GiB, on any GPU.
     oom=["--config", "gpt2-124m", "--batch_size", "4096", "--compile", "false", "--fused_loss", "false"],
     tune=[
@@ -172,7 +172,7 @@ SMOKE = Sizes(
         "cpu",
     ],
     bench=["--dtype", "float32", "--compile", "false", "--steps", "3", "--warmup", "1"],
-    eval=["--batch-size", "8", "--compile", "false"],  # as training evaluates on a CPU
+    eval=["--batch_size", "8", "--compile", "false"],  # as training evaluates on a CPU
     # 20000 x 32 tokens of 50304 fp32 logits at once: 120 GiB, more than any CPU host here will allocate; the
     # layers before them are small, so that it fails at once.
     oom=[

@@ -1,7 +1,7 @@
 """Data-prep throughput: our prepare.py end to end against raw tiktoken, plus peak memory.
 
     python benchmarks/prep_throughput.py                 # a generated ~200 MB jsonl corpus
-    python benchmarks/prep_throughput.py --files my.jsonl --num-proc 8
+    python benchmarks/prep_throughput.py --files my.jsonl --num_proc 8
 
 Prints tokens/s for (1) data_prep/prepare.py end to end (read -> shards on disk, process
 start included) and (2) tiktoken encode_ordinary alone over the same documents, already in
@@ -94,7 +94,7 @@ def tree_rss_bytes(pid: int) -> int:
 
 def run_prepare(files: list[str], out_dir: Path, num_proc: int) -> tuple[float, int, str]:
     cmd = [sys.executable, str(REPO / "data_prep/prepare.py"), "--out", str(out_dir), "--files", *files]
-    cmd += ["--num-proc", str(num_proc)]  # default 100M-token shards: the real memory footprint
+    cmd += ["--num_proc", str(num_proc)]  # default 100M-token shards: the real memory footprint
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = 0
@@ -111,8 +111,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", nargs="+", help="jsonl corpus files (default: generate one)")
     p.add_argument("--megabytes", type=float, default=200.0, help="size of the generated corpus")
-    p.add_argument("--num-proc", type=int, default=os.cpu_count())
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--num_proc", "--num-proc", type=int, default=os.cpu_count())
+    p.add_argument("--text_field", "--text-field", default="text")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

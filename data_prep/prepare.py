@@ -11,10 +11,10 @@ corpus order; the stream is cut into fixed-size shards (documents may cross shar
 A seeded random draw of whole documents forms the val split; a corpus that is a single
 document keeps its last 10% as val, as nanoGPT's Shakespeare prep does. The FineWeb
 datasets (--dataset fineweb10B, fineweb-edu10B, ...) split as llm.c does instead: the
-first 100M tokens of the stream are val (--val-first-tokens), the document that crosses
+first 100M tokens of the stream are val (--val_first_tokens), the document that crosses
 that point is cut there, and the rest is train.
 
-Tokenisation runs on --num-proc processes with a bounded number of batches in flight,
+Tokenisation runs on --num_proc processes with a bounded number of batches in flight,
 so memory stays flat (about two shard buffers) at any corpus size. After each shard the
 progress is checkpointed: killed at any moment and rerun with the same arguments, it
 continues from the last checkpoint and produces byte-identical shards. manifest.json is
@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from data_prep.sources import FilesSource, HubSource, PrepareError  # noqa: E402
 from gpt2repro import shards  # noqa: E402
 from gpt2repro.corpora import DATASETS  # noqa: E402
+from gpt2repro.runtime import underscored  # noqa: E402
 
 TOKENIZER = "gpt2"
 EOT = 50256
@@ -194,7 +195,7 @@ def choose_val_docs(num_docs: int, val_docs: int | None, seed: int) -> np.ndarra
         val_docs = max(1, round(OWT_VAL_FRACTION * num_docs))
     if val_docs >= num_docs:
         raise PrepareError(
-            f"--val-docs {val_docs} leaves no training documents in a corpus of {num_docs}; choose fewer."
+            f"--val_docs {val_docs} leaves no training documents in a corpus of {num_docs}; choose fewer."
         )
     return np.sort(np.random.default_rng(seed).choice(num_docs, size=val_docs, replace=False))
 
@@ -338,7 +339,7 @@ def prepare(args: argparse.Namespace) -> int:
         writer.flush()
     if writers["train"].total_tokens == 0:
         raise PrepareError(
-            f"--val-first-tokens {build['val_first_tokens']:,} takes the whole corpus "
+            f"--val_first_tokens {build['val_first_tokens']:,} takes the whole corpus "
             f"({writers['val'].total_tokens:,} tokens) and leaves no training tokens; choose fewer."
         )
     manifest = make_manifest(build, writers)
@@ -410,29 +411,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="dataset split to read (default train)")
     p.add_argument("--revision", default=None, help="dataset revision (OpenWebText: its parquet export)")
     p.add_argument("--files", nargs="+", help="local .jsonl/.json/.parquet/.txt files instead of a hub dataset")
-    p.add_argument("--text-field", default="text", help="column holding the text (default text)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
-    p.add_argument("--val-docs", type=int, default=None, help="val documents (default 0.0005 of the corpus)")
+    p.add_argument("--text_field", default="text", help="column holding the text (default text)")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
+    p.add_argument("--val_docs", type=int, default=None, help="val documents (default 0.0005 of the corpus)")
     p.add_argument(
-        "--val-first-tokens",
+        "--val_first_tokens",
         type=int,
         default=None,
         help="the first N tokens are val, as llm.c (default for the FineWeb datasets: 100M)",
     )
-    p.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokeniser processes (default: all cores)")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokeniser processes (default: all cores)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the val draw")
-    args = p.parse_args(argv)
+    args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     if bool(args.out) == bool(args.verify):
         p.error("pass exactly one of --out DIR (prepare) or --verify DIR")
     for name in ("shard_tokens", "num_proc"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.val_docs is not None and args.val_docs < 1:
-        p.error("--val-docs must be at least 1")
+        p.error("--val_docs must be at least 1")
     if args.val_first_tokens is not None and args.val_first_tokens < 1:
-        p.error("--val-first-tokens must be at least 1")
+        p.error("--val_first_tokens must be at least 1")
     if args.val_docs is not None and args.val_first_tokens is not None:
-        p.error("pass one of --val-docs (whole documents) or --val-first-tokens (the stream's first tokens)")
+        p.error("pass one of --val_docs (whole documents) or --val_first_tokens (the stream's first tokens)")
     if args.files and args.dataset is not None and args.dataset not in DATASETS:
         p.error(f"with --files, --dataset names the dataset the files hold: one of {', '.join(DATASETS)}")
     if not args.files and args.dataset is None:

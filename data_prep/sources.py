@@ -164,11 +164,11 @@ def _json_texts(path: str, field: str) -> Iterator[str]:
 def _field_of(record, field: str, where: str) -> str:
     if not isinstance(record, dict) or field not in record:
         fields = f" (fields: {', '.join(record)})" if isinstance(record, dict) else ""
-        raise PrepareError(f"{where} has no field {field!r}{fields}; pass the right one with --text-field.")
+        raise PrepareError(f"{where} has no field {field!r}{fields}; pass the right one with --text_field.")
     text = record[field]
     if not isinstance(text, str):
         raise PrepareError(
-            f"Field {field!r} in {where} holds a {type(text).__name__}, not text; pick a text column with --text-field."
+            f"Field {field!r} in {where} holds a {type(text).__name__}, not text; pick a text column with --text_field."
         )
     return text
 
@@ -210,7 +210,7 @@ def _iter_field(ds, field: str, where: str) -> Iterator[list[str]]:
             if not isinstance(text, str):
                 raise PrepareError(
                     f"Field {field!r} in {where} holds a {type(text).__name__}, not text; pick a text column "
-                    "with --text-field."
+                    "with --text_field."
                 )
         yield texts
 
@@ -218,7 +218,7 @@ def _iter_field(ds, field: str, where: str) -> Iterator[list[str]]:
 def _check_field(columns, field: str, where: str) -> None:
     if columns is not None and field not in columns:
         raise PrepareError(
-            f"{where} has no field {field!r} (fields: {', '.join(columns)}); pass the right one with --text-field."
+            f"{where} has no field {field!r} (fields: {', '.join(columns)}); pass the right one with --text_field."
         )
 
 

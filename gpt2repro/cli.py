@@ -3,8 +3,8 @@ its type, default and meaning, grouped by the component that owns it. docs/flags
 written by `python -m gpt2repro.cli > docs/flags.md` (a test keeps it current).
 
 `--config` takes a preset or a JSON file of fields (a run's config.json works too); `--field value` or
-`--field=value` overrides one field. Flags are spelled with underscores, as config files are; `--batch-size`
-is taken as `--batch_size` by every entry point (`underscored`). Every problem is reported at once, in one
+`--field=value` overrides one field. Flags are spelled with underscores, as config files are; every entry
+point also takes the dashed spelling (`--batch-size`, runtime.underscored). Every problem is reported at once, in one
 ValueError; an unknown flag names the closest valid one.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from gpt2repro import config as C
 from gpt2repro import schema
 from gpt2repro.presets import PRESETS
+from gpt2repro.runtime import underscored
 
 USAGE = """examples:
   python launch/train.py --config shakespeare-cpu --data data/shakespeare --out runs/shk
@@ -28,22 +29,11 @@ USAGE = """examples:
 Rerunning the same command resumes from the newest complete checkpoint in --out."""
 
 
-def underscored(argv: list[str]) -> list[str]:
-    """argv with each flag's name spelled with underscores (--batch-size -> --batch_size); values untouched."""
-    out, value_next = [], False
-    for arg in argv:
-        if arg.startswith("--") and not value_next:
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
-        value_next = False
-        out.append(arg)
-    return out
-
-
 def launch_parser(add_help: bool = False) -> argparse.ArgumentParser:
     """The flags that are not fields: what to start from, where the data is and where the run goes."""
     p = argparse.ArgumentParser(
         prog="launch/train.py",
+        usage="%(prog)s --config PRESET|FILE [--data DIR --out DIR] [--FIELD VALUE ...]",
         description="Train GPT-2 on prepared shards: one process, torchrun on one node, or torchrun across nodes.",
         epilog=USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -106,7 +96,9 @@ def parser() -> argparse.ArgumentParser:
         g = p.add_argument_group(title)
         for f in fields:
             g.add_argument(
-                f"--{f.name}", metavar=f.metadata["metavar"] or schema.type_name(f).upper(), help=help_line(f)
+                f"--{f.name}",
+                metavar=f.metadata["metavar"] or schema.type_name(f).upper(),
+                help=help_line(f).replace("%", "%%"),
             )
     return p
 
@@ -187,7 +179,8 @@ def reference() -> str:
         lines += [f"## {title}", "", "| flag | type | default | meaning |", "|---|---|---|---|"]
         if fields is None:
             for action in launch_parser()._actions:
-                lines.append(f"| `{action.option_strings[0]}` | {action.metavar} | | {action.help} |")
+                metavar = action.metavar.replace("|", "\\|")
+                lines.append(f"| `{action.option_strings[0]}` | {metavar} | | {action.help} |")
         for f in fields or ():
             kind = " \\| ".join(f.metadata["choices"]) if f.metadata["choices"] else schema.type_name(f)
             notes = [word for word in ("resumable", "auto") if f.metadata[word]]

@@ -54,3 +54,15 @@ def require_torch() -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(1)
+
+
+def underscored(argv: list[str]) -> list[str]:
+    """argv with each flag's name spelled with underscores, the one spelling of every entry point's flags
+    (--batch_size -> --batch_size, as config files spell fields); values are left as they are."""
+    spelled = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        spelled.append(arg)
+    return spelled

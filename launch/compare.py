@@ -1,8 +1,8 @@
 """Compare loss curves of runs with each other, with GPT-2 and with the references: a PNG and tables.
 
     python launch/compare.py runs/124m runs/124m-lr2x --baseline gpt2-124m --out compare.png
-    python launch/compare.py runs/350m --baseline gpt2-124m gpt2-350m --log-x --csv table.csv --out c.png
-    python launch/compare.py runs/llmc --reference llmc-124m-fineweb10B gpt2-124m@fineweb --log-x --out v.png
+    python launch/compare.py runs/350m --baseline gpt2-124m gpt2-350m --log_x --csv table.csv --out c.png
+    python launch/compare.py runs/llmc --reference llmc-124m-fineweb10B gpt2-124m@fineweb --log_x --out v.png
 
 --reference overlays references (gpt2repro/references.py: a curve, a GPT-2 checkpoint's val
 loss, or another run directory); the first curve among them judges every eval of each run
@@ -21,7 +21,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt2repro.runtime import require_torch  # noqa: E402
+from gpt2repro.runtime import require_torch, underscored  # noqa: E402
 
 require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
@@ -50,13 +50,13 @@ def main(argv=None) -> int:
     p.add_argument("--baselines", help="measured baselines file (launch/eval.py --hf)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--csv", help="also write the table as CSV")
-    p.add_argument("--log-x", action="store_true", help="log-scaled tokens axis")
+    p.add_argument("--log_x", action="store_true", help="log-scaled tokens axis")
     p.add_argument("--smoothing", type=float, default=0.9, help="EMA weight for the train loss (0: none)")
     p.add_argument(
         "--reference", nargs="*", default=[], help=f"of {', '.join(references.registry())}, or run directories"
     )
     p.add_argument("--target", help="the val loss to project to, a reference name (default: gpt2-124m@DATASET)")
-    args = p.parse_args(argv)
+    args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     if args.baseline is None:  # OpenWebText's GPT-2 124M, unless references say what to compare with
         args.baseline = [] if args.reference else ["gpt2-124m"]
     try:

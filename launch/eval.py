@@ -7,8 +7,8 @@
         --vs gpt2-124m                                                       # GPT-2's table (pip: gpt2repro[eval])
     torchrun --standalone --nproc_per_node=8 launch/eval.py --hf gpt2-xl --data data/owt
 
-The loss uses the trainer's val windows (the first --max-tokens of the split, in
-non-overlapping block_size windows); for a checkpoint --max-tokens defaults to its run's
+The loss uses the trainer's val windows (the first --max_tokens of the split, in
+non-overlapping block_size windows); for a checkpoint --max_tokens defaults to its run's
 eval_tokens, so the result reproduces the val_loss logged at that step. --hf results are
 also saved to DATA/baselines.json (or --baselines), which launch/compare.py prefers over
 the published numbers; --tasks results of --hf go to the same file, which --vs prefers over the
@@ -22,7 +22,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt2repro.runtime import require_torch  # noqa: E402
+from gpt2repro.runtime import require_torch, underscored  # noqa: E402
 
 require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
@@ -46,8 +46,8 @@ def parse(argv):
     source.add_argument("--hf", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a save_pretrained directory")
     p.add_argument("--data", help="prepared dataset directory")
     p.add_argument("--split", default="val")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max_tokens", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=8)
     p.add_argument(
         "--compile",
         default="false",
@@ -59,8 +59,8 @@ def parse(argv):
     p.add_argument(
         "--tasks", help="lm-eval tasks, comma-separated (lambada_openai,hellaswag,...; needs gpt2repro[eval])"
     )
-    p.add_argument("--task-data", help="local files for tasks: TASK=FILE,... (json, jsonl, parquet, csv); no download")
-    p.add_argument("--task-dir", action="append", default=[], help="a directory of your own lm-eval task YAMLs")
+    p.add_argument("--task_data", help="local files for tasks: TASK=FILE,... (json, jsonl, parquet, csv); no download")
+    p.add_argument("--task_dir", action="append", default=[], help="a directory of your own lm-eval task YAMLs")
     p.add_argument("--limit", type=int, help="the first N documents of each task only")
     p.add_argument("--vs", help="print the tasks beside GPT-2's own figures: gpt2-124m | gpt2-350m | ...")
     p.add_argument("--out", help="result JSON (default: next to the checkpoint, or printed only)")
@@ -75,7 +75,7 @@ def parse(argv):
         choices=("auto", "float32", "bfloat16", "float16"),
         help="autocast dtype; auto: the run's own (a checkpoint), else bfloat16 on a GPU",
     )
-    args = p.parse_args(argv)
+    args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     if not args.data and not args.hellaswag and not args.tasks:
         p.error("pass --data DIR (loss), --hellaswag FILE and/or --tasks TASK,...")
     if args.vs and not args.tasks:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt2repro.runtime import require_torch  # noqa: E402
+from gpt2repro.runtime import require_torch, underscored  # noqa: E402
 
 require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--llmc_dtype", default="float32", choices=("float32", "bfloat16"), help="float32 (version 3) or bfloat16 (5)"
     )
-    args = p.parse_args(argv)
+    args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     if not (args.pt or args.hf or args.llmc):
         p.error("give --pt FILE, --hf DIR, --llmc FILE, or several")
     try:

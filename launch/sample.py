@@ -1,7 +1,7 @@
 """Sample text from a trained checkpoint (or a run directory's newest) or a Hugging Face GPT-2.
 
-    python launch/sample.py --ckpt runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
-    python launch/sample.py --hf gpt2 --prompt-file prompt.txt --num-samples 3 --top-k 50 --seed 7
+    python launch/sample.py --ckpt runs/shakespeare --prompt "ROMEO:" --max_new_tokens 200
+    python launch/sample.py --hf gpt2 --prompt_file prompt.txt --num_samples 3 --top_k 50 --seed 7
 
 Generation keeps a KV cache, so each new token costs one position, not the whole context.
 The same seed gives the same text.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpt2repro.runtime import require_torch  # noqa: E402
+from gpt2repro.runtime import require_torch, underscored  # noqa: E402
 
 require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
@@ -28,9 +28,9 @@ def read_prompt(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ValueError(f"--prompt-file {path}: {e.strerror or e}; pass a UTF-8 text file.") from None
+        raise ValueError(f"--prompt_file {path}: {e.strerror or e}; pass a UTF-8 text file.") from None
     except UnicodeDecodeError:
-        raise ValueError(f"--prompt-file {path} is not UTF-8 text.") from None
+        raise ValueError(f"--prompt_file {path} is not UTF-8 text.") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--hf", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a save_pretrained directory")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="\n")
-    prompt.add_argument("--prompt-file", type=Path)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    prompt.add_argument("--prompt_file", type=Path)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     try:
         text = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
         model, _ = load_model(args.hf or args.ckpt)

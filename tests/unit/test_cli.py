@@ -1,0 +1,87 @@
+"""The command line as a contract: --help explains every flag, docs/flags.md is that list, every entry point takes
+one spelling (and the old dashed one), and a config.json written before the settings moved into their components
+still runs as --config and resumes as the same run."""
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep import prepare
+from gpt2repro import cli, schema
+from gpt2repro import config as C
+from gpt2repro.settings import Machine, settle
+from gpt2repro.train import check_run_dir
+
+REPO = Path(__file__).resolve().parents[2]
+OLD_CONFIG_JSON = Path(__file__).parent / "fixtures" / "config_json_b407c1e.json"  # written by commit b407c1e
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_help_shows_every_flag_with_its_type_default_and_meaning_under_its_group():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    text = flat(out)
+    for name, f in C.FIELDS.items():
+        assert flat(f"--{name} ") in text
+        assert flat(cli.help_line(f)) in text, name  # the meaning, the type or choices, the default
+    titles = [title for title, _ in cli.groups()]
+    assert [t for t in re.findall(r"^(\S[^:\n]*):$", out, re.M) if t in titles] == titles  # in their order
+    section = out.split("\nguard:\n")[1].split("\n\n")[0]
+    assert "--spike_zscore" in section and "--rollback_after" in section and "--lr " not in section
+
+
+def test_every_field_is_declared_once_by_one_component_with_a_meaning():
+    declared = [f.name for component in C.COMPONENTS for f in schema.declared(component)]
+    assert sorted(declared) == sorted(C.FIELDS) and len(declared) == len(set(declared))
+    assert all(len(f.metadata["help"]) > 10 for f in C.FIELDS.values())
+
+
+def test_the_flag_reference_is_current():
+    assert (REPO / "docs" / "flags.md").read_text() == cli.reference(), "run: python -m gpt2repro.cli > docs/flags.md"
+
+
+def test_one_spelling_for_every_entry_point_and_the_old_dashed_one_still_works(tmp_path):
+    for script in (
+        "launch/train.py",
+        "launch/eval.py",
+        "launch/sample.py",
+        "launch/export.py",
+        "launch/compare.py",
+        "data_prep/prepare.py",
+    ):
+        out = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True).stdout
+        assert out and not re.findall(r"--[a-z0-9]+-[a-z0-9-]+", out), script  # underscores only
+    _, dashed, given = cli.parse(["--config", "shakespeare-cpu", "--dry-run", "true", "--batch-size", "4"])
+    _, spelled, _ = cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", "--batch_size=4"])
+    assert dashed == spelled and dashed.batch_size == 4 and given == {"dry_run", "batch_size"}
+    args = prepare.parse_args(["--out", str(tmp_path), "--files", "a.txt", "--num-proc", "3", "--shard-tokens", "99"])
+    assert (args.num_proc, args.shard_tokens) == (3, 99)
+
+
+def test_bad_flags_are_one_error_naming_each_problem():
+    with pytest.raises(ValueError) as e:
+        cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", "--lr_shedule", "wsd", "--n_layer", "2.5"])
+    assert "did you mean --lr_schedule?" in str(e.value) and "--n_layer takes an integer" in str(e.value)
+
+
+def test_a_config_json_written_before_the_components_runs_and_resumes_as_the_same_run(tmp_path):
+    """A run's config.json from commit b407c1e: as --config it settles to exactly what it recorded, and a run
+    directory holding it resumes under today's code."""
+    recorded = json.loads(OLD_CONFIG_JSON.read_text())
+    asked = cli.load_base(str(OLD_CONFIG_JSON))
+    cfg = settle(asked, Machine("cpu"))
+    assert schema.to_json(cfg) == {name: value for name, value in recorded.items() if name in C.FIELDS}
+    assert set(recorded) - set(C.FIELDS) <= set(C.RUN_KEYS)
+    (tmp_path / "config.json").write_text(OLD_CONFIG_JSON.read_text())
+    check_run_dir(tmp_path, cfg, Machine("cpu"))  # the same run: resuming is allowed
+    with pytest.raises(ValueError, match="holds a different run"):
+        check_run_dir(tmp_path, dataclasses.replace(cfg, lr=cfg.lr * 2), Machine("cpu"))
