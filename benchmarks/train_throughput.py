@@ -37,11 +37,11 @@ from gpt2repro import distributed as D
 from gpt2repro import parallel, settings
 from gpt2repro.data import to_device
 from gpt2repro.devices import GiB
+from gpt2repro.engine import build_engine, train_step
 from gpt2repro.errors import first_line
 from gpt2repro.metrics import mfu
 from gpt2repro.model import GPT
 from gpt2repro.presets import PRESETS
-from gpt2repro.train import build_engine, train_step
 
 
 class RandomTokens:

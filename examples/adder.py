@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import torch
 from torch.utils.data import Dataset
 
 from gpt2repro.model import GPT, GPTConfig
+from gpt2repro.runtime import underscored
 from gpt2repro.trainer import Trainer, TrainerConfig
 from gpt2repro.utils import set_seed
 
@@ -73,14 +75,14 @@ def accuracy(model: GPT, dataset: AdditionDataset, device: str, batch_size: int 
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ndigit", type=int, default=2)
-    p.add_argument("--max-iters", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max_iters", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--n-layer", type=int, default=3)
-    p.add_argument("--n-head", type=int, default=3)
-    p.add_argument("--n-embd", type=int, default=48)
+    p.add_argument("--n_layer", type=int, default=3)
+    p.add_argument("--n_head", type=int, default=3)
+    p.add_argument("--n_embd", type=int, default=48)
     p.add_argument("--seed", type=int, default=3407)
-    args = p.parse_args(argv)
+    args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_seed(args.seed)
 

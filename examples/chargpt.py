@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from gpt2repro.model import GPT, GPTConfig
+from gpt2repro.runtime import underscored
 from gpt2repro.trainer import Trainer, TrainerConfig
 from gpt2repro.utils import sample, set_seed
 
@@ -48,17 +50,17 @@ class CharDataset(Dataset):
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", type=Path, default=Path(__file__).with_name("tinyshakespeare.txt"))
-    p.add_argument("--max-iters", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--max_iters", type=int, default=500)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--val-batches", type=int, default=50, help="random val windows x batch size to evaluate")
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=128)
+    p.add_argument("--val_batches", type=int, default=50, help="random val windows x batch size to evaluate")
     p.add_argument("--prompt", default="O God, O God!")
     p.add_argument("--seed", type=int, default=3407)
-    args = p.parse_args(argv)
+    args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_seed(args.seed)
 

@@ -19,26 +19,6 @@ from gpt2repro import distributed as D
 from gpt2repro.data import EvalWindows
 from gpt2repro.schema import Settings, setting
 
-# Published GPT-2 numbers. Losses: OpenAI's checkpoints evaluated on OpenWebText, from
-# nanoGPT's README (github.com/karpathy/nanoGPT, "baselines"). HellaSwag acc_norm
-# (completion style, 10,042 validation examples) from llm.c's GPT-2 reproductions.
-PUBLISHED_BASELINES = {
-    "gpt2-124m": {"hf": "gpt2", "params": 124e6, "train_loss": 3.11, "val_loss": 3.12, "hellaswag": 0.2955},
-    "gpt2-350m": {"hf": "gpt2-medium", "params": 350e6, "train_loss": 2.85, "val_loss": 2.84, "hellaswag": None},
-    "gpt2-774m": {"hf": "gpt2-large", "params": 774e6, "train_loss": 2.66, "val_loss": 2.67, "hellaswag": None},
-    "gpt2-1558m": {"hf": "gpt2-xl", "params": 1558e6, "train_loss": 2.56, "val_loss": 2.54, "hellaswag": 0.4893},
-}
-HF_TO_BASELINE = {v["hf"]: k for k, v in PUBLISHED_BASELINES.items()}
-
-
-def load_baselines(path: str | os.PathLike | None) -> dict[str, dict]:
-    """Published baselines, overridden by live numbers a user measured (launch/eval.py --hf)."""
-    table = {name: dict(row, source="published") for name, row in PUBLISHED_BASELINES.items()}
-    if path and Path(path).is_file():
-        for name, row in json.loads(Path(path).read_text()).items():
-            table.setdefault(name, {}).update({k: v for k, v in row.items() if v is not None}, source="measured")
-    return table
-
 
 @dataclass(frozen=True)
 class EvalSettings(Settings):
@@ -68,59 +48,6 @@ class EvalSettings(Settings):
         if self.eval_tokens < self.block_size:
             return [f"eval_tokens ({self.eval_tokens}) must be at least block_size ({self.block_size})"]
         return []
-
-
-class Evaluator:
-    """Evaluation during training, and when: every eval_interval steps and at the last step. The val
-    loss over the fixed windows, HellaSwag's acc_norm when a HellaSwag file is given, and lm-eval's
-    eval_tasks (as "TASK/METRIC") at every evaluation or at the last step only (eval_tasks_at)."""
-
-    def __init__(self, cfg, windows: EvalWindows, hellaswag_examples: list | None, model, raw_model, layout, autocast):
-        self.cfg, self.windows, self.hellaswag_examples = cfg, windows, hellaswag_examples
-        self.model, self.raw_model, self.layout, self.autocast = model, raw_model, layout, autocast
-        self.tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
-        if self.tasks:
-            from gpt2repro import harness  # lm-eval is an extra: the run fails at start-up without it
-
-            self.task_data = harness.parse_task_data(cfg.eval_task_data)
-
-    def due(self, step: int) -> bool:
-        return step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
-
-    def __call__(self, step: int) -> dict:
-        results = {"val_loss": val_loss(self.model, self.windows, self.cfg.batch_size, self.layout, self.autocast)}
-        if self.hellaswag_examples:
-            scores = hellaswag(self.raw_model, self.hellaswag_examples, self.layout, self.autocast)
-            results["hellaswag_acc_norm"] = scores["acc_norm"]
-        if self.tasks and (self.cfg.eval_tasks_at == "eval" or step == self.cfg.max_steps):
-            results.update(self.lm_eval_tasks())
-        return results
-
-    def lm_eval_tasks(self) -> dict:
-        """lm-eval's scores on the replicated model, every rank a share of the documents; the training's
-        random state is left as it was, so that a run with tasks trains exactly as one without."""
-        import random
-
-        import numpy as np
-
-        from gpt2repro import harness
-
-        was_training, states = self.raw_model.training, (random.getstate(), np.random.get_state())
-        devices = [torch.device(self.layout.info.device)] if self.layout.info.device_type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            info = self.layout.info
-            lm = harness.GPT2ReproLM(
-                model=self.raw_model, batch_size=self.cfg.batch_size, device=info.device, dtype=self.cfg.dtype
-            )
-            results = harness.run_tasks(
-                lm, self.tasks, self.task_data, self.cfg.eval_tasks_limit or None, bootstrap_iters=100
-            )
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        self.raw_model.train(was_training)
-        scores = harness.scores(results) if results is not None else {}  # rank 0 has them
-        scores = D.broadcast_object(scores, self.layout.info)  # every rank logs the same record
-        return {f"{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
 
 
 @torch.no_grad()

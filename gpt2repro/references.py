@@ -28,8 +28,28 @@ from pathlib import Path
 
 from gpt2repro import shards
 from gpt2repro.corpora import dataset_name
-from gpt2repro.evaluate import PUBLISHED_BASELINES
 from gpt2repro.model import PRESETS as MODEL_PRESETS
+
+# Published GPT-2 numbers. Losses: OpenAI's checkpoints evaluated on OpenWebText, from
+# nanoGPT's README (github.com/karpathy/nanoGPT, "baselines"). HellaSwag acc_norm
+# (completion style, 10,042 validation examples) from llm.c's GPT-2 reproductions.
+PUBLISHED_BASELINES = {
+    "gpt2-124m": {"hf": "gpt2", "params": 124e6, "train_loss": 3.11, "val_loss": 3.12, "hellaswag": 0.2955},
+    "gpt2-350m": {"hf": "gpt2-medium", "params": 350e6, "train_loss": 2.85, "val_loss": 2.84, "hellaswag": None},
+    "gpt2-774m": {"hf": "gpt2-large", "params": 774e6, "train_loss": 2.66, "val_loss": 2.67, "hellaswag": None},
+    "gpt2-1558m": {"hf": "gpt2-xl", "params": 1558e6, "train_loss": 2.56, "val_loss": 2.54, "hellaswag": 0.4893},
+}
+HF_TO_BASELINE = {v["hf"]: k for k, v in PUBLISHED_BASELINES.items()}
+
+
+def load_baselines(path: str | os.PathLike | None) -> dict[str, dict]:
+    """Published baselines, overridden by live numbers a user measured (launch/eval.py --hf)."""
+    table = {name: dict(row, source="published") for name, row in PUBLISHED_BASELINES.items()}
+    if path and Path(path).is_file():
+        for name, row in json.loads(Path(path).read_text()).items():
+            table.setdefault(name, {}).update({k: v for k, v in row.items() if v is not None}, source="measured")
+    return table
+
 
 ASSETS = Path(__file__).parent / "assets" / "references"
 AHEAD, ON_TRACK, BEHIND = -0.01, 0.02, 0.10  # relative gaps (run / reference - 1) that bound the verdicts

@@ -1,14 +1,9 @@
-"""The training loop: fit() runs a whole run, train_step() one optimizer step. No argv parsing.
+"""The training loop: fit() runs a whole run, one engine.train_step() per optimizer step. No argv parsing.
 
 fit() reads top to bottom: setup() builds the Run (model, optimizer, data, resumed state), and
 the loop calls the owners that each decide their own "when": RunLog (metrics.py) logging,
-Evaluator (evaluate.py) evaluation, Checkpointer (checkpoint.py) checkpoints, Stopper here
+Evaluator (evaluator.py) evaluation, Checkpointer (checkpoint.py) checkpoints, Stopper here
 stopping, StepProfiler (profiling.py) profiling.
-
-One code path for every precision: a GradScaler always sits between backward and the
-optimizer. Under float16 it scales the loss as usual; under bfloat16/float32 its scale
-stays a power of two (exact), and it serves to skip any step whose gradients are not
-finite without a host sync (fused AdamW reads its found-inf flag on the device).
 """
 
 from __future__ import annotations
@@ -31,11 +26,10 @@ from gpt2repro.batch import describe_batch
 from gpt2repro.config import TrainConfig
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.devices import GiB
+from gpt2repro.engine import Engine, build_engine, train_step
+from gpt2repro.evaluator import Evaluator
 from gpt2repro.metrics import RunLog, timed
 from gpt2repro.model import GPT
-from gpt2repro.optim import make_optimizer
-from gpt2repro.precision import precision
-from gpt2repro.schedule import lr_at
 from gpt2repro.schema import to_json
 from gpt2repro.settings import Machine
 from gpt2repro.shards import write_json_atomic
@@ -90,79 +84,6 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-class UnitScaler(torch.amp.GradScaler):
-    """bfloat16/float32 need no loss scaling: the scale stays 1.0 (multiplying by it is exact),
-    and the scaler still skips non-finite steps. A skipped step does not halve it."""
-
-    def __init__(self, device_type: str):
-        super().__init__(device_type, init_scale=1.0, growth_interval=2**30)
-
-    def update(self, new_scale=None) -> None:
-        super().update(1.0)  # on the device, no host sync
-
-
-def make_scaler(dtype: str, device_type: str) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler(device_type) if dtype == "float16" else UnitScaler(device_type)
-
-
-@dataclass
-class Engine:
-    """What one optimizer step uses: the model as called (compiled, wrapped for the strategy) and as
-    built, its optimizer and scaler, the batches, the autocast; built by build_engine for training and
-    the benchmark alike."""
-
-    cfg: TrainConfig  # settled (gpt2repro/settings.py)
-    model: torch.nn.Module
-    raw_model: GPT
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    loader: ShardLoader  # anything with .batch(step, micro) -> (x, y) and .device
-    autocast: torch.autocast
-
-
-def build_engine(cfg: TrainConfig, layout: parallel.Layout, loader, seed: int) -> Engine:
-    """The settled cfg's model (the weights GPT gets after torch.manual_seed(seed), whatever the layout), laid
-    out for its strategy, compiled if it says so, with its optimizer and scaler."""
-    device_type = layout.info.device_type
-    _, autocast = precision(cfg.dtype, device_type)
-    raw_model = parallel.build_model(cfg.model_config(), layout, cfg.dtype, seed, fp8=cfg.fp8)
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
-    raw_model.fused_loss = cfg.fused_loss == "true"
-    optimizer, scaler = make_optimizer(raw_model, cfg), make_scaler(cfg.dtype, device_type)
-    model = parallel.wrap(raw_model, layout, cfg.compile == "true")
-    return Engine(cfg, model, raw_model, optimizer, scaler, loader, autocast)
-
-
-def train_step(engine: Engine, step: int, judge=None, data_step: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Optimizer step `step` (1-based, as logged) over grad_accum_steps micro-batches of batch `data_step`
-    (default: step): (this rank's loss, the grad norm) on the device, no host sync. judge(step, loss,
-    grad_norm), when given, runs before the update and says whether to skip it (a 0-d bool tensor): the
-    spike guard."""
-    cfg, model = engine.cfg, engine.model
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
-    loss_sum = torch.zeros((), device=engine.loader.device)
-    for micro in range(cfg.grad_accum_steps):
-        x, y = engine.loader.batch(step if data_step is None else data_step, micro)
-        # Gradients cross ranks once per optimizer step: on the last micro-batch.
-        with parallel.gradient_sync(model, last_micro_batch=micro == cfg.grad_accum_steps - 1):
-            with engine.autocast:
-                loss = model(x, y, return_logits=False)[1] / cfg.grad_accum_steps
-            engine.scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-    engine.scaler.unscale_(engine.optimizer)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = parallel.clip_grad_norm(engine.raw_model.parameters(), max_norm)
-    spike_skip = contextlib.nullcontext()
-    if judge is not None:
-        spike_skip = guard.skip_update(engine.scaler, engine.optimizer, judge(step, loss_sum, grad_norm))
-    with spike_skip:
-        engine.scaler.step(engine.optimizer)  # skipped when gradients hold inf/nan (on any rank), or on a spike
-        engine.scaler.update()
-    engine.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
-
-
 def check_run_dir(run_dir: Path, cfg: TrainConfig, machine: Machine) -> None:
     """RUN_DIR may only be resumed by the same run: same model, data order and optimisation (every field
     not marked resumable, and the global batch). Its config.json is settled for this machine first: a run
@@ -197,7 +118,7 @@ class Run:
     engine: Engine
     state: TrainState
     checkpointer: checkpoint.Checkpointer
-    evaluator: evaluate.Evaluator
+    evaluator: Evaluator
     comparison: references.Comparison | None  # the reference curve each eval is judged by (--reference)
     guard: guard.SpikeGuard | None = None  # --spike_zscore
 
@@ -311,7 +232,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
         if cfg.init_from:  # read by rank 0, broadcast: FSDP ranks keep their shards
             weights.load_into(engine.raw_model, cfg.init_from, info)
-    evaluator = evaluate.Evaluator(
+    evaluator = Evaluator(
         cfg, val_windows, hellaswag_examples, parallel.for_eval(engine.model), engine.raw_model, layout, engine.autocast
     )
     if info.is_main:

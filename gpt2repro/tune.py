@@ -47,10 +47,10 @@ from gpt2repro import distributed as D
 from gpt2repro import evaluate, parallel, references, settings
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.devices import GiB
+from gpt2repro.engine import build_engine, train_step
 from gpt2repro.errors import first_line
 from gpt2repro.forecast import Forecast, reference_and_target
 from gpt2repro.metrics import mfu, synchronize
-from gpt2repro.train import build_engine, train_step
 
 LAYOUT_FIELDS = ("batch_size", "grad_accum_steps", "activation_checkpointing", "fused_loss", "strategy")
 PROBE_BYTES = 64 * 2**20  # the file that measures the checkpoint directory's write speed

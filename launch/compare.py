@@ -26,7 +26,7 @@ from gpt2repro.runtime import require_torch, underscored  # noqa: E402
 require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
 from gpt2repro import compare, references  # noqa: E402
-from gpt2repro.evaluate import PUBLISHED_BASELINES, load_baselines  # noqa: E402
+from gpt2repro.references import PUBLISHED_BASELINES, load_baselines  # noqa: E402
 
 
 def default_baselines_file(run_dir: str) -> Path | None:

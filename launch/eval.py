@@ -28,7 +28,7 @@ require_torch()  # one clear line on a torch older than the package needs, befor
 
 import torch  # noqa: E402
 
-from gpt2repro import checkpoint, evaluate, parallel, weights, zero_shot  # noqa: E402
+from gpt2repro import checkpoint, evaluate, parallel, references, weights, zero_shot  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.data import DataError, EvalWindows  # noqa: E402
 from gpt2repro.errors import failure_message, print_error  # noqa: E402
@@ -189,14 +189,14 @@ def report(args, result: dict, out: str | Path | None) -> None:
     if args.hf and "tasks" in result:
         path = baselines_path(args)
         table = json.loads(path.read_text()) if path.is_file() else {}
-        name = evaluate.HF_TO_BASELINE.get(args.hf, Path(args.hf).name)
+        name = references.HF_TO_BASELINE.get(args.hf, Path(args.hf).name)
         table.setdefault(name, {}).setdefault("tasks", {}).update(result["tasks"])
         write_json_atomic(path, table)
         print(f"saved {name}'s task scores to {path}")
     if args.hf and "loss" in result:
         path = baselines_path(args)
         table = json.loads(path.read_text()) if path.is_file() else {}
-        name = evaluate.HF_TO_BASELINE.get(args.hf, Path(args.hf).name)
+        name = references.HF_TO_BASELINE.get(args.hf, Path(args.hf).name)
         row = table.setdefault(name, {})
         row[f"{args.split}_loss"] = result["loss"]
         if "hellaswag" in result:

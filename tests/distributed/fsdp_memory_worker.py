@@ -14,8 +14,8 @@ from benchmarks.train_throughput import RandomTokens  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro import memory, parallel  # noqa: E402
 from gpt2repro.config import resolve  # noqa: E402
+from gpt2repro.engine import Engine, make_optimizer, make_scaler, train_step  # noqa: E402
 from gpt2repro.model import GPT  # noqa: E402
-from gpt2repro.train import Engine, make_optimizer, make_scaler, train_step  # noqa: E402
 from tests.unit.test_memory import SMALL  # noqa: E402
 
 

@@ -33,7 +33,7 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     assert "muon" in table and "toy b4 muon: planned" in table
     assert "step 31, step 32 traced:" in table
     assert "resumed from step 40, steps up to 60" in table
-    assert "(--batch-size 8 --compile false) equals the logged" in table
+    assert "(--batch_size 8 --compile false) equals the logged" in table
     assert "error: out of host memory" in table
     assert "fastest that fits: ddp micro" in table and "forecast for this launch (1 rank(s)" in table
     assert (work / "run" / "checkpoints" / "step_00000060").is_dir()

@@ -19,11 +19,11 @@ from gpt2repro import distributed as D
 from gpt2repro.config import TrainConfig
 from gpt2repro.data import to_device
 from gpt2repro.devices import GiB
+from gpt2repro.engine import make_scaler
 from gpt2repro.errors import out_of_memory_message
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.optim import MuonAdamW
 from gpt2repro.precision import precision, resolve_dtype
-from gpt2repro.train import make_scaler
 from tests.fake_cuda import GPUS, cuda_parameters, fake_gpu
 
 V, V_PADDED, C, N = 100, 128, 32, 300  # vocabulary (padded), width, tokens: three chunks of 128

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2repro import distributed as D
-from gpt2repro import evaluate
+from gpt2repro import evaluate, evaluator
 from gpt2repro.config import TrainConfig
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.parallel import Layout
@@ -53,9 +53,9 @@ def test_hellaswag_in_an_evaluation_runs_under_the_runs_autocast(monkeypatch):
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     cfg = TrainConfig(batch_size=2)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    evaluator = evaluate.Evaluator(cfg, None, EXAMPLES, model, model, Layout(D.DistInfo()), autocast)
+    in_loop = evaluator.Evaluator(cfg, None, EXAMPLES, model, model, Layout(D.DistInfo()), autocast)
     monkeypatch.setattr(evaluate, "val_loss", lambda *args: 0.0)  # HellaSwag's matmuls alone
     with MatmulDtypes() as dtypes:
-        results = evaluator(1)
+        results = in_loop(1)
     assert dtypes.seen == {torch.bfloat16}
     assert 0 <= results["hellaswag_acc_norm"] <= 1

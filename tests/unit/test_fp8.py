@@ -72,7 +72,7 @@ def _one_step(model, cfg, optimizer):
 
 def test_checkpoints_resume_across_fp8_both_ways(tmp_path):
     """fp8 changes no parameter name: a bf16 run's checkpoint resumes in an fp8 run, and back."""
-    from gpt2repro import checkpoint, train
+    from gpt2repro import checkpoint, engine, train
     from gpt2repro import distributed as D
     from gpt2repro.config import TrainConfig
     from gpt2repro.shards import write_json_atomic
@@ -90,7 +90,7 @@ def test_checkpoints_resume_across_fp8_both_ways(tmp_path):
             model = GPT(CONFIG)
             if use_fp8:
                 fp8.convert(model)
-            models.append((model, train.make_optimizer(model, cfg), train.make_scaler("bfloat16", "cpu")))
+            models.append((model, engine.make_optimizer(model, cfg), engine.make_scaler("bfloat16", "cpu")))
         (source, source_opt, scaler), (target, target_opt, target_scaler) = models
         _one_step(source, cfg, source_opt)  # AdamW state to carry over
         saver = checkpoint.Checkpointer(run_dir, cfg, source, source_opt, scaler, info)

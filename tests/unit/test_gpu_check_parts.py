@@ -77,7 +77,7 @@ def test_the_profile_stage_fails_a_cuda_trace_without_its_kernels_or_steps(tmp_p
     assert not gpu_check.profile_stage(tmp_path, gpu_check.GPU).ok
 
 
-HOW = "--batch-size 8 --compile false"  # how --smoke's eval stage evaluates
+HOW = "--batch_size 8 --compile false"  # how --smoke's eval stage evaluates
 MISSING = object()  # no val_loss record at that step at all
 
 

@@ -9,10 +9,10 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from benchmarks.train_throughput import RandomTokens
 from gpt2repro import memory, settings
 from gpt2repro.config import TrainConfig, resolve
+from gpt2repro.engine import Engine, make_optimizer, make_scaler, train_step
 from gpt2repro.model import GPT, GPTConfig
 from gpt2repro.parallel import PTDTYPE
 from gpt2repro.presets import PRESETS
-from gpt2repro.train import Engine, make_optimizer, make_scaler, train_step
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 # GPT-2's vocabulary (the logits are most of the memory, as in real runs) and six real blocks.

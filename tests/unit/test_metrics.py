@@ -12,7 +12,8 @@ import torch
 
 from gpt2repro import compare, forecast, guard, metrics, references, settings
 from gpt2repro.config import TrainConfig
-from gpt2repro.train import TrainState, make_scaler
+from gpt2repro.engine import make_scaler
+from gpt2repro.train import TrainState
 
 try:
     import psutil
