@@ -41,9 +41,9 @@ from data_prep.sources import FilesSource, HubSource, PrepareError  # noqa: E402
 from gpt2repro import shards  # noqa: E402
 from gpt2repro.corpora import DATASETS  # noqa: E402
 from gpt2repro.runtime import underscored  # noqa: E402
+from gpt2repro.tokenizer import EOT_ID as EOT  # noqa: E402
 
 TOKENIZER = "gpt2"
-EOT = 50256
 VOCAB_SIZE = 50257
 OWT_VAL_FRACTION = 0.0005  # nanoGPT's OpenWebText val fraction, about 4,000 documents
 STATE_NAME = ".prepare_state.json"

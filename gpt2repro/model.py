@@ -1,31 +1,28 @@
-"""The GPT-2 model: config and presets, the network, generation, Hugging Face import/export.
+"""The GPT-2 model: config and presets, the network, generation; from_pretrained/save_pretrained (gpt2repro/hf.py).
 
 Readable in one sitting, like nanoGPT's model.py. Parameter names follow GPT-2's
 (transformer.wte, transformer.h.N.attn.c_attn, ...) so that importing OpenAI's
 weights is a direct name map plus a transpose (HF stores them as Conv1D, (in, out)).
-This module does no distributed work and no I/O other than from/save_pretrained.
+This module does no distributed work and no I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gpt2repro import hf
 from gpt2repro.devices import fused_loss_pays
 from gpt2repro.loss import linear_cross_entropy
 from gpt2repro.schema import Settings, setting
-from gpt2repro.shards import atomic_file, atomic_path
 
-EOT_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
 # The output projection is the token embedding (weight tying): in a state dict, the same tensor twice.
 TIED_WEIGHTS = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -136,7 +133,6 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt-micro": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
     "gpt-nano": GPTConfig(n_layer=3, n_head=3, n_embd=48, block_size=64),
 }
-HF_NAMES = {"gpt2": "gpt2-124m", "gpt2-medium": "gpt2-350m", "gpt2-large": "gpt2-774m", "gpt2-xl": "gpt2-1558m"}
 
 
 class CausalSelfAttention(nn.Module):
@@ -371,144 +367,20 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-    # ----- Hugging Face interop -------------------------------------------------------
-    # transformers' GPT-2 stores these Linear weights as Conv1D, i.e. transposed.
-    _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
+    # ----- Hugging Face interop (the files: gpt2repro/hf.py) ---------------------------------
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike, **overrides) -> GPT:
         """Load GPT-2 weights from a local save_pretrained directory or a hub name ("gpt2", ...)."""
-        path = Path(name_or_dir)
-        if not path.is_dir():
-            if str(name_or_dir) not in HF_NAMES:
-                raise ValueError(
-                    f"{str(name_or_dir)!r} is neither a directory nor a GPT-2 hub name; "
-                    f"pass a save_pretrained directory or one of: {', '.join(HF_NAMES)}."
-                )
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(name_or_dir), allow_patterns=["config.json", "*.safetensors*"]))
-        hf_config = _read_hf_config(path)
-        config = GPTConfig(
-            vocab_size=hf_config["vocab_size"],
-            block_size=hf_config["n_positions"],
-            n_layer=hf_config["n_layer"],
-            n_head=hf_config["n_head"],
-            n_embd=hf_config["n_embd"],
-            bias=True,
-            **overrides,
-        )
-        model = cls(config)
-        hf_state = _read_hf_weights(path)
-        model._load_hf_state(hf_state, source=path)
-        return model
-
-    def _load_hf_state(self, hf_state: dict[str, torch.Tensor], source: Path) -> None:
-        hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-        own = self.state_dict()
+        path = hf.locate(name_or_dir)
+        model = cls(GPTConfig(**hf.read_shape(path), **overrides))
         with torch.no_grad():
-            for name, tensor in own.items():
-                if name == "lm_head.weight":
-                    continue  # tied to wte
-                key = name.removeprefix("transformer.")
-                if key not in hf_state:
-                    raise ValueError(f"{source} holds no tensor {key!r}; it is not a complete GPT-2 checkpoint.")
-                value = hf_state[key]
-                if name.endswith(self._CONV1D_SUFFIXES):
-                    value = value.t()
-                if name == "transformer.wte.weight":
-                    tensor[: value.size(0)].copy_(value)
-                    tensor[value.size(0) :].zero_()  # padded rows: never used by loss or sampling
-                    continue
-                if value.shape != tensor.shape:
-                    raise ValueError(
-                        f"Tensor {key!r} in {source} has shape {tuple(value.shape)}, expected "
-                        f"{tuple(tensor.shape)} from its config.json; the directory is inconsistent."
-                    )
-                tensor.copy_(value)
+            hf.copy_into(model.state_dict(), hf.read_weights(path), source=path)
+        return model
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
-        from safetensors.torch import save_file
-
         cfg = self.config
         if not cfg.bias:
             raise ValueError("Hugging Face GPT-2 has biases; a model with bias=False cannot be exported to it.")
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied: transformers re-ties lm_head to wte
-            if name == "transformer.wte.weight":
-                tensor = tensor[: cfg.vocab_size]
-            if name.endswith(self._CONV1D_SUFFIXES):
-                tensor = tensor.t()
-            tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.block_size,
-            "n_ctx": cfg.block_size,
-            "n_embd": cfg.n_embd,
-            "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "resid_pdrop": cfg.dropout,
-            "embd_pdrop": cfg.dropout,
-            "attn_pdrop": cfg.dropout,
-            "layer_norm_epsilon": 1e-5,
-            "initializer_range": 0.02,
-            "scale_attn_weights": True,
-            # <|endoftext|> only exists in GPT-2's own vocabulary.
-            "bos_token_id": EOT_TOKEN_ID if cfg.vocab_size > EOT_TOKEN_ID else None,
-            "eos_token_id": EOT_TOKEN_ID if cfg.vocab_size > EOT_TOKEN_ID else None,
-            "tie_word_embeddings": True,
-            "torch_dtype": "float32",
-        }
-        with atomic_path(out_dir / "model.safetensors") as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        with atomic_file(out_dir / "config.json", "w") as f:
-            f.write(json.dumps(hf_config, indent=2) + "\n")
-
-
-def _read_hf_config(path: Path) -> dict:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path} holds no config.json; pass a directory written by save_pretrained.")
-    cfg = json.loads(config_file.read_text())
-    if cfg.get("model_type") != "gpt2":
-        raise ValueError(f"{config_file} describes a {cfg.get('model_type')!r} model, not GPT-2 ('gpt2').")
-    unsupported = {
-        "activation_function": ("gelu_new", cfg.get("activation_function", "gelu_new")),
-        "layer_norm_epsilon": (1e-5, cfg.get("layer_norm_epsilon", 1e-5)),
-        "scale_attn_weights": (True, cfg.get("scale_attn_weights", True)),
-        "scale_attn_by_inverse_layer_idx": (False, cfg.get("scale_attn_by_inverse_layer_idx", False)),
-        "n_inner": (None, cfg.get("n_inner")),
-    }
-    bad = [f"{k}={got!r} (need {want!r})" for k, (want, got) in unsupported.items() if got != want]
-    if cfg.get("n_inner") == 4 * cfg.get("n_embd", -1):
-        bad = [b for b in bad if not b.startswith("n_inner")]
-    if bad:
-        raise ValueError(f"{config_file} uses GPT-2 variants this model does not implement: {', '.join(bad)}.")
-    return cfg
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        state = {}
-        for f in files:
-            state.update(load_file(f))
-        return state
-    bin_file = path / "pytorch_model.bin"
-    if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise ValueError(
-        f"{path} holds no GPT-2 weights (model.safetensors or pytorch_model.bin); "
-        "pass a directory written by save_pretrained."
-    )
+        shape = {f: getattr(cfg, f) for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout")}
+        hf.write(out_dir, hf.from_ours(self.state_dict(), cfg.vocab_size), shape)

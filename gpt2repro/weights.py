@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from gpt2repro import checkpoint, llmc
-from gpt2repro import config as C
+from gpt2repro import checkpoint, hf, llmc
 from gpt2repro import distributed as D
 from gpt2repro.errors import first_line
-from gpt2repro.model import GPT, HF_NAMES, MODEL_FIELDS, PRESETS, GPTConfig, _read_hf_config, with_tied, without_tied
+from gpt2repro.hf import HF_NAMES
+from gpt2repro.model import GPT, MODEL_FIELDS, PRESETS, GPTConfig, with_tied, without_tied
 
 KINDS = ("checkpoint", "export", "llmc", "hf", "hub")
 NOT_A_MODEL = "neither a model file written by launch/export.py nor an llm.c model file"
@@ -44,7 +44,7 @@ class About:
     step: int | None = None
     tokens: int | None = None
     dtype: str = "auto"  # the dtype it trained in; auto: unknown (OpenAI's, or too old a checkpoint to say)
-    run: C.TrainConfig | None = None  # the run's settled config (checkpoints)
+    run: dict | None = None  # the run's settled config, as its checkpoint's meta.json holds it (checkpoints)
     world_size: int | None = None  # how many ranks wrote it (checkpoints)
 
 
@@ -81,8 +81,7 @@ def shape_of(source: str) -> GPTConfig:
     if kind == "llmc":
         return llmc.read_header(source)[0]
     if kind == "hf":
-        hf = _read_hf_config(Path(source))
-        return GPTConfig(hf["vocab_size"], hf["n_positions"], hf["n_layer"], hf["n_head"], hf["n_embd"])
+        return GPTConfig(**hf.read_shape(Path(source)))
     if kind == "checkpoint":
         return GPTConfig(**checkpoint.read_meta(checkpoint.newest_complete(source))["model"])
     return PRESETS[HF_NAMES[source]]
@@ -116,8 +115,9 @@ def load_model(source: str) -> tuple[GPT, About]:
     weights = open_weights(source)
     model = GPT(weights.config)
     model.load_state_dict(weights.state)
-    if weights.about.run is not None and weights.about.run.fused_loss in ("true", "false"):
-        model.fused_loss = weights.about.run.fused_loss == "true"
+    fused = (weights.about.run or {}).get("fused_loss")  # settled: a boolean (a string in older checkpoints)
+    if fused in (True, False, "true", "false"):
+        model.fused_loss = fused in (True, "true")
     return model.eval(), weights.about
 
 
@@ -127,12 +127,13 @@ def _checkpoint_weights(path: Path) -> Weights:
     config = GPTConfig(**meta["model"])
     state = without_tied(GPT(config).state_dict())
     checkpoint.load_state(path, {"model": state})
-    run = C.from_json(meta["config"], f"{path}/{checkpoint.META_NAME}")
+    run = dict(meta["config"])
     # A checkpoint from before config records were settled kept what ran beside them.
     for name in ("dtype", "strategy"):
-        if getattr(run, name) == "auto" and name in meta:
-            run = run.replace(**{name: meta[name]})
-    about = About("checkpoint", str(path), meta["step"], meta["tokens"], run.dtype, run, meta["world_size"])
+        if run.get(name, "auto") == "auto" and name in meta:
+            run[name] = meta[name]
+    dtype = run.get("dtype", "auto")
+    about = About("checkpoint", str(path), meta["step"], meta["tokens"], dtype, run, meta["world_size"])
     return Weights(config, with_tied(state), about)
 
 
@@ -168,9 +169,7 @@ def _on_rank0(fn, info: D.DistInfo | None, *args, share: bool = True):
     return result
 
 
-def with_source_shape(
-    cfg: C.TrainConfig, given: frozenset[str] = frozenset(), info: D.DistInfo | None = None
-) -> C.TrainConfig:
+def with_source_shape(cfg, given: frozenset[str] = frozenset(), info: D.DistInfo | None = None):
     """cfg with the network shape of cfg.init_from (read by rank 0 only, given info); a typed shape
     flag that disagrees is an error. block_size may only crop the source's."""
     source = _on_rank0(_init_from_shape, info, cfg.init_from)

@@ -86,7 +86,7 @@ def parse(argv):
 def load_model(args) -> tuple[GPT, weights.About, int, Path | None]:
     """(model, where it came from, default eval tokens, default result file), through weights.load_model."""
     model, about = weights.load_model(args.hf or args.ckpt)  # the run's own loss, else where it pays here
-    eval_tokens = about.run.eval_tokens if about.run else DEFAULT_EVAL_TOKENS  # the run's val_loss used these
+    eval_tokens = (about.run or {}).get("eval_tokens", DEFAULT_EVAL_TOKENS)  # the run's val_loss used these
     path = Path(about.path)
     result_file = {
         "checkpoint": path / f"eval_{args.split}.json",

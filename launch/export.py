@@ -81,7 +81,7 @@ def describe(model, about: weights.About) -> str:
     if about.step is not None:
         line += f", step {about.step}, {about.tokens:,} tokens"
     if about.run is not None:
-        line += f", written by {about.world_size} rank(s) ({about.run.strategy})"
+        line += f", written by {about.world_size} rank(s) ({about.run.get('strategy', 'ddp')})"
     return line
 
 
