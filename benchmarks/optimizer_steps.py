@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from gpt2repro import config as C  # noqa: E402
 from gpt2repro import distributed as D  # noqa: E402
+from gpt2repro import rundir  # noqa: E402
 from gpt2repro.model import GPT, GPTConfig  # noqa: E402
 from gpt2repro.optim import NS_STEPS, MuonAdamW, is_muon_matrix  # noqa: E402
 from gpt2repro.train import fit  # noqa: E402
@@ -136,7 +137,7 @@ def train(cfg: C.TrainConfig, data: str, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         fit(cfg, data, run_dir, D.DistInfo())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = rundir.read_metrics(run_dir)
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
     ms = 1000 * cfg.batch_size * cfg.block_size / statistics.median(speeds)

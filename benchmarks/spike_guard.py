@@ -20,7 +20,6 @@ Runs go two at a time (--jobs), one thread each.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -36,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpt2repro import shards  # noqa: E402
+from gpt2repro import rundir, shards  # noqa: E402
 from gpt2repro.config import TrainConfig  # noqa: E402
 from gpt2repro.data import BatchSpec, ShardLoader  # noqa: E402
 from gpt2repro.guard import MIN_HISTORY, SpikeGuard  # noqa: E402
@@ -171,7 +170,7 @@ def train(data: Path, out: Path, flags: list[str], kill_after_rollback: bool = F
 
 
 def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rundir.read_metrics(run_dir)
 
 
 def final_val(run_dir: Path) -> float:

@@ -35,8 +35,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt2repro import distributed as D
+from gpt2repro import rundir
 from gpt2repro.errors import first_line
 from gpt2repro.model import GPT, MODEL_FIELDS, with_tied, without_tied
+from gpt2repro.schedule import periodic
 from gpt2repro.schema import Settings, setting, to_json
 from gpt2repro.shards import sha256_file, write_json_atomic
 
@@ -87,7 +89,7 @@ class Checkpointer:
         self.saved: Path | None = None  # the newest one this process wrote
 
     def due(self, step: int, stop: int) -> bool:
-        return step % self.cfg.ckpt_interval == 0 or step == self.cfg.max_steps or bool(stop)
+        return periodic(step, self.cfg.ckpt_interval, self.cfg.max_steps) or bool(stop)
 
     def save(self, state, consecutive_bad: int = 0) -> Path:
         """Every rank writes its part of the model and optimizer state at once (a collective); retention
@@ -245,7 +247,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / rundir.CHECKPOINTS
 
 
 def save(run_dir: Path, step: int, state: dict, trainer: dict, meta: dict, info: D.DistInfo) -> Path:

@@ -7,14 +7,12 @@ x axis, so runs with different batch sizes line up.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2repro import references
-from gpt2repro.metrics import ROLLED_BACK_NAME
+from gpt2repro import references, rundir
 from gpt2repro.references import Reference
 
 
@@ -49,22 +47,18 @@ SETTINGS = (
 
 
 def read_settings(run_dir: str | os.PathLike) -> dict | None:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return None
-    recorded = json.loads(path.read_text())
-    return {name: recorded[name] for name in SETTINGS if name in recorded}
+    recorded = rundir.read_config(run_dir)
+    return None if recorded is None else {name: recorded[name] for name in SETTINGS if name in recorded}
 
 
 def read_run(run_dir: str | os.PathLike) -> Run:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if not rundir.has_metrics(run_dir):
         raise ValueError(f"{run_dir} has no metrics.jsonl; pass a run directory written by launch/train.py.")
-    records = _records(path)
+    records = rundir.read_metrics(run_dir)
     steps = [r for r in records if r.get("loss") is not None]
     evals = [r for r in records if r.get("val_loss") is not None]
     if not steps and not evals:
-        raise ValueError(f"{path} holds no logged steps yet.")
+        raise ValueError(f"{Path(run_dir) / rundir.METRICS} holds no logged steps yet.")
     events = [r for r in records if "rollback_from" in r]
     return Run(
         Path(run_dir).name,
@@ -74,20 +68,9 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         references.run_model(run_dir),
         read_settings(run_dir),
         events,
-        [r for r in _records(Path(run_dir) / ROLLED_BACK_NAME) if r.get("loss") is not None],
+        [r for r in rundir.read_metrics(run_dir, rundir.ROLLED_BACK) if r.get("loss") is not None],
         [r for r in records if "spike_loss" in r],
     )
-
-
-def _records(path: Path) -> list[dict]:
-    """The JSON lines of path (none if it does not exist)."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the last line of a run that is writing right now
-    return records
 
 
 def smooth(values: list[float], weight: float) -> list[float]:

@@ -1,4 +1,4 @@
-"""Evaluation: loss over fixed val windows, HellaSwag, and the GPT-2 baselines to compare with.
+"""Evaluation: loss over fixed val windows, HellaSwag, and the settings of evaluation during training.
 
 The val loss here is the trainer's val_loss (same windows, same reduction), so evaluating
 a checkpoint reproduces the val_loss logged at its step.

@@ -12,6 +12,7 @@ import torch
 from gpt2repro import distributed as D
 from gpt2repro import evaluate
 from gpt2repro.data import EvalWindows
+from gpt2repro.schedule import periodic
 
 
 class Evaluator:
@@ -29,7 +30,7 @@ class Evaluator:
             self.task_data = harness.parse_task_data(cfg.eval_task_data)
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.eval_interval == 0 or step == self.cfg.max_steps
+        return periodic(step, self.cfg.eval_interval, self.cfg.max_steps)
 
     def __call__(self, step: int) -> dict:
         results = {

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from gpt2repro import references
+from gpt2repro.schedule import periodic_count
 from gpt2repro.schema import Settings, setting
 
 
@@ -59,8 +60,8 @@ class Forecast:
 
     def _count(self, step: int, interval: int) -> int:
         """Of this launch's steps up to `step`, those that evaluate (or checkpoint) every `interval`."""
-        done = evaluations(self.first_step - 1, interval, self.cfg.max_steps) if self.first_step > 1 else 0
-        return evaluations(step, interval, self.cfg.max_steps) - done
+        done = periodic_count(self.first_step - 1, interval, self.cfg.max_steps) if self.first_step > 1 else 0
+        return periodic_count(step, interval, self.cfg.max_steps) - done
 
     @property
     def total_s(self) -> float:
@@ -123,12 +124,6 @@ class Forecast:
                 f"more than max_steps {self.cfg.max_steps:,}"
             )
         return line
-
-
-def evaluations(step: int, interval: int, max_steps: int | None = None) -> int:
-    """How many of steps 1..step are multiples of interval or the run's last step."""
-    last = max_steps if max_steps is not None else step
-    return step // interval + (1 if step == last and last % interval else 0)
 
 
 def tokens_per_step(cfg, world_size: int) -> int:

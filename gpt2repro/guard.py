@@ -48,7 +48,7 @@ class GuardSettings(Settings):
     spike_window accepted steps (judged from the end of the lr warmup), or whose grad norm does by
     spike_grad_zscore; after rollback_after consecutive skips, roll back to a checkpoint from before them and move
     the data past them, at most max_rollbacks times. The thresholds: benchmarks/spike_guard.py's healthy and
-    poisoned runs (docs/training.md, the spike guard)."""
+    poisoned runs (docs/cluster.md, loss spikes)."""
 
     TITLE = "guard"
 

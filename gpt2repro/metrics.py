@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro import references
+from gpt2repro import references, rundir
 from gpt2repro.devices import peak_tflops_of
 from gpt2repro.forecast import Forecast, duration
-from gpt2repro.schedule import lr_at
+from gpt2repro.schedule import lr_at, periodic
 from gpt2repro.schema import Settings, setting
-from gpt2repro.shards import atomic_file, write_json_atomic
+from gpt2repro.shards import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -44,53 +44,6 @@ def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float | No
     return None if peak is None else flops_per_token * tokens_per_s_per_device / peak
 
 
-# Beside metrics.jsonl: the records a rollback took back, each with the rollback's number ("rollback": k).
-ROLLED_BACK_NAME = "metrics.rolled_back.jsonl"
-
-
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl: one JSON object per logged step. Written by the main rank only."""
-
-    def __init__(self, path: str | os.PathLike, resume_step: int, rollback: int = 0, next_batch: int | None = None):
-        """The log, cut back to resume_step: the records past it are about to be logged again. After a resume
-        they are the same again and dropped (but the batches the spike guard skipped before next_batch, the
-        first the resumed run reads: a stop in the middle of a streak); after rollback number `rollback` they
-        are the evidence (the spiking losses), moved to ROLLED_BACK_NAME beside it, never deleted."""
-        self.path, self.next_batch = Path(path), next_batch
-        if self.path.exists():
-            self._cut_after(resume_step, rollback)
-        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the whole run)
-
-    def _cut_after(self, step: int, rollback: int) -> None:
-        kept, past = [], []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            skipped_before = self.next_batch is not None and record.get("batch", math.inf) < self.next_batch
-            if record.get("step", math.inf) <= step or skipped_before:
-                kept.append(line + "\n")
-            else:
-                past.append(record)
-        if rollback and past:  # first set aside (durably), then cut: a kill between them loses nothing
-            with open(self.path.with_name(ROLLED_BACK_NAME), "a") as f:
-                f.write("".join(json.dumps({**r, "rollback": rollback}) + "\n" for r in past))
-                f.flush()
-                os.fsync(f.fileno())
-        with atomic_file(self.path, "w") as f:
-            f.write("".join(kept))
-
-    def write(self, record: dict) -> None:
-        # NaN and Infinity are not JSON: strict readers reject them. A non-finite value is null.
-        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class WandbSink:
     """W&B logging on the main rank; a resumed run continues the same W&B run id."""
 
@@ -102,7 +55,7 @@ class WandbSink:
                 f"--wandb {mode} needs the wandb package: pip install wandb, or use --wandb disabled."
             ) from None
 
-        id_file = run_dir / "wandb_id.json"
+        id_file = run_dir / rundir.WANDB_ID
         run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else secrets.token_hex(4)
         write_json_atomic(id_file, {"id": run_id})
         self.run = wandb.init(
@@ -192,10 +145,10 @@ class RunLog:
         self.record: dict = {}
         self.file = self.sink = None
         if run.info.is_main:
-            self.started = _started(run.run_dir)
+            self.started = rundir.started_at(run.run_dir)
             state = run.state
-            self.file = MetricsLog(
-                run.run_dir / "metrics.jsonl", state.step, next_batch=state.step + 1 + state.data_offset
+            self.file = rundir.MetricsLog(
+                run.run_dir / rundir.METRICS, state.step, next_batch=state.step + 1 + state.data_offset
             )
             if run.cfg.wandb != "disabled":
                 self.sink = WandbSink(
@@ -220,7 +173,7 @@ class RunLog:
             self.startup_s = age if age is not None else time.perf_counter() - self.created_s
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.log_interval == 0 or step == self.cfg.max_steps
+        return periodic(step, self.cfg.log_interval, self.cfg.max_steps)
 
     def training(self, state, loss: torch.Tensor, grad_norm: torch.Tensor, max_z: dict | None = None) -> None:
         """The training numbers of a log step (host syncs: only here); with the spike guard on, its count of
@@ -323,7 +276,7 @@ class RunLog:
         self.throughput.restart(record["step"])
         if self.info.is_main:
             self.file.close()
-            self.file = MetricsLog(self.file.path, record["step"], rollback=record["rollbacks"])
+            self.file = rundir.MetricsLog(self.file.path, record["step"], rollback=record["rollbacks"])
             self._emit({**record, "rollback_s": seconds})
 
     def checkpoint(self, state, seconds: float) -> None:
@@ -351,14 +304,6 @@ def process_age_s() -> float | None:
         return time.clock_gettime(time.CLOCK_BOOTTIME) - started
     except (OSError, ValueError, IndexError, AttributeError):
         return None
-
-
-def _started(run_dir: Path) -> float:
-    """Wall-clock start of the run, kept across resumes (for elapsed_s)."""
-    path = run_dir / "started_at"
-    if not path.exists():
-        path.write_text(f"{time.time()}\n")
-    return float(path.read_text())
 
 
 class Throughput:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from gpt2repro import rundir
 from gpt2repro.schema import Settings, setting
 
 MEMORY_HISTORY_ENTRIES = 100_000
@@ -62,7 +63,7 @@ def profile_range(spec: str) -> tuple[int, int] | None:
 
 
 def rank_dir(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / "profile" / f"rank{rank}"
+    return Path(run_dir) / rundir.PROFILE / f"rank{rank}"
 
 
 @contextlib.contextmanager
@@ -137,7 +138,7 @@ class StepProfiler:
             self._profile.export_chrome_trace(str(path))
         self._profile, self._recorded = None, []
         if self.info.is_main:
-            where = self.run_dir / "profile"
+            where = self.run_dir / rundir.PROFILE
             ranks = f"rank{{0..{self.info.world_size - 1}}}" if self.info.is_distributed else "rank0"
             print(
                 f"profile of steps {first}-{last}: {where}/{ranks}/{path.name} (open it in chrome://tracing or "

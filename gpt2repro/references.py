@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from gpt2repro import shards
+from gpt2repro import rundir, shards
 from gpt2repro.corpora import dataset_name
 from gpt2repro.model import PRESETS as MODEL_PRESETS
 
@@ -143,7 +143,7 @@ def get(name_or_run: str) -> Reference:
     """A registered reference by name, or the val curve of a run directory (its metrics.jsonl)."""
     if name_or_run in registry():
         return registry()[name_or_run]
-    if (Path(name_or_run) / "metrics.jsonl").is_file():
+    if rundir.has_metrics(name_or_run):
         return from_run(name_or_run)
     raise ValueError(
         f"unknown reference {name_or_run!r}: pass one of {', '.join(registry())}, or a run directory (its val curve)."
@@ -151,15 +151,7 @@ def get(name_or_run: str) -> Reference:
 
 
 def from_run(run_dir: str | os.PathLike) -> Reference:
-    run_dir = Path(run_dir)
-    evals = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of a run that is writing right now
-        if record.get("val_loss") is not None:
-            evals[record["tokens"]] = record["val_loss"]
+    evals = {r["tokens"]: r["val_loss"] for r in rundir.read_metrics(run_dir) if r.get("val_loss") is not None}
     if not evals:
         raise ValueError(f"reference run {run_dir} has no val_loss in its metrics.jsonl yet.")
     tokens = sorted(evals)
@@ -175,18 +167,16 @@ def from_run(run_dir: str | os.PathLike) -> Reference:
 
 def run_model(run_dir: str | os.PathLike) -> str | None:
     """The model a run trained (model_name), as its config.json recorded it; None if unknown."""
-    config = Path(run_dir) / "config.json"
-    config = json.loads(config.read_text()) if config.is_file() else {}
+    config = rundir.read_config(run_dir) or {}
     shape = [config.get(k) for k in ("n_layer", "n_head", "n_embd")]
     return model_name(*shape) if all(isinstance(v, int) for v in shape) else None
 
 
 def run_dataset(run_dir: str | os.PathLike) -> str | None:
     """The dataset a run trained on: as its config.json recorded it, else from its data directory."""
-    config = Path(run_dir) / "config.json"
-    if not config.is_file():
+    config = rundir.read_config(run_dir)
+    if config is None:
         return None
-    config = json.loads(config.read_text())
     if "dataset" in config:
         return config["dataset"]
     return dataset_of(config["data"]) if config.get("data") else None

@@ -53,3 +53,15 @@ def lr_at(step: int, cfg: ScheduleSettings) -> float:
         return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (done - decay_start) / decay)
     progress = min(1.0, (done - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def periodic(step: int, interval: int, last_step: int) -> bool:
+    """Whether a periodic event (a log record, an evaluation, a checkpoint) falls on `step`: every `interval`
+    steps, and the run's last step."""
+    return step % interval == 0 or step == last_step
+
+
+def periodic_count(step: int, interval: int, last_step: int | None = None) -> int:
+    """How many of steps 1..step a periodic event falls on (periodic)."""
+    last = last_step if last_step is not None else step
+    return step // interval + (1 if step == last and last % interval else 0)

@@ -9,7 +9,6 @@ stopping, StepProfiler (profiling.py) profiling.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro import checkpoint, evaluate, guard, parallel, profiling, references, settings, weights
+from gpt2repro import checkpoint, evaluate, guard, parallel, profiling, references, rundir, settings, weights
 from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro.batch import describe_batch
@@ -32,7 +31,6 @@ from gpt2repro.metrics import RunLog, timed
 from gpt2repro.model import GPT
 from gpt2repro.schema import to_json
 from gpt2repro.settings import Machine
-from gpt2repro.shards import write_json_atomic
 
 
 class TrainingError(RuntimeError):
@@ -88,11 +86,10 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, machine: Machine) -> None:
     """RUN_DIR may only be resumed by the same run: same model, data order and optimisation (every field
     not marked resumable, and the global batch). Its config.json is settled for this machine first: a run
     from before config.json recorded settled values compares as it would run here."""
-    path = run_dir / "config.json"
-    if not path.exists():
+    recorded = rundir.read_config(run_dir)
+    if recorded is None:
         return
-    recorded = json.loads(path.read_text())
-    old = settings.settle(C.from_json(recorded, str(path)), machine)
+    old = settings.settle(C.from_json(recorded, str(run_dir / rundir.CONFIG)), machine)
     diffs = [
         f"{f}: {getattr(old, f)!r} -> {getattr(cfg, f)!r}"
         for f in C.FIELDS
@@ -239,7 +236,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         if warning := D.check_restart_store():
             print(warning, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", run_record(asked, cfg, info.world_size, data_dir))
+        rundir.write_config(run_dir, run_record(asked, cfg, info.world_size, data_dir))
         print(describe_batch(asked, cfg, info.world_size, given), flush=True)
         plan = settings.plan(cfg, machine)
         print(

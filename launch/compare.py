@@ -15,7 +15,6 @@ Baselines are the published GPT-2 numbers unless a baselines file measured by
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -25,17 +24,13 @@ from gpt2repro.runtime import require_torch, underscored  # noqa: E402
 
 require_torch()  # one clear line on a torch older than the package needs, before anything imports it
 
-from gpt2repro import compare, references  # noqa: E402
+from gpt2repro import compare, references, rundir  # noqa: E402
 from gpt2repro.references import PUBLISHED_BASELINES, load_baselines  # noqa: E402
 
 
 def default_baselines_file(run_dir: str) -> Path | None:
-    config = Path(run_dir) / "config.json"
-    if config.is_file():
-        data = json.loads(config.read_text()).get("data")
-        if data and (Path(data) / "baselines.json").is_file():
-            return Path(data) / "baselines.json"
-    return None
+    data = (rundir.read_config(run_dir) or {}).get("data")
+    return Path(data) / "baselines.json" if data and (Path(data) / "baselines.json").is_file() else None
 
 
 def main(argv=None) -> int:

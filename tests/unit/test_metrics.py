@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt2repro import compare, forecast, guard, metrics, references, settings
+from gpt2repro import compare, forecast, guard, metrics, references, rundir, settings
 from gpt2repro.config import TrainConfig
 from gpt2repro.engine import make_scaler
 from gpt2repro.train import TrainState
@@ -22,7 +22,7 @@ except ImportError:  # not a dependency: an extra check where it is installed
 
 
 def test_non_finite_values_are_written_as_null(tmp_path):
-    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", resume_step=0)
+    log = rundir.MetricsLog(tmp_path / "metrics.jsonl", resume_step=0)
     log.write({"step": 1, "loss": math.nan, "grad_norm": math.inf, "lr": 1e-3})
     log.close()
     line = (tmp_path / "metrics.jsonl").read_text()
@@ -210,15 +210,15 @@ def test_a_rollback_moves_the_records_it_takes_back_aside_and_compare_still_show
     """A resume drops the records past its checkpoint (they come again, the same); a rollback's are the evidence
     (the spiking losses): moved to metrics.rolled_back.jsonl with the rollback's number, read by compare."""
     path = tmp_path / "metrics.jsonl"
-    log = metrics.MetricsLog(path, resume_step=0)
+    log = rundir.MetricsLog(path, resume_step=0)
     for step, loss in ((10, 5.0), (20, 4.5), (30, 13.1), (40, 12.8)):
         log.write({"step": step, "tokens": 100 * step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0})
     log.close()
-    metrics.MetricsLog(path, resume_step=20, rollback=1).close()
+    rundir.MetricsLog(path, resume_step=20, rollback=1).close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
-    aside = [json.loads(line) for line in (tmp_path / metrics.ROLLED_BACK_NAME).read_text().splitlines()]
+    aside = [json.loads(line) for line in (tmp_path / rundir.ROLLED_BACK).read_text().splitlines()]
     assert [(r["step"], r["loss"], r["rollback"]) for r in aside] == [(30, 13.1, 1), (40, 12.8, 1)]
-    metrics.MetricsLog(path, resume_step=10).close()  # a resume: step 20 comes again, nothing set aside
-    assert len((tmp_path / metrics.ROLLED_BACK_NAME).read_text().splitlines()) == 2
+    rundir.MetricsLog(path, resume_step=10).close()  # a resume: step 20 comes again, nothing set aside
+    assert len((tmp_path / rundir.ROLLED_BACK).read_text().splitlines()) == 2
     run = compare.read_run(tmp_path)
     assert [r["loss"] for r in run.rolled_back] == [13.1, 12.8] and [r["step"] for r in run.steps] == [10]
