@@ -38,6 +38,9 @@ CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]
 TRAIN = [*TINY, "--dtype", "float32", "--compile", "false", "--max_steps", STEPS, "--lr", "1e-3", "--min_lr", "1e-4"]
 
 
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
+
+
 def slurm(*args: str, check: bool = True, timeout: float = 60, extra_env: dict | None = None):
     proc = subprocess.run(
         ["bash", SLURM_SH, *args], capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})}

@@ -17,6 +17,9 @@ EVAL = str(REPO / "launch" / "eval.py")
 COMPARE = str(REPO / "launch" / "compare.py")
 
 
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
+
+
 def one_line_error(proc, fragment):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]

@@ -22,6 +22,9 @@ EVAL = str(REPO / "launch" / "eval.py")
 STEPS = ["--max_steps", 6, "--eval_interval", 3, "--ckpt_interval", 3, "--eval_tokens", 544]
 
 
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
+
+
 def assert_same_run(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b, strict=True):

@@ -10,12 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.distributed.helpers import REPO, after_import, env_with_sitecustomize
 from tests.unit.test_gpu_check_parts import gpu_check
 
 # Imported first by every Python process started with it on PYTHONPATH: these packages then fail to import.
 MISSING = ["tqdm", "datasets", "pyarrow", "wandb", "transformers", "safetensors", "matplotlib", "torchao"]
 BARE_IMAGE = f"import sys; sys.modules.update(dict.fromkeys({MISSING!r}))\n"
+
+
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
 
 
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
@@ -98,7 +103,7 @@ CUT_AFTER_S = 60  # the check's budget here: ample for one toy row on a busy 2-c
 
 
 def test_a_cut_benchmark_run_shows_the_rows_it_measured_and_leaves_no_worker(tmp_path, monkeypatch):
-    environ = env_with_sitecustomize(tmp_path / "hang", after_import("gpt2repro.train", SECOND_ROW_HANGS))
+    environ = env_with_sitecustomize(tmp_path / "hang", after_import("gpt2repro.engine", SECOND_ROW_HANGS))
     hung_pid = tmp_path / "hung.pid"
     for name in ("PYTHONPATH", "OMP_NUM_THREADS", "PYTHONUNBUFFERED"):  # for gpu_check's torchrun
         monkeypatch.setenv(name, environ[name])

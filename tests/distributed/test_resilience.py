@@ -32,6 +32,9 @@ from tests.distributed.helpers import (
 LONG = ["--max_steps", 12, "--ckpt_interval", 4]
 
 
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

@@ -59,6 +59,9 @@ CASES = {  # name: (poisoned batches, extra flags, launch)
 }
 
 
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
+
+
 @pytest.fixture(scope="module")
 def runs(shakespeare_data, tmp_path_factory):
     """Every case at once, one process each, and the long stretch again, killed -9 right after its rollback and

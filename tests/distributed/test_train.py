@@ -49,6 +49,7 @@ def assert_close_losses(a: dict, b: dict, rel: float = 1e-5):
         assert math.isclose(a[step], b[step], rel_tol=rel), (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_a_runs_config_json_as_config_runs_the_same_run(reference, shakespeare_data, tmp_path):
     """The contract: RUN/config.json holds what ran (settled, typed), and passed back as --config it is that run."""
     recorded = json.loads((reference / "config.json").read_text())
@@ -96,6 +97,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(reference, two_ranks):
     assert [r["grad_norm"] for r in metrics(out)] == pytest.approx(ref_norms, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_loss_trains_as_the_full_logits_loss(two_ranks, shakespeare_data, tmp_path):
     fused, _ = two_ranks
     plain = tmp_path / "plain"
@@ -105,6 +107,7 @@ def test_fused_loss_trains_as_the_full_logits_loss(two_ranks, shakespeare_data, 
     assert metrics(fused)[-1]["val_loss"] == pytest.approx(metrics(plain)[-1]["val_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shakespeare_data, tmp_path):
     # DDP(torch.compile(model)): Dynamo's DDPOptimizer splits the compiled graph at DDP's bucket
     # boundaries, so each bucket's all-reduce starts while backward still runs; accumulation
@@ -151,6 +154,7 @@ def test_compiled_ddp_overlaps_its_buckets_and_keeps_the_losses(reference, shake
     assert json.loads(result.read_text())["loss"] == pytest.approx(logged, rel=1e-6, abs=0)
 
 
+@pytest.mark.slow
 def test_init_from_is_read_by_one_rank_and_trains_as_one_process(reference, shakespeare_data, tmp_path):
     source = tmp_path / "source.pt"
     run([sys.executable, str(REPO / "launch" / "export.py"), "--ckpt", str(reference), "--pt", str(source)])
@@ -166,6 +170,7 @@ def test_init_from_is_read_by_one_rank_and_trains_as_one_process(reference, shak
     assert_close_losses(losses(one), losses(two))
 
 
+@pytest.mark.slow
 def test_two_node_launch_equals_one_node(reference, shakespeare_data, tmp_path):
     out = tmp_path / "two_nodes"
     port = free_port()
@@ -181,6 +186,7 @@ def test_two_node_launch_equals_one_node(reference, shakespeare_data, tmp_path):
     assert_close_losses(losses(reference), losses(out))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_bitwise_exact(shakespeare_data, tmp_path):
     # A constant learning rate, so that max_steps changes nothing but where the run ends: the run
     # to be killed is endless (the kill surely lands mid-run, wherever), its resume ends at 14.
@@ -209,6 +215,7 @@ def test_resume_after_kill_is_bitwise_exact(shakespeare_data, tmp_path):
         assert ra.get("val_loss") == rb.get("val_loss")
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_previous(shakespeare_data, tmp_path):
     extra = ["--max_steps", 8, "--ckpt_interval", 4, "--keep_ckpts", 5]
     out = tmp_path / "run"
@@ -229,6 +236,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(shakespeare_data, tmp_
     assert not partial.exists(), "the half-written directory is cleaned up after the next good save"
 
 
+@pytest.mark.slow
 def test_fp16_with_grad_scaler_runs_on_cpu(shakespeare_data, tmp_path):
     try:
         with torch.autocast("cpu", dtype=torch.float16):
@@ -243,6 +251,7 @@ def test_fp16_with_grad_scaler_runs_on_cpu(shakespeare_data, tmp_path):
     assert "skipped_steps" in records[-1]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics(shakespeare_data, tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "wb"
@@ -257,6 +266,7 @@ def test_wandb_offline_run_holds_the_metrics(shakespeare_data, tmp_path):
             assert key.encode() in log and json.dumps(record[key]).encode() in log, (key, record)
 
 
+@pytest.mark.slow
 def test_resuming_on_another_world_size_gives_each_rank_its_own_random_stream(shakespeare_data, tmp_path):
     out = tmp_path / "regrow"
     run(train_cmd(shakespeare_data, out, "--max_steps", 2, "--ckpt_interval", 2, "--grad_accum_steps", 2))
@@ -265,6 +275,7 @@ def test_resuming_on_another_world_size_gives_each_rank_its_own_random_stream(sh
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"]), "ranks would share dropout masks"
 
 
+@pytest.mark.slow
 def test_throughput_leaves_eval_and_checkpoint_time_out(shakespeare_data, tmp_path):
     out = tmp_path / "throughput"
     # An eval far longer than a step (made so): counted as training time, it would sink its window's tokens/s.
@@ -281,6 +292,7 @@ def test_throughput_leaves_eval_and_checkpoint_time_out(shakespeare_data, tmp_pa
     assert window_s < eval_s, records[5]
 
 
+@pytest.mark.slow
 def test_profile_steps_write_one_trace_per_rank_of_the_chosen_steps_only(shakespeare_data, tmp_path):
     out = tmp_path / "profiled"
     proc = run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--profile_steps", "2:3", nproc=2))
@@ -296,6 +308,7 @@ def test_profile_steps_write_one_trace_per_rank_of_the_chosen_steps_only(shakesp
         assert all("Input Dims" in e["args"] for e in inside)
 
 
+@pytest.mark.slow
 def test_a_run_judged_against_its_twin_is_on_track_at_every_eval(reference, shakespeare_data, tmp_path):
     out = tmp_path / "judged"  # the reference fixture's run again, judged against that run's val curve
     proc = run(train_cmd(shakespeare_data, out, "--max_steps", 4, "--grad_accum_steps", 2, "--reference", reference))

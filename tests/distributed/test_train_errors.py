@@ -6,6 +6,8 @@ import pytest
 from gpt2repro import shards
 from tests.distributed.helpers import REPO, losses, run, train_cmd
 
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
+
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0
@@ -167,7 +169,7 @@ def test_bad_paths_are_one_clear_line(finished_run, shakespeare_data, tmp_path):
                 "--prompt-file",
                 str(tmp_path / "nope.txt"),
             ],
-            "--prompt-file",
+            "--prompt_file",
             "No such file",
         ),
     ]

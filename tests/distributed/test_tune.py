@@ -60,6 +60,9 @@ module.measure_forecast = measure_forecast
 )
 
 
+pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
+
+
 def test_tune_picks_the_fastest_layout_and_its_forecast_adds_up_what_it_measured(shakespeare_data, tmp_path):
     out, tuned, record = tmp_path / "run", tmp_path / "tuned.json", tmp_path / "record.json"
     environ = {
