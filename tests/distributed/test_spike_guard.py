@@ -7,8 +7,10 @@ the clean run's final val loss, having skipped exactly the poisoned batches it r
 the same with the guard on (the default) as with it off."""
 
 import json
+import os
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -64,39 +66,51 @@ pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, n
 
 @pytest.fixture(scope="module")
 def runs(shakespeare_data, tmp_path_factory):
-    """Every case at once, one process each, and the long stretch again, killed -9 right after its rollback and
-    then resumed. Their run directories, by name."""
+    """Every case, one process each (as many at a time as there are cores: more only thrash), and the long stretch
+    again, killed -9 right after its rollback and then resumed, and the mid stretch stopped by SIGTERM in its
+    streak and resumed. Their run directories, by name."""
     root = tmp_path_factory.mktemp("spikes")
     data = {}
     for batches in {MID, AFTER_WARMUP, FIRST_WINDOW, LONG, FREQUENT}:
         data[batches] = poison(shakespeare_data, root / f"data_{batches.start}_{batches.stop}", batches, 4, 32)
     data[range(0)] = shakespeare_data
     two_ranks = poison(shakespeare_data, root / "data_two_ranks", MID, 4, 32, world_size=2, ranks=[0])
-    procs = {}
-    for name, (batches, flags, nproc) in CASES.items():
-        source = two_ranks if name == "two_ranks_one_poisoned" else data[batches]
-        procs[name] = _start(train_cmd(source, root / name, *RUN, *flags, nproc=nproc), root / f"{name}.log")
-    # Each step of the killed run a little slower, so that the kill lands well before its end on any machine.
-    killed = train_cmd(data[LONG], root / "killed", *RUN)
+    # Each step of the interrupted runs a little slower, so that the signal lands well before the end on any machine.
     slow = env_with_sitecustomize(root / "site", slowed("gpt2repro.train", "train_step", 0.02))
-    proc = _start(killed, root / "killed.log", slow)
-    log = root / "killed" / "metrics.jsonl"
-    wait_for(lambda: log.exists() and "rollback_from" in log.read_text(), timeout=600)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert metrics(root / "killed")[-1]["step"] < 300
-    procs["killed"] = _start(killed, root / "resumed.log")  # the resume, while the others run
-    # SIGTERM in the middle of a streak (its 5th skipped batch): a checkpoint of the last step, then the resume.
-    stopped = train_cmd(data[MID], root / "stopped", *RUN)
-    proc = _start(stopped, root / "stopped.log", slow)
-    log = root / "stopped" / "metrics.jsonl"
-    wait_for(lambda: log.exists() and log.read_text().count("spike_loss") >= 5, timeout=600)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, (root / "stopped.log").read_text()[-3000:]
-    procs["stopped"] = _start(stopped, root / "stopped_resumed.log")
-    for name, proc in procs.items():
-        assert proc.wait(timeout=900) == 0, f"{name}: {(root / f'{name}.log').read_text()[-3000:]}"
-    return {name: root / name for name in procs}
+
+    def case(name, batches, flags, nproc):
+        source = two_ranks if name == "two_ranks_one_poisoned" else data[batches]
+        _finish(_start(train_cmd(source, root / name, *RUN, *flags, nproc=nproc), root / f"{name}.log"), name, root)
+
+    def killed():
+        cmd = train_cmd(data[LONG], root / "killed", *RUN)
+        proc = _start(cmd, root / "killed.log", slow)
+        log = root / "killed" / "metrics.jsonl"
+        wait_for(lambda: log.exists() and "rollback_from" in log.read_text(), timeout=600)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert metrics(root / "killed")[-1]["step"] < 300
+        _finish(_start(cmd, root / "resumed.log"), "resumed", root)
+
+    def stopped():  # SIGTERM in the middle of a streak (its 5th skipped batch): a checkpoint of the last step
+        cmd = train_cmd(data[MID], root / "stopped", *RUN)
+        proc = _start(cmd, root / "stopped.log", slow)
+        log = root / "stopped" / "metrics.jsonl"
+        wait_for(lambda: log.exists() and log.read_text().count("spike_loss") >= 5, timeout=600)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, (root / "stopped.log").read_text()[-3000:]
+        _finish(_start(cmd, root / "stopped_resumed.log"), "stopped_resumed", root)
+
+    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
+        jobs = [pool.submit(killed), pool.submit(stopped)]
+        jobs += [pool.submit(case, name, *spec) for name, spec in CASES.items()]
+        for job in jobs:
+            job.result()
+    return {name: root / name for name in [*CASES, "killed", "stopped"]}
+
+
+def _finish(proc, name, root):
+    assert proc.wait(timeout=900) == 0, f"{name}: {(root / f'{name}.log').read_text()[-3000:]}"
 
 
 def _start(cmd, log, environ=None):
