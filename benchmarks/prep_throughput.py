@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpt2repro.runtime import underscored  # noqa: E402
 
 
 def make_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
@@ -111,9 +114,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", nargs="+", help="jsonl corpus files (default: generate one)")
     p.add_argument("--megabytes", type=float, default=200.0, help="size of the generated corpus")
-    p.add_argument("--num_proc", "--num-proc", type=int, default=os.cpu_count())
-    p.add_argument("--text_field", "--text-field", default="text")
-    args = p.parse_args()
+    p.add_argument("--num_proc", type=int, default=os.cpu_count())
+    p.add_argument("--text_field", default="text")
+    args = p.parse_args(underscored(sys.argv[1:]))
 
     with tempfile.TemporaryDirectory() as tmp:
         files = args.files

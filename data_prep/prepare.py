@@ -427,7 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("pass exactly one of --out DIR (prepare) or --verify DIR")
     for name in ("shard_tokens", "num_proc"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+            p.error(f"--{name} must be at least 1")
     if args.val_docs is not None and args.val_docs < 1:
         p.error("--val_docs must be at least 1")
     if args.val_first_tokens is not None and args.val_first_tokens < 1:

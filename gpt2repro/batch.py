@@ -24,6 +24,7 @@ class BatchSettings(Settings):
         0,
         "tokens per optimizer step, all ranks (0: batch_size x block_size x ranks x grad_accum_steps)",
         resumable=True,
+        at_least=0,
     )
 
 
@@ -40,7 +41,7 @@ def resolve_batch(cfg, world_size: int, given: frozenset[str] = frozenset()):
     ranks can split. A ValueError says what cannot fit and which values would.
     """
     b, t, w = cfg.batch_size, cfg.block_size, world_size
-    if min(b, t, w, cfg.grad_accum_steps) < 1:
+    if min(b, t, w, cfg.grad_accum_steps) < 1 or cfg.total_batch_tokens < 0:
         return cfg  # reported by resolve
     if "grad_accum_steps" in given:
         total = b * t * w * cfg.grad_accum_steps

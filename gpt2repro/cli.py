@@ -113,7 +113,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, C.TrainConfig, frozenset
     args, rest = p.parse_known_args(argv)
     cfg, given = parse_overrides(load_base(args.config), rest)
     if not cfg.dry_run and not (args.data and args.out):
-        p.error("--data and --out are required (except with --dry_run true)")
+        raise ValueError("--data and --out are required (except with --dry_run true).")
+    if (args.world_size or args.gpus_per_node) and not cfg.dry_run:
+        raise ValueError("--world_size and --gpus_per_node plan a launch: pass them with --dry_run true.")
+    world_size, per_node = args.world_size, args.gpus_per_node
+    if world_size < 0 or per_node < 0 or (per_node and world_size and world_size % per_node):
+        raise ValueError(
+            "--world_size and --gpus_per_node must be positive (0: this launch's), and the GPUs per node must divide "
+            f"the world size; got {world_size} and {per_node}."
+        )
     return args, cfg, given
 
 
@@ -132,9 +140,10 @@ def parse_overrides(base: C.TrainConfig, args: list[str]) -> tuple[C.TrainConfig
             continue
         name, eq, raw = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].partition("=")[0][2:].replace("-", "_") in C.FIELDS:
                 problems.append(f"--{name} needs a value")
-                break
+                i += 1
+                continue
             raw = args[i + 1]
             i += 1
         i += 1

@@ -77,7 +77,13 @@ AUTO_SETTINGS = frozenset(name for name, f in FIELDS.items() if f.metadata["auto
 RUN_KEYS = ("world_size", "data", "dataset", "requested")
 
 
+# The command line's own flags (gpt2repro/cli.py): they say where the run is, and no config file holds them.
+LAUNCH_FLAGS = ("config", "data", "out", "world_size", "gpus_per_node")
+
+
 def unknown_field_message(name: str) -> str:
+    if name in LAUNCH_FLAGS:
+        return f"{name} is not a field but a flag of the command line (--{name}); pass it there"
     close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.5)
     hint = f"; did you mean --{close[0]}?" if close else "; run with --help to list the fields"
     return f"unknown field --{name}{hint}"

@@ -62,7 +62,7 @@ class GuardSettings(Settings):
     rollback_after: int = setting(32, "consecutive skipped steps that roll the run back", resumable=True, at_least=1)
     max_rollbacks: int = setting(3, "rollbacks before the run stops with an error", resumable=True, at_least=0)
     max_nonfinite_steps: int = setting(
-        5, "consecutive steps with non-finite gradients before the run stops", resumable=True
+        5, "consecutive steps with non-finite gradients before the run stops", resumable=True, at_least=1
     )
 
 

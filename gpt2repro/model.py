@@ -106,7 +106,7 @@ class ModelSettings(Settings):
     vocab_size: int = setting(_GPT2.vocab_size, "token embedding rows (GPT-2's BPE: 50257; at most 65536)")
     dropout: float = setting(_GPT2.dropout, "dropout probability in training (GPT-2 pretraining: 0)")
     bias: bool = setting(_GPT2.bias, "biases in Linear and LayerNorm, as GPT-2")
-    seed: int = setting(1337, "the weights' initialisation, dropout and the data's shuffle")
+    seed: int = setting(1337, "the weights' initialisation, dropout and the data's shuffle", at_least=0)
 
     def problems(self) -> list[str]:
         problems = shape_problems(self)

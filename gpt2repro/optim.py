@@ -42,10 +42,15 @@ class OptimizerSettings(Settings):
     )
     # 0: twice lr, the ratio benchmarks/optimizer_steps.py found best (docs/training.md, Muon)
     muon_lr: float = setting(0.0, "--optimizer muon: the Muon matrices' peak lr (0: twice --lr)", auto=True, at_least=0)
-    weight_decay: float = setting(0.1, "AdamW's (and Muon's) decoupled weight decay, on matrices only")
+    weight_decay: float = setting(0.1, "AdamW's (and Muon's) decoupled weight decay, on matrices only", at_least=0)
     beta1: float = setting(0.9, "AdamW's beta1 (Muon's momentum)")
     beta2: float = setting(0.95, "AdamW's beta2")
-    grad_clip: float = setting(1.0, "clip the global grad norm to this (0: no clipping)")
+    grad_clip: float = setting(1.0, "clip the global grad norm to this (0: no clipping)", at_least=0)
+
+    def problems(self) -> list[str]:
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            return [f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}"]
+        return []
 
     def settled(self, machine) -> dict:
         return {"muon_lr": 2 * self.lr} if self.optimizer == "muon" and not self.muon_lr else {}

@@ -27,9 +27,14 @@ class ScheduleSettings(Settings):
     )
 
     def problems(self) -> list[str]:
-        if not (0 <= self.min_lr <= self.lr) or not math.isfinite(self.lr):
-            return [f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}"]
-        return []
+        problems = []
+        if not math.isfinite(self.lr) or not math.isfinite(self.min_lr):
+            problems.append(f"lr and min_lr must be finite, got lr={self.lr}, min_lr={self.min_lr}")
+        elif not 0 <= self.min_lr <= self.lr:
+            problems.append(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.lr_schedule == "wsd" and self.decay_steps > self.max_steps:
+            problems.append(f"decay_steps ({self.decay_steps}) must be at most max_steps ({self.max_steps})")
+        return problems
 
     def settled(self, machine) -> dict:
         """wsd's decay, when asked as auto: the last 20% of the run (it follows a new --max_steps)."""

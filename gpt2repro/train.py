@@ -247,6 +247,8 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         )
         if comparison is not None:
             print(comparison.describe(), flush=True)
+        if state.step >= cfg.max_steps:
+            print(f"nothing to train: the run is at step {state.step:,} of max_steps {cfg.max_steps:,}", flush=True)
         gpu_bytes = machine.gpu_memory_bytes
         if gpu_bytes and not plan.fits(gpu_bytes):
             print(

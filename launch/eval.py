@@ -3,8 +3,7 @@
     python launch/eval.py --ckpt runs/124m --data data/owt                  # newest checkpoint of a run
     python launch/eval.py --hf gpt2 --data data/owt                          # live GPT-2 baseline
     python launch/eval.py --ckpt runs/124m --hellaswag hellaswag_val.jsonl
-    python launch/eval.py --ckpt runs/124m --tasks lambada_openai,lambada_openai_last_token,hellaswag,wikitext \
-        --vs gpt2-124m                                                       # GPT-2's table (pip: gpt2repro[eval])
+    python launch/eval.py --ckpt runs/124m --tasks lambada_openai,hellaswag,wikitext --vs gpt2-124m   # GPT-2's table
     torchrun --standalone --nproc_per_node=8 launch/eval.py --hf gpt2-xl --data data/owt
 
 The loss uses the trainer's val windows (the first --max_tokens of the split, in
@@ -80,6 +79,8 @@ def parse(argv):
         p.error("pass --data DIR (loss), --hellaswag FILE and/or --tasks TASK,...")
     if args.vs and not args.tasks:
         p.error("--vs compares lm-eval tasks: pass --tasks too")
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     return args
 
 

@@ -39,15 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ckpt", help="checkpoint directory, or a run directory (its newest)")
     source.add_argument("--hf", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a save_pretrained directory")
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="\n")
-    prompt.add_argument("--prompt_file", type=Path)
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    prompt.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    prompt.add_argument("--prompt_file", type=Path, help="a UTF-8 text file to continue")
+    p.add_argument("--num_samples", type=int, default=1, help="samples to draw (default 1)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens per sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, > 0 (default 0.8)")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens (default 200)")
+    p.add_argument("--seed", type=int, default=1337, help="the sampling's seed (default 1337)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if any")
     args = p.parse_args(underscored(sys.argv[1:] if argv is None else argv))
+    least = {"num_samples": 1, "max_new_tokens": 1, "top_k": 1}
+    if bad := [f"--{name} must be at least {n}" for name, n in least.items() if getattr(args, name) < n]:
+        p.error("; ".join(bad))
+    if not args.temperature > 0:
+        p.error(f"--temperature must be above 0, got {args.temperature}")
     try:
         text = read_prompt(args.prompt_file) if args.prompt_file else args.prompt
         model, _ = load_model(args.hf or args.ckpt)

@@ -71,6 +71,24 @@ def test_bad_flags_are_one_error_naming_each_problem():
     with pytest.raises(ValueError) as e:
         cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", "--lr_shedule", "wsd", "--n_layer", "2.5"])
     assert "did you mean --lr_schedule?" in str(e.value) and "--n_layer takes an integer" in str(e.value)
+    with pytest.raises(ValueError, match="--lr needs a value"):  # not: --lr takes a number, got '--max_steps'
+        cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", "--lr", "--max_steps", "5"])
+    with pytest.raises(ValueError, match=r"out is not a field but a flag of the command line \(--out\)"):
+        C.from_json({"out": "runs/x"}, "config file c.json")
+    with pytest.raises(ValueError, match="the GPUs per node must divide the world size"):
+        cli.parse(["--config", "gpt2-1558m", "--dry_run", "true", "--world_size", "16", "--gpus_per_node", "3"])
+    with pytest.raises(ValueError, match="pass them with --dry_run true"):
+        cli.parse(["--config", "shakespeare-cpu", "--data", "d", "--out", "o", "--world_size", "4"])
+    bad = ["--max_nonfinite_steps", "0", "--seed", "-1", "--total_batch_tokens", "-100", "--beta1", "1.5"]
+    with pytest.raises(ValueError) as e:
+        C.resolve(cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", *bad])[1], 1)
+    for problem in (
+        "max_nonfinite_steps must be at least 1",
+        "seed must be at least 0",
+        "total_batch_tokens must be at least 0",
+        "beta1 and beta2 must be in [0, 1)",
+    ):
+        assert problem in str(e.value)
 
 
 def test_a_config_json_written_before_the_components_runs_and_resumes_as_the_same_run(tmp_path):
