@@ -179,7 +179,7 @@ def measure(name: str, asked, return_logits: bool, args, info: D.DistInfo) -> Ro
     memory, in this process."""
     machine = settings.Machine.this(info.device, info.world_size, info.local_world_size)
     cfg = settings.settle(asked, machine)  # as the trainer settles it: dtype, compile, fused loss, strategy
-    plan = settings.plan(cfg, machine)
+    plan = parallel.plan_on(cfg, machine)
     device, cuda = info.device, info.device_type == "cuda"
     gc.collect()
     if cuda:

@@ -130,6 +130,8 @@ def parse_overrides(base: C.TrainConfig, args: list[str]) -> tuple[C.TrainConfig
 
     Returns the config and the names of the fields given: those beat what a preset derives.
     """
+    args = underscored(args)
+    is_flag = lambda arg: arg.startswith("--") and arg[2:].partition("=")[0] in C.FIELDS
     pairs, problems = [], []
     i = 0
     while i < len(args):
@@ -140,14 +142,14 @@ def parse_overrides(base: C.TrainConfig, args: list[str]) -> tuple[C.TrainConfig
             continue
         name, eq, raw = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args) or args[i + 1].partition("=")[0][2:].replace("-", "_") in C.FIELDS:
+            if i + 1 >= len(args) or is_flag(args[i + 1]):
                 problems.append(f"--{name} needs a value")
                 i += 1
                 continue
             raw = args[i + 1]
             i += 1
         i += 1
-        pairs.append((name.replace("-", "_"), raw))
+        pairs.append((name, raw))
     changes, bad_values = C.convert(pairs, schema.parse_value)
     problems += bad_values
     if problems:

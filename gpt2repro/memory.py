@@ -27,10 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpt2repro.devices import GiB
 from gpt2repro.loss import default_chunk_size
 from gpt2repro.model import GPTConfig
-
-GiB = 1024**3
 
 # Bytes per token per layer of one block's saved activations, in units of n_embd.
 # fp32: x, ln_1 out, qkv (3), attention out, its contiguous copy, x mid, ln_2 out, fc (4), gelu (4) = 17 x 4 bytes.

@@ -32,11 +32,6 @@ def settle(asked: C.TrainConfig, machine: Machine, given: frozenset[str] = froze
     return cfg
 
 
-def plan(cfg: C.TrainConfig, machine: Machine) -> memory.MemoryPlan:
-    """The memory plan of a settled cfg on machine (strategy auto: the one the planner picks)."""
-    return parallel.plan_on(cfg, machine)
-
-
 def requested(asked: C.TrainConfig, settled: C.TrainConfig) -> dict:
     """The asked values that settling changed (the autos, a bent batch), as a config file holds them."""
     before, after = to_json(asked), to_json(settled)
@@ -50,5 +45,5 @@ def dry_run(asked: C.TrainConfig, given: frozenset[str], machine: Machine) -> st
     batch = describe_batch(asked, cfg, machine.world_size, given)
     return (
         f"dry run: {strategy} on {machine.world_size} rank(s), nothing trained\n{batch}\n"
-        f"{memory.format_plan(plan(cfg, machine), machine.gpu_memory_bytes)}"
+        f"{memory.format_plan(parallel.plan_on(cfg, machine), machine.gpu_memory_bytes)}"
     )

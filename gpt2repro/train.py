@@ -238,7 +238,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(run_dir, run_record(asked, cfg, info.world_size, data_dir))
         print(describe_batch(asked, cfg, info.world_size, given), flush=True)
-        plan = settings.plan(cfg, machine)
+        plan = parallel.plan_on(cfg, machine)
         print(
             f"model {plan.num_params:,} params | {cfg.strategy} on {info.world_size} rank(s) on {info.device} | "
             f"{cfg.dtype}{' + fp8 matmuls' if cfg.fp8 else ''} | compile {'on' if cfg.compile == 'true' else 'off'} | "

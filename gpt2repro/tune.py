@@ -109,7 +109,7 @@ def run_trial(
     """One candidate (on `layout`, its strategy's, made once for the tune): refused by the planner, or built
     and timed; an out-of-memory error on any rank marks it as not fitting on all of them."""
     info = layout.info
-    plan, limit = settings.plan(cfg, machine), cfg.gpu_memory_gb * GiB  # settled: asked, else this GPU's
+    plan, limit = parallel.plan_on(cfg, machine), cfg.gpu_memory_gb * GiB  # settled: asked, else this GPU's
     if limit and not plan.fits(limit):
         return Trial(
             cfg, fits=False, why=f"the planner estimates {plan.total / GiB:.2f} GiB > {cfg.gpu_memory_gb:g} GiB"

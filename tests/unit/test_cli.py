@@ -71,6 +71,8 @@ def test_bad_flags_are_one_error_naming_each_problem():
     with pytest.raises(ValueError) as e:
         cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", "--lr_shedule", "wsd", "--n_layer", "2.5"])
     assert "did you mean --lr_schedule?" in str(e.value) and "--n_layer takes an integer" in str(e.value)
+    _, named, _ = cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", "--wandb_run_name", "mylr"])
+    assert named.wandb_run_name == "mylr"  # a value is never taken for a flag
     with pytest.raises(ValueError, match="--lr needs a value"):  # not: --lr takes a number, got '--max_steps'
         cli.parse(["--config", "shakespeare-cpu", "--dry_run", "true", "--lr", "--max_steps", "5"])
     with pytest.raises(ValueError, match=r"out is not a field but a flag of the command line \(--out\)"):
