@@ -12,6 +12,12 @@ A checkpoint is a directory RUN_DIR/checkpoints/step_XXXXXXXX:
 It is written under a temporary name and renamed into place only when complete, so a kill
 mid-write never leaves a directory that looks valid; a damaged one (missing file, wrong
 size or hash) is reported and skipped in favour of the previous one.
+
+With --ckpt_async (the default) training stops only while the state is copied into a staging buffer in
+host memory (DCP's async_save with its DefaultStager, which keeps one buffer and copies into it again);
+a background thread writes the copy, hashes the files and commits the checkpoint, its collectives on a gloo
+group of their own. One is written at a time: the next checkpoint, a rollback, a stop and the end of the
+run wait for it.
 gpt2repro/weights.py opens one for inference; `launch/export.py` turns one into a single file or a
 Hugging Face directory.
 """
@@ -24,7 +30,9 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt2repro import distributed as D
@@ -46,6 +55,10 @@ META_NAME = "meta.json"
 STATE_DIR = "state"
 TRAINER_FILE = "trainer.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# DCP in one process (no_dist) warns that it is "assuming the intent is to save in a single process": yes, on
+# purpose. Filtered once for the process: a background save warns from its own thread, where catch_warnings
+# (which swaps the process's filters) would race the training thread's.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class CheckpointError(ValueError):
@@ -62,6 +75,11 @@ class CheckpointSettings(Settings):
     keep_ckpts: int = setting(
         3, "the newest checkpoints kept (and those a spike rollback may need)", resumable=True, at_least=1
     )
+    ckpt_async: bool = setting(
+        True,
+        "write checkpoints in the background: training stops only to copy the state to host memory",
+        resumable=True,
+    )
     resume: str = setting(
         "auto", "auto: the newest intact checkpoint in --out; never; or a checkpoint's PATH", resumable=True
     )
@@ -72,6 +90,17 @@ class CheckpointSettings(Settings):
     )
 
 
+@dataclass(frozen=True)
+class Written:
+    """A checkpoint written in the background: its step and path, the seconds from the save's start to its
+    commit, and the bytes of the staging copy it was written from."""
+
+    step: int
+    path: Path
+    write_s: float
+    staged_bytes: int
+
+
 class Checkpointer:
     """A run's checkpoints, and when: every ckpt_interval steps, at the last step and at a stop
     request. It keeps the newest keep_ckpts and, while the newest ones may hold diverged weights,
@@ -80,20 +109,59 @@ class Checkpointer:
 
     What a checkpoint holds: model and AdamW state (sharded under FSDP), and in trainer.pt the
     step, tokens, skipped steps, GradScaler state and every rank's RNG state.
+
+    With cfg.ckpt_async, save() returns once the state is staged; `pending` is the checkpoint being written
+    (one at most), which poll() and wait() hand back as a Written once committed.
     """
 
     def __init__(self, run_dir: Path, cfg, raw_model: GPT, optimizer, scaler, info: D.DistInfo, guard=None):
         self.run_dir, self.cfg, self.info = Path(run_dir), cfg, info
         self.raw_model, self.optimizer, self.scaler, self.guard = raw_model, optimizer, scaler, guard
         self.resumed_from: Path | None = None
-        self.saved: Path | None = None  # the newest one this process wrote
+        self.saved: Path | None = None  # the newest one this process wrote (or is writing)
+        self.pending: Future | None = None  # the checkpoint being written in the background, a Future of Written
+        self.staged_bytes = 0  # the staging copy's size (host memory held from the first save on)
+        self._background = None
+        if cfg.ckpt_async:  # every rank together: the side group is made collectively
+            cuda = info.device_type == "cuda"  # pinned buffers and non-blocking copies from the GPU
+            self._background = (
+                D.side_group(info, cfg.collective_timeout_s),
+                DefaultStager(StagingOptions(cuda, False, False, cuda)),
+                ThreadPoolExecutor(1, thread_name_prefix="gpt2repro-checkpoint"),
+            )
 
     def due(self, step: int, stop: int) -> bool:
         return periodic(step, self.cfg.ckpt_interval, self.cfg.max_steps) or bool(stop)
 
+    def poll(self) -> Written | None:
+        """The checkpoint written in the background, once it is committed (None before, and when there is
+        none); its error, as a CheckpointError, if it failed. Never blocks."""
+        if self.pending is None or not self.pending.done():
+            return None
+        return self.wait()
+
+    def wait(self) -> Written | None:
+        """Block until the checkpoint being written in the background is committed, and return it (None when
+        there is none); a CheckpointError if it failed."""
+        pending, self.pending = self.pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self) -> None:
+        """Release the staging buffers and the background thread (after wait())."""
+        if self._background is not None:
+            _, stager, executor = self._background
+            executor.shutdown(wait=True)
+            stager.close()
+            self._background = None
+
     def save(self, state, consecutive_bad: int = 0) -> Path:
         """Every rank writes its part of the model and optimizer state at once (a collective); retention
-        then keeps the last good checkpoint too while the newest ones follow non-finite losses."""
+        then keeps the last good checkpoint too while the newest ones follow non-finite losses.
+
+        Asynchronous (cfg.ckpt_async): returns once the state is staged, the one before it having been waited
+        for; its files are written, hashed and committed in the background (`pending`)."""
+        if self.pending is not None:
+            raise RuntimeError("a checkpoint is still being written: wait() for it before the next save")
         rng_states = D.gather_objects(rng_state(), self.info)  # collective: every rank takes part
         trainer = {
             "step": state.step,
@@ -114,10 +182,26 @@ class Checkpointer:
             "tokens": state.tokens,
         }
         needed = {self.last_good(state.step, consecutive_bad), *self.rollback_candidates(state.step)} - {None}
-        self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
-        if self.info.is_main:
-            prune(self.run_dir, self.cfg.keep_ckpts, needed)
-        return self.saved
+        if self._background is None:
+            self.saved = save(self.run_dir, state.step, self.training_state(), trainer, meta, self.info)
+            if self.info.is_main:
+                prune(self.run_dir, self.cfg.keep_ckpts, needed)
+            return self.saved
+        group, stager, executor = self._background
+        started, step = time.perf_counter(), state.step  # `state` goes on changing while this is written
+        tmp, final = begin(self.run_dir, state.step, self.info)
+        training_state = self.training_state()
+        self.staged_bytes = state_bytes(training_state)
+        upload = _write_state(training_state, tmp, final, self.run_dir, self.info, group, stager)
+
+        def finish() -> Written:
+            path = commit(upload, tmp, final, trainer, meta, self.info, group)
+            if self.info.is_main:
+                prune(self.run_dir, self.cfg.keep_ckpts, needed)
+            return Written(step, path, time.perf_counter() - started, self.staged_bytes)
+
+        self.pending, self.saved = executor.submit(finish), final
+        return final
 
     def rollback_candidates(self, step: int) -> list[Path]:
         """With the spike guard on: the checkpoints a rollback after `step` may go back to (one from at least
@@ -251,25 +335,62 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save(run_dir: Path, step: int, state: dict, trainer: dict, meta: dict, info: D.DistInfo) -> Path:
-    """Write the checkpoint of `step`; every rank calls this and gets its path (or the same CheckpointError).
+    """Write the checkpoint of `step` now; every rank calls this and gets its path (or the same CheckpointError).
 
     state: {"model": ..., "optimizer": ...} state dicts, sharded (FSDP) or whole (DDP);
     DCP spreads the writing over the ranks. trainer: rank 0's small objects (torch.save).
     """
+    tmp, final = begin(run_dir, step, info)
+    return commit(_write_state(state, tmp, final, run_dir, info), tmp, final, trainer, meta, info)
+
+
+def begin(run_dir: Path, step: int, info: D.DistInfo) -> tuple[Path, Path]:
+    """(the temporary directory a checkpoint of `step` is written to, its final name), the temporary one
+    emptied of an earlier attempt before any rank writes; every rank together."""
     root = checkpoint_dir(run_dir)
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     D.barrier(info)
+    return tmp, final
+
+
+def _write_state(state: dict, tmp: Path, final: Path, run_dir: Path, info: D.DistInfo, group=None, stager=None):
+    """DCP writes `state` under tmp: now (a Future already done), or, with a stager, from its staged copy in
+    DCP's thread (the Future of that write) once the copy is made. Its error becomes a one-line CheckpointError
+    when the Future's result is read."""
+    done: Future = Future()
+    try:
+        if stager is None:
+            done.set_result(dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not info.is_distributed))
+            return done
+        return dcp.async_save(
+            state,
+            checkpoint_id=tmp / STATE_DIR,
+            process_group=group,
+            async_stager=stager,
+            no_dist=not info.is_distributed,
+        )
+    except (Exception, CheckpointException) as e:  # DCP raises the same on every rank
+        done.set_exception(CheckpointError(_describe(e, final, run_dir)))
+        return done
+
+
+def commit(written: Future, tmp: Path, final: Path, trainer: dict, meta: dict, info: D.DistInfo, group=None) -> Path:
+    """Once DCP's write (`written`) is done on every rank: each rank hashes the files it wrote, and rank 0
+    writes trainer.pt, then meta.json with every file's size and sha256, and renames tmp to final. Every rank
+    takes part (on `group`: the side group of a background save) and gets final, or the same CheckpointError;
+    a failed checkpoint's temporary directory is removed."""
+    run_dir = final.parent.parent
     error = None
     try:
-        with warnings.catch_warnings():  # "assuming ... a single process": yes, on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not info.is_distributed)
+        written.result()
+    except CheckpointError as e:
+        error = str(e)
     except (Exception, CheckpointException) as e:  # DCP raises the same on every rank
         error = _describe(e, final, run_dir)
-    D.barrier(info)  # rank 0 writes DCP's metadata last
+    D.barrier(info, group)  # rank 0 writes DCP's metadata last
     entries = {}
     if error is None:
         try:  # each rank hashes the files it wrote (still in its page cache); rank 0 also the rest
@@ -277,19 +398,32 @@ def save(run_dir: Path, step: int, state: dict, trainer: dict, meta: dict, info:
             entries = {str(p.relative_to(tmp)): _entry(p) for p in files if _writer(p.name, info) == info.rank}
         except OSError as e:
             error = _describe(e, final, run_dir)
-    gathered = D.gather_objects((entries, error), info)
+    gathered = D.gather_objects((entries, error), info, group)
     error = next((err for _, err in gathered if err), None)
     if info.is_main and error is None:
         try:
-            _commit(tmp, final, root, trainer, {k: v for part, _ in gathered for k, v in part.items()}, meta, step)
+            files = {k: v for part, _ in gathered for k, v in part.items()}
+            _commit(tmp, final, final.parent, trainer, files, meta, step_of(final))
         except Exception as e:
             error = _describe(e, final, run_dir)
-    error = D.broadcast_object(error, info)
+    error = D.broadcast_object(error, info, group)
     if error:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(error)
     return final
+
+
+def state_bytes(state) -> int:
+    """The bytes of the tensors in a (nested) state dict as this rank holds them (its shards under FSDP)."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if torch.is_tensor(state):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
 
 
 def _writer(name: str, info: D.DistInfo) -> int:

@@ -210,36 +210,45 @@ def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def gather_objects(obj, info: DistInfo) -> list:
-    """Every rank's obj, in rank order, on every rank."""
+def gather_objects(obj, info: DistInfo, group=None) -> list:
+    """Every rank's obj, in rank order, on every rank (group: a group of all ranks, else the default one)."""
     if not info.is_distributed:
         return [obj]
     out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def broadcast_object(obj, info: DistInfo):
+def broadcast_object(obj, info: DistInfo, group=None):
     """Rank 0's obj on every rank."""
     if not info.is_distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def barrier(info: DistInfo) -> None:
+def barrier(info: DistInfo, group=None) -> None:
     if info.is_distributed:
-        _barrier()
+        _barrier(group)
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     """dist.barrier on this rank's own GPU, named explicitly (NCCL would otherwise warn, or guess
     the GPU from the global rank)."""
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
+    if dist.get_backend(group) == "nccl":
+        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def side_group(info: DistInfo, timeout_s: float):
+    """A gloo group of all ranks, for work beside the training (a checkpoint written in the background): its
+    collectives never queue behind the training's, nor the training's behind its. None in one process. Every
+    rank calls this together."""
+    if not info.is_distributed:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=backend_timeout_s(timeout_s)))
 
 
 class Watchdog:

@@ -115,6 +115,16 @@ def format_line(
     elif record.get("spikes"):
         parts.append(f"spikes skipped {record['spikes']}")
     parts += [f"{key} {record[f'{key}_s']:.1f}s" for key in ("eval", "ckpt", "rollback") if f"{key}_s" in record]
+    if "ckpt_staged_bytes" in record:
+        parts[-1] += f" stall (staged {record['ckpt_staged_bytes'] / 2**20:,.0f} MiB; written in the background)"
+    if "ckpt_write_s" in record:
+        waited = f", {record['ckpt_wait_s']:.1f}s waited for" if record["ckpt_wait_s"] >= 0.05 else ""
+        parts.append(f"ckpt of step {record['ckpt_step']} written in {record['ckpt_write_s']:.1f}s{waited}")
+    if "startup_s" in record:
+        split = ", ".join(
+            f"{p.replace('_', ' ')} {record[f'startup_{p}_s']:.1f}" for p in STARTUP_PARTS if f"startup_{p}_s" in record
+        )
+        parts.append(f"start-up {record['startup_s']:.1f}s ({split})")
     if eta_s is not None and math.isfinite(eta_s):
         h, rem = divmod(int(eta_s), 3600)
         parts.append(f"eta {h}:{rem // 60:02d}:{rem % 60:02d}")
@@ -131,7 +141,6 @@ class RunLog:
         self.cfg, self.info, self.comparison = run.cfg, run.info, run.comparison
         self.first_step, self.tokens_per_step = run.state.step + 1, run.tokens_per_step
         self.model = references.model_name(run.cfg.n_layer, run.cfg.n_head, run.cfg.n_embd)
-        self.created_s = time.perf_counter()  # the start-up's origin where the process's own start is unknown
         self.startup_s: float | None = None  # this process's start to the end of its first step
         self.flops_per_token = run.raw_model.flops_per_token(run.cfg.block_size)
         self.peak = run.cfg.peak_tflops * 1e12 or None  # settled: stated, else the GPU's from the table
@@ -169,8 +178,12 @@ class RunLog:
         if step == self.first_step:
             synchronize(self.info.device)
             self.throughput.restart(step)
-            age = process_age_s()
-            self.startup_s = age if age is not None else time.perf_counter() - self.created_s
+            STARTUP.mark("first_step")
+            parts = STARTUP.take()
+            self.startup_s = sum(parts.values())
+            if self.info.is_main:
+                record = {"step": step, "startup_s": self.startup_s}
+                self._emit(record | {f"startup_{part}_s": seconds for part, seconds in parts.items()})
 
     def due(self, step: int) -> bool:
         return periodic(step, self.cfg.log_interval, self.cfg.max_steps)
@@ -279,10 +292,29 @@ class RunLog:
             self.file = rundir.MetricsLog(self.file.path, record["step"], rollback=record["rollbacks"])
             self._emit({**record, "rollback_s": seconds})
 
-    def checkpoint(self, state, seconds: float) -> None:
+    def checkpoint(self, state, seconds: float, staged_bytes: int | None = None) -> None:
+        """A checkpoint's stall: the whole save, or (staged_bytes: written in the background) its staging copy."""
         self.throughput.pause(seconds)
         if self.info.is_main:
-            self._emit({"step": state.step, "tokens": state.tokens, "ckpt_s": seconds})
+            record = {"step": state.step, "tokens": state.tokens, "ckpt_s": seconds}
+            if staged_bytes is not None:
+                record["ckpt_staged_bytes"] = staged_bytes
+            self._emit(record)
+
+    def checkpoint_written(self, state, written, waited_s: float) -> None:
+        """A checkpoint written in the background (checkpoint.Written) is committed, noticed at `state`'s step:
+        its write time, and the time training waited for it (at the next checkpoint, a stop, the end)."""
+        self.throughput.pause(waited_s)
+        if self.info.is_main:
+            self._emit(
+                {
+                    "step": state.step,
+                    "tokens": state.tokens,
+                    "ckpt_step": written.step,
+                    "ckpt_write_s": written.write_s,
+                    "ckpt_wait_s": waited_s,
+                }
+            )
 
     def _emit(self, record: dict) -> None:
         record["elapsed_s"] = time.time() - self.started
@@ -293,6 +325,36 @@ class RunLog:
         reference = self.comparison.short if self.comparison else None
         target = self.target.name if self.target else None
         print(format_line(record, self.cfg.max_steps, eta, reference, target), flush=True)
+
+
+STARTUP_PARTS = ("imports", "rendezvous", "data", "model", "resume", "first_step")
+
+
+class Startup:
+    """This process's start-up, from its start (process_age_s) to the end of its first step, in parts: each
+    mark(part) closes the stretch since the mark before (the first: since the process started), in the order
+    of STARTUP_PARTS: imports (Python and the package), rendezvous (the process group), data (shards and val
+    windows opened), model (built, wrapped, the optimizer), resume (the checkpoint's state or init_from's
+    weights loaded), first_step (compilation and warm-up). `take()` hands the parts over and starts again."""
+
+    def __init__(self):
+        self.parts: dict[str, float] = {}
+        self._last: float | None = None
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            age = process_age_s()
+            self._last = now - (age if age is not None else 0.0)
+        self.parts[part] = self.parts.get(part, 0.0) + now - self._last
+        self._last = now
+
+    def take(self) -> dict[str, float]:
+        parts, self.parts = self.parts, {}
+        return parts
+
+
+STARTUP = Startup()  # one per process: the launcher marks its part, train.setup and RunLog the rest
 
 
 def process_age_s() -> float | None:

@@ -7,6 +7,8 @@ what each file holds.
     metrics.rolled_back.jsonl   the records a spike guard's rollback took back, each with its number
     started_at                  the first launch's wall-clock start (elapsed_s counts from it)
     checkpoints/                step_XXXXXXXX/ (gpt2repro/checkpoint.py owns what is inside)
+    compile_cache/              Inductor's cache with --compile true, and its fingerprint.json
+                                (gpt2repro/compile_cache.py)
     profile/                    torch.profiler traces and memory snapshots (gpt2repro/profiling.py)
     wandb/, wandb_id.json       with --wandb online|offline
 """
@@ -26,6 +28,7 @@ METRICS = "metrics.jsonl"
 ROLLED_BACK = "metrics.rolled_back.jsonl"
 STARTED = "started_at"
 CHECKPOINTS = "checkpoints"
+COMPILE_CACHE = "compile_cache"
 PROFILE = "profile"
 WANDB_ID = "wandb_id.json"
 

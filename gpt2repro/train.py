@@ -18,7 +18,18 @@ from pathlib import Path
 
 import torch
 
-from gpt2repro import checkpoint, evaluate, guard, parallel, profiling, references, rundir, settings, weights
+from gpt2repro import (
+    checkpoint,
+    compile_cache,
+    evaluate,
+    guard,
+    parallel,
+    profiling,
+    references,
+    rundir,
+    settings,
+    weights,
+)
 from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro.batch import describe_batch
@@ -27,7 +38,7 @@ from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.devices import GiB
 from gpt2repro.engine import Engine, build_engine, train_step
 from gpt2repro.evaluator import Evaluator
-from gpt2repro.metrics import RunLog, timed
+from gpt2repro.metrics import STARTUP, RunLog, timed
 from gpt2repro.model import GPT
 from gpt2repro.schema import to_json
 from gpt2repro.settings import Machine
@@ -143,9 +154,10 @@ def fit(
     ):
         stopper = Stopper(cfg, info, signals, state, run.guard)
         judge = stopper.judge if run.guard else None  # the spike guard, before each update
+        stopped = 0  # the signal the run stopped on, early
         while state.step < cfg.max_steps:
             step = state.step + 1
-            with watchdog.slow(STARTUP) if step == first_step else contextlib.nullcontext(), profiler.step(step):
+            with watchdog.slow(FIRST_STEP) if step == first_step else contextlib.nullcontext(), profiler.step(step):
                 loss, grad_norm = train_step(run.engine, step, judge, step + state.data_offset)
                 log.step_done(step)
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
@@ -154,6 +166,7 @@ def fit(
             if spike:  # the batch is skipped, not the step: step `step` again, on the next batch
                 log.spike(state, step, step + state.data_offset, loss, grad_norm, run.guard.last_z())
                 if rollback_due:  # the streak's last spike; every rank decides alike, from the same reduced numbers
+                    finish_checkpoint(run, log, watchdog)  # the one in flight may be what it rolls back to
                     target = stopper.rollback_target(run.checkpointer)
                     log.flush()
                     with watchdog.slow(f"the rollback to {target}"):
@@ -163,7 +176,7 @@ def fit(
                 watchdog.beat()
                 if stop:  # the last step's checkpoint again, with the data past this batch: a streak can be long
                     save_checkpoint(run, log, stopper, watchdog)
-                    stopper.announce(stop, state.step, run.checkpointer.saved)
+                    stopped = stop
                     break
                 continue
             state.step, state.tokens = step, state.tokens + run.tokens_per_step
@@ -174,22 +187,41 @@ def fit(
                 with watchdog.slow(f"the evaluation at step {step}"):
                     log.evaluation(state, *timed(info.device, run.evaluator, step))
             log.flush()  # before the checkpoint: a checkpoint's step always has its record
+            if written := run.checkpointer.poll():  # one written in the background since the last step
+                log.checkpoint_written(state, written, 0.0)
             if run.checkpointer.due(step, stop):
                 save_checkpoint(run, log, stopper, watchdog)
             watchdog.beat()
             if stop and step < cfg.max_steps:
-                stopper.announce(stop, step, run.checkpointer.saved)
+                stopped = stop
                 break
+        finish_checkpoint(run, log, watchdog)  # the end of the run, or a stop: the last checkpoint is complete
+        run.checkpointer.close()
+        if stopped:
+            stopper.announce(stopped, state.step, run.checkpointer.saved)
     return state
 
 
-STARTUP = "start-up (the first step, compilation)"
+FIRST_STEP = "start-up (the first step, compilation)"
 
 
 def save_checkpoint(run: Run, log: RunLog, stopper: Stopper, watchdog: D.Watchdog) -> None:
-    """A checkpoint of the run's state as it is (its last counted step), timed and logged."""
+    """A checkpoint of the run's state as it is (its last counted step), timed and logged: the one still being
+    written in the background first (one at a time), then this one's stall (asynchronous: the staging copy;
+    else the whole save)."""
+    finish_checkpoint(run, log, watchdog)
     with watchdog.slow(f"the checkpoint of step {run.state.step}"):
-        log.checkpoint(run.state, timed(run.info.device, run.checkpointer.save, run.state, stopper.bad_streak())[1])
+        stall = timed(run.info.device, run.checkpointer.save, run.state, stopper.bad_streak())[1]
+    log.checkpoint(run.state, stall, run.checkpointer.staged_bytes if run.cfg.ckpt_async else None)
+
+
+def finish_checkpoint(run: Run, log: RunLog, watchdog: D.Watchdog) -> None:
+    """Wait for the checkpoint being written in the background, if any, and log it with the time waited."""
+    if run.checkpointer.pending is None:
+        return
+    with watchdog.slow(f"the checkpoint {run.checkpointer.saved} (written in the background)"):
+        written, waited = timed(run.info.device, run.checkpointer.wait)
+    log.checkpoint_written(run.state, written, waited)
 
 
 def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Path, info: D.DistInfo) -> Run:
@@ -212,9 +244,12 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
     comparison = None
     if cfg.reference:
         comparison = references.Comparison(references.get(cfg.reference), references.dataset_of(data_dir))
+    STARTUP.mark("data")
 
+    cache_line = compile_cache.use(run_dir, cfg, info)  # before anything compiles
     # The same initial weights on every rank; under FSDP sharded before the optimizer sees them.
     engine = build_engine(cfg, layout, loader, cfg.seed)
+    STARTUP.mark("model")
     state = TrainState()
     spike_guard = None
     if cfg.spike_zscore:
@@ -229,6 +264,7 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
         if cfg.init_from:  # read by rank 0, broadcast: FSDP ranks keep their shards
             weights.load_into(engine.raw_model, cfg.init_from, info)
+    STARTUP.mark("resume")
     evaluator = Evaluator(
         cfg, val_windows, hellaswag_examples, parallel.for_eval(engine.model), engine.raw_model, layout, engine.autocast
     )
@@ -245,6 +281,8 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
             f"fused loss {'on' if cfg.fused_loss == 'true' else 'off'} | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
         )
+        if cache_line:
+            print(cache_line, flush=True)
         if comparison is not None:
             print(comparison.describe(), flush=True)
         if state.step >= cfg.max_steps:

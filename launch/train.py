@@ -23,6 +23,7 @@ from gpt2repro import distributed as D  # noqa: E402
 from gpt2repro.checkpoint import CheckpointError  # noqa: E402
 from gpt2repro.distributed import ClusterSettings  # noqa: E402
 from gpt2repro.errors import failure_message, out_of_memory_message, print_error  # noqa: E402
+from gpt2repro.metrics import STARTUP  # noqa: E402
 from gpt2repro.profiling import memory_snapshot_on_oom  # noqa: E402
 from gpt2repro.settings import Machine, dry_run  # noqa: E402
 from gpt2repro.shards import ShardError  # noqa: E402
@@ -31,10 +32,12 @@ from gpt2repro.weights import with_source_shape  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    STARTUP.mark("imports")
     info = asked = None
     try:
         args, asked, given = cli.parse(sys.argv[1:] if argv is None else argv)
         with D.distributed_context(asked.device, asked.collective_timeout_s) as info:
+            STARTUP.mark("rendezvous")
             if asked.init_from:  # the network's shape is the source's (read by rank 0 alone)
                 asked = with_source_shape(asked, given, info)
             if asked.dry_run:

@@ -99,7 +99,12 @@ def test_a_config_json_written_before_the_components_runs_and_resumes_as_the_sam
     recorded = json.loads(OLD_CONFIG_JSON.read_text())
     asked = cli.load_base(str(OLD_CONFIG_JSON))
     cfg = settle(asked, Machine("cpu"))
-    assert schema.to_json(cfg) == {name: value for name, value in recorded.items() if name in C.FIELDS}
+    settled, defaults = schema.to_json(cfg), schema.to_json(C.TrainConfig())
+    assert {name: settled[name] for name in recorded if name in C.FIELDS} == {
+        name: value for name, value in recorded.items() if name in C.FIELDS
+    }
+    added = set(C.FIELDS) - set(recorded)  # fields added since: their defaults
+    assert {name: settled[name] for name in added} == {name: defaults[name] for name in added}
     assert set(recorded) - set(C.FIELDS) <= set(C.RUN_KEYS)
     (tmp_path / "config.json").write_text(OLD_CONFIG_JSON.read_text())
     check_run_dir(tmp_path, cfg, Machine("cpu"))  # the same run: resuming is allowed

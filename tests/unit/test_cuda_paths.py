@@ -293,7 +293,7 @@ def test_an_nccl_barrier_names_this_ranks_gpu():
         mock.patch("torch.distributed.barrier", barrier),
     ):
         D._barrier()
-    assert barrier.calls == [((), {"device_ids": [3]})]
+    assert barrier.calls == [((), {"group": None, "device_ids": [3]})]
 
 
 def test_ddp_on_cuda_is_given_the_local_gpu():

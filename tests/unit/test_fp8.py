@@ -95,6 +95,7 @@ def test_checkpoints_resume_across_fp8_both_ways(tmp_path):
         _one_step(source, cfg, source_opt)  # AdamW state to carry over
         saver = checkpoint.Checkpointer(run_dir, cfg, source, source_opt, scaler, info)
         saver.save(train.TrainState(step=1, tokens=128))
+        saver.wait()  # written in the background (--ckpt_async)
         resumed = cfg.replace(fp8=not saved_fp8)
         train.check_run_dir(run_dir, settle(resumed, Machine("cpu")), Machine("cpu"))  # accepts the change
         state = train.TrainState()
