@@ -22,7 +22,9 @@ fresh process as users run them, in this order:
                 snapshot it wrote (on a CPU: the host's line; the snapshot is CUDA's)
   5. train      torchrun --nproc_per_node=1 launch/train.py, 40 steps from the shards
   6. profile    steps 31-32 of that run, traced (--profile_steps): the CUDA kernels in the trace
-  7. resume     the same command with --max_steps 60: must resume from step 40
+  7. resume     the same command with --max_steps 60: must resume from step 40; its lines give the spike
+                guard's healthy z-score and what a restart costs (start-up cold and resumed with the compile
+                cache, checkpoint stall against background write)
   8. eval       launch/eval.py on the newest checkpoint, evaluated as training evaluates (its micro-batch;
                 compiled on a GPU): must equal the val_loss logged at step 60
   9. tune       launch/train.py --tune true on 124M (no compile, to keep it short): every layout timed, the
@@ -424,6 +426,7 @@ def train_resume_eval(sizes: Sizes, data: Path, work: Path, budget: Budget) -> l
         if name == "resume":
             config = run_dir / "config.json"
             stage.lines.append(guard_line(records, json.loads(config.read_text()) if config.is_file() else {}))
+            stage.lines.append(restart_line(records))
         if name == "train":
             stages.append(profile_stage(run_dir, sizes))
     stages.append(eval_stage(sizes, data, run_dir, work, val_losses(records).get(60), budget))
@@ -477,6 +480,24 @@ def guard_line(records: list[dict], config: dict) -> str:
         f"threshold {threshold}), of the grad norm {grad_z:.2f}; {judged[-1].get('spikes', 0)} updates "
         "skipped"
     )
+
+
+def restart_line(records: list[dict]) -> str:
+    """What a restart costs, from the train and resume runs' records: each launch's start-up (the resume loads
+    the compiled graphs the train launch left in RUN_DIR/compile_cache), and what a checkpoint stopped training
+    for (written in the background: its staging copy) against the time it took to write."""
+    starts = [r for r in records if "startup_s" in r]
+    parts = [
+        f"{name} start-up {r['startup_s']:.1f} s (first step {r.get('startup_first_step_s', 0.0):.1f} s)"
+        for name, r in zip(("cold", "resumed"), starts[:1] + starts[1:][-1:], strict=False)
+    ]
+    stalls = sorted(r["ckpt_s"] for r in records if "ckpt_s" in r)
+    writes = sorted(r["ckpt_write_s"] for r in records if "ckpt_write_s" in r)
+    if stalls:
+        parts.append(f"checkpoint stall {stalls[len(stalls) // 2]:.2f} s (median of {len(stalls)})")
+    if writes:
+        parts.append(f"written in the background in {writes[len(writes) // 2]:.1f} s")
+    return "restart: " + ("; ".join(parts) if parts else "no start-up or checkpoint records")
 
 
 def profile_stage(run_dir: Path, sizes: Sizes) -> Stage:

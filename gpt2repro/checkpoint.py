@@ -122,7 +122,11 @@ class Checkpointer:
         self.pending: Future | None = None  # the checkpoint being written in the background, a Future of Written
         self.staged_bytes = 0  # the staging copy's size (host memory held from the first save on)
         self._background = None
-        if cfg.ckpt_async:  # every rank together: the side group is made collectively
+        self.why_sync = ""  # why checkpoints are written synchronously although --ckpt_async asked otherwise
+        if cfg.ckpt_async:
+            self.why_sync = _no_room_to_stage(raw_model, info)
+        self.asynchronous = cfg.ckpt_async and not self.why_sync
+        if self.asynchronous:  # every rank together: the side group is made collectively
             cuda = info.device_type == "cuda"  # pinned buffers and non-blocking copies from the GPU
             self._background = (
                 D.side_group(info, cfg.collective_timeout_s),
@@ -310,6 +314,35 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         return found
+
+
+def _no_room_to_stage(model: GPT, info: D.DistInfo) -> str:
+    """Why this node's host memory cannot hold every local rank's staging copy (the weights and AdamW's two
+    moments, as this rank holds them: a bound before the optimizer has state), with half of what is available
+    left for everything else; "" where it can (or the memory is unknown). The same on every rank (a collective):
+    the slowest node decides."""
+    need = 3 * state_bytes(dict(model.named_parameters())) * info.local_world_size
+    available = _available_host_bytes()
+    short = torch.tensor(int(available is not None and need > available / 2), device=info.device)
+    if not D.all_reduce_max(short, info).item():
+        return ""
+    here = f"{available / 2**30:.1f} GiB available here" if available is not None else "less on another node"
+    return (
+        f"warning: checkpoints are written synchronously: in the background they need a copy of the state in host "
+        f"memory, about {need / 2**30:.1f} GiB for the {info.local_world_size} rank(s) of a node, more than half of "
+        f"the {here}; --ckpt_async false chooses this without the warning"
+    )
+
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def rng_state() -> dict:

@@ -74,18 +74,16 @@ def use(run_dir: Path, cfg: C.TrainConfig, info: D.DistInfo) -> str | None:
 def _prepare(cache: Path, current: dict) -> str:
     """Empty `cache` where it was made for another fingerprint; the line that says what is reused or why not."""
     path = cache / FINGERPRINT
-    old = None
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+        why = "; ".join(differences(old, current)) if old is not None else ""
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        old, why = {}, f"its {FINGERPRINT} is unreadable"
     if old == current:
         return f"compile cache: {cache} (kept from an earlier launch: its graphs load instead of compiling)"
     if old is None:
         line = f"compile cache: {cache} (new: this launch compiles, later launches reuse it)"
     else:
-        why = "; ".join(differences(old, current)) or "its fingerprint is unreadable"
         line = f"compile cache: {cache} was made for another program ({why}); compiling afresh"
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)

@@ -212,7 +212,7 @@ def save_checkpoint(run: Run, log: RunLog, stopper: Stopper, watchdog: D.Watchdo
     finish_checkpoint(run, log, watchdog)
     with watchdog.slow(f"the checkpoint of step {run.state.step}"):
         stall = timed(run.info.device, run.checkpointer.save, run.state, stopper.bad_streak())[1]
-    log.checkpoint(run.state, stall, run.checkpointer.staged_bytes if run.cfg.ckpt_async else None)
+    log.checkpoint(run.state, stall, run.checkpointer.staged_bytes if run.checkpointer.asynchronous else None)
 
 
 def finish_checkpoint(run: Run, log: RunLog, watchdog: D.Watchdog) -> None:
@@ -281,8 +281,9 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
             f"fused loss {'on' if cfg.fused_loss == 'true' else 'off'} | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
         )
-        if cache_line:
-            print(cache_line, flush=True)
+        for line in (cache_line, checkpointer.why_sync):
+            if line:
+                print(line, flush=True)
         if comparison is not None:
             print(comparison.describe(), flush=True)
         if state.step >= cfg.max_steps:
@@ -424,6 +425,7 @@ def roll_back(run: Run, stopper: Stopper, target: Path, step: int) -> dict:
     state.spikes, state.rollbacks = spikes, rollbacks
     run.checkpointer.set_aside_after(state.step)
     run.checkpointer.save(state)
+    run.checkpointer.wait()  # complete before the rollback is logged: a resume after a kill replays the new order
     stopper.restart()
     return {
         "step": state.step,

@@ -53,7 +53,7 @@ from gpt2repro.forecast import Forecast, reference_and_target
 from gpt2repro.metrics import mfu, synchronize
 
 LAYOUT_FIELDS = ("batch_size", "grad_accum_steps", "activation_checkpointing", "fused_loss", "strategy")
-PROBE_BYTES = 64 * 2**20  # the file that measures the checkpoint directory's write speed
+PROBE_BYTES = 64 * 2**20  # the file that measures the checkpoint directory's write speed, and the staging copy
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class Trial:
     first_step_s: float = 0.0  # the first step: compilation and warm-up
     peak_bytes: int | None = None  # measured, per GPU (the largest over ranks); None on a CPU
     state_bytes: int = 0  # parameters and optimizer state, over all ranks: what a checkpoint writes
+    staged_bytes: int = 0  # the most one rank holds: what its background checkpoint copies before training goes on
 
     @property
     def name(self) -> str:
@@ -161,10 +162,11 @@ def _timed_trial(cfg, data_dir: str, layout: parallel.Layout, steps: int, warmup
         peak = int(D.all_reduce_max(torch.tensor(float(torch.cuda.max_memory_allocated()), device=info.device), info))
     state = sum(_local_bytes(p) for p in engine.raw_model.parameters())
     state += sum(_local_bytes(t) for s in engine.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-    total = int(D.all_reduce_sum(torch.tensor(float(state), device=info.device), info).item())
+    total = int(D.all_reduce_sum(torch.tensor(state, dtype=torch.float64, device=info.device), info).item())
     if layout.dp_size > 1 and cfg.strategy == "ddp":
         total //= layout.dp_size  # every replica holds the same: a checkpoint writes it once
-    return Trial(cfg, step_s=step_s, first_step_s=first, peak_bytes=peak, state_bytes=total)
+    staged = int(D.all_reduce_max(torch.tensor(state, dtype=torch.float64, device=info.device), info).item())
+    return Trial(cfg, step_s=step_s, first_step_s=first, peak_bytes=peak, state_bytes=total, staged_bytes=staged)
 
 
 def _local_bytes(t: torch.Tensor) -> int:
@@ -283,11 +285,22 @@ def write_layout(path: str, asked: C.TrainConfig, chosen: C.TrainConfig) -> None
 
 def measure_forecast(best: Trial, data_dir: str, run_dir: str, layout: parallel.Layout, watchdog) -> Forecast:
     """The chosen layout's forecast: its measured steps, one evaluation timed on a few val batches and
-    scaled to eval_tokens, and a checkpoint's bytes over this file system's write speed."""
+    scaled to eval_tokens, and what a checkpoint stops training for: written in the background (--ckpt_async),
+    the staging copy of a rank's state at this machine's copy speed; else its bytes over this file system's
+    write speed."""
     cfg, info = best.cfg, layout.info
     with watchdog.slow("the tune's evaluation and write-speed measurements"):
         eval_s = _eval_seconds(cfg, data_dir, layout)
-        write_bps = D.broadcast_object(_write_speed(run_dir) if info.is_main else None, info)
+        if cfg.ckpt_async:
+            seconds = torch.tensor(PROBE_BYTES / _copy_speed(info.device), dtype=torch.float64, device=info.device)
+            copy_bps = PROBE_BYTES / D.all_reduce_max(seconds, info).item()  # the slowest rank's
+            ckpt_s, how = best.staged_bytes / copy_bps, f"checkpoints' staging copy at {copy_bps / 2**30:,.1f} GiB/s"
+        else:
+            write_bps = D.broadcast_object(_write_speed(run_dir) if info.is_main else None, info)
+            ckpt_s, how = (
+                best.state_bytes / write_bps,
+                f"checkpoints at this file system's {write_bps / 2**20:,.0f} MiB/s",
+            )
     dataset = references.dataset_of(data_dir)
     curve, target = reference_and_target(cfg.reference, dataset)
     return Forecast(
@@ -296,11 +309,10 @@ def measure_forecast(best: Trial, data_dir: str, run_dir: str, layout: parallel.
         best.step_s,
         best.first_step_s,
         eval_s,
-        best.state_bytes / write_bps,
+        ckpt_s,
         curve,
         target,
-        measured="measured: evals on a sample of val batches, checkpoints at this "
-        f"file system's {write_bps / 2**20:,.0f} MiB/s",
+        measured=f"measured: evals on a sample of val batches, {how}",
         run_dataset=dataset,
     )
 
@@ -325,6 +337,20 @@ def _eval_seconds(cfg: C.TrainConfig, data_dir: str, layout: parallel.Layout) ->
     torch._dynamo.reset()
     gc.collect()
     return D.all_reduce_max(torch.tensor(seconds, device=info.device), info).item()
+
+
+def _copy_speed(device: str) -> float:
+    """Bytes per second of a copy from the device into host memory, as a background checkpoint's staging makes
+    it (into pinned memory from a GPU), the second of two: the first allocates, as only a run's first save does."""
+    cuda = torch.device(device).type == "cuda"
+    source = torch.ones(PROBE_BYTES, dtype=torch.uint8, device=device)
+    target = torch.empty(PROBE_BYTES, dtype=torch.uint8, pin_memory=cuda)
+    target.copy_(source)
+    synchronize(device)
+    t0 = time.perf_counter()
+    target.copy_(source, non_blocking=cuda)
+    synchronize(device)
+    return PROBE_BYTES / (time.perf_counter() - t0)
 
 
 def _write_speed(run_dir: str) -> float:

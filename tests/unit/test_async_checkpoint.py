@@ -118,3 +118,24 @@ def test_a_background_save_that_fills_the_disk_fails_in_one_line_and_keeps_the_p
     saver.close()
     assert checkpoint.latest_valid(run_dir) == first
     assert [p.name for p in checkpoint.checkpoint_dir(run_dir).iterdir()] == ["step_00000001"]
+
+
+def test_without_room_in_host_memory_for_the_copy_checkpoints_are_written_synchronously(tmp_path, monkeypatch):
+    model, optimizer, _ = trainer(tmp_path / "unused")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(checkpoint, "_available_host_bytes", lambda: 5 * weights)  # the copy needs 3x, half is 2.5x
+    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256)
+    saver = checkpoint.Checkpointer(
+        tmp_path / "run", cfg, model, optimizer, engine.make_scaler("float32", "cpu"), DistInfo()
+    )
+    assert not saver.asynchronous
+    assert saver.why_sync.startswith("warning: checkpoints are written synchronously: in the background they need")
+    assert saver.why_sync.endswith("--ckpt_async false chooses this without the warning")
+    path = saver.save(train.TrainState(step=1, tokens=64))
+    assert saver.pending is None and checkpoint.problem(path) is None  # complete when save() returns
+    monkeypatch.setattr(checkpoint, "_available_host_bytes", lambda: 7 * weights)
+    roomy = checkpoint.Checkpointer(
+        tmp_path / "run2", cfg, model, optimizer, engine.make_scaler("float32", "cpu"), DistInfo()
+    )
+    assert roomy.asynchronous and not roomy.why_sync
+    roomy.close()

@@ -149,3 +149,19 @@ def test_the_resume_stage_prints_the_healthy_z_score_the_guard_saw():
     assert line.startswith("spike guard: largest healthy z-score 3.25 (at the log step 20; threshold 8.0)")
     assert line.endswith("of the grad norm 6.50; 1 updates skipped")
     assert gpu_check.guard_line([{"step": 10, "loss": 7.0}], {"spike_zscore": 0.0}) == "spike guard: no z-score logged"
+
+
+def test_the_resume_stage_prints_what_a_restart_costs():
+    records = [
+        {"step": 1, "startup_s": 80.0, "startup_first_step_s": 70.0},
+        {"step": 20, "ckpt_s": 0.5, "ckpt_staged_bytes": 1},
+        {"step": 21, "ckpt_step": 20, "ckpt_write_s": 6.0, "ckpt_wait_s": 0.0},
+        {"step": 41, "startup_s": 12.0, "startup_first_step_s": 3.0},
+        {"step": 60, "ckpt_s": 0.25, "ckpt_staged_bytes": 1},
+        {"step": 60, "ckpt_step": 60, "ckpt_write_s": 5.0, "ckpt_wait_s": 5.0},
+    ]
+    assert gpu_check.restart_line(records) == (
+        "restart: cold start-up 80.0 s (first step 70.0 s); resumed start-up 12.0 s (first step 3.0 s); "
+        "checkpoint stall 0.50 s (median of 2); written in the background in 6.0 s"
+    )
+    assert gpu_check.restart_line([]) == "restart: no start-up or checkpoint records"

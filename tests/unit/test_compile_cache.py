@@ -1,0 +1,44 @@
+"""The compile cache's fingerprint and its one line (gpt2repro/compile_cache.py); the cache at work with real
+launches is tests/distributed/test_compile_cache.py."""
+
+import json
+
+from gpt2repro import compile_cache
+from gpt2repro.config import TrainConfig
+from gpt2repro.distributed import DistInfo
+
+
+def test_a_fingerprint_changes_with_the_program_not_with_what_never_reaches_a_graph():
+    info = DistInfo()
+    base = compile_cache.fingerprint(TrainConfig(compile="true"), info)
+    assert base == compile_cache.fingerprint(TrainConfig(compile="true", max_steps=7, log_interval=3), info)
+    for changed in ({"n_layer": 4}, {"batch_size": 2}, {"fused_loss": "false"}, {"dtype": "bfloat16"}):
+        other = compile_cache.fingerprint(TrainConfig(compile="true", **changed), info)
+        (name,) = changed
+        assert compile_cache.differences(base, other) == [f"{name} {base['config'][name]} -> {other['config'][name]}"]
+    assert compile_cache.differences({**base, "torch": "2.11.0"}, base) == [f"torch 2.11.0 -> {base['torch']}"]
+
+
+def test_the_cache_is_kept_emptied_or_left_to_the_user(tmp_path, monkeypatch):
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    cfg, info = TrainConfig(compile="true"), DistInfo()
+    cache = tmp_path / "compile_cache"
+    assert compile_cache.use(tmp_path, cfg.replace(compile="false"), info) is None
+    assert "(new:" in compile_cache.use(tmp_path, cfg, info)
+    assert compile_cache.os.environ[compile_cache.ENV] == str(cache)
+    (cache / "kernel.so").write_text("compiled")
+    monkeypatch.delenv(compile_cache.ENV)
+    assert "(kept from an earlier launch" in compile_cache.use(tmp_path, cfg, info)
+    assert (cache / "kernel.so").exists()
+    monkeypatch.delenv(compile_cache.ENV)
+    line = compile_cache.use(tmp_path, cfg.replace(n_embd=64), info)
+    assert line.endswith("was made for another program (n_embd 768 -> 64); compiling afresh")
+    assert not (cache / "kernel.so").exists()
+    assert json.loads((cache / compile_cache.FINGERPRINT).read_text())["config"]["n_embd"] == 64
+    (cache / compile_cache.FINGERPRINT).write_text("{not json")
+    monkeypatch.delenv(compile_cache.ENV)
+    assert "(its fingerprint.json is unreadable); compiling afresh" in compile_cache.use(tmp_path, cfg, info)
+    monkeypatch.setenv(compile_cache.ENV, "/elsewhere")  # the user's own choice
+    assert compile_cache.use(tmp_path, cfg, info) == (
+        f"compile cache: {compile_cache.ENV}=/elsewhere is set, so the run directory keeps none"
+    )
