@@ -8,7 +8,8 @@ the trainer's engine on this machine, with AdamW's state from one real step, and
 saving into --dir. Training steps run on random tokens (--tokens per step: small, so that a step is short and
 the save's cost stands out). Per checkpoint:
 
-    stall       the time save() holds the training thread: the whole save (sync), or the staging copy (async)
+    stall       the time save() holds the training thread: the whole save (sync), or the staging copy (async);
+                the first save's apart (async: it allocates the staging buffer, which later saves copy into)
     write       the time from the save's start until the checkpoint is committed (async: in the background)
     waited      the time training then waited for the background save (at the next save, a stop, the end)
     slowdown    the extra time of the steps run while the save was written (their time over the median step
@@ -126,8 +127,8 @@ def main() -> None:
         f"a training step of {args.tokens} tokens takes {first['step_s']:.2f} s"
     )
     print(
-        f"{'mode':<6} {'stall s':>8} {'write s':>8} {'waited s':>9} {'slowdown s':>11} {'lost s':>7} "
-        f"{'staged MiB':>11} {'peak RSS MiB':>13}"
+        f"{'mode':<6} {'first stall s':>13} {'stall s':>8} {'write s':>8} {'waited s':>9} {'slowdown s':>11} "
+        f"{'lost s':>7} {'staged MiB':>11} {'peak RSS MiB':>13}"
     )
     lost = {}
     for mode, r in results.items():
@@ -136,12 +137,15 @@ def main() -> None:
         staged = r["staged_bytes"] / 2**20 if mode == "async" else 0
         peak = r["peak_rss_bytes"] / 2**20
         print(
-            f"{mode:<6} {median(rows, 'stall'):>8.2f} {median(rows, 'write'):>8.2f} {median(rows, 'waited'):>9.2f} "
+            f"{mode:<6} {rows[0]['stall']:>13.2f} {median(rows, 'stall'):>8.2f} {median(rows, 'write'):>8.2f} "
+            f"{median(rows, 'waited'):>9.2f} "
             f"{median(rows, 'slowdown'):>11.2f} {lost[mode]:>7.2f} {staged:>11,.0f} {peak:>13,.0f}"
         )
     sync_stall, async_stall = (median(results[m]["saves"], "stall") for m in ("sync", "async"))
+    first_stall = results["async"]["saves"][0]["stall"]
     print(
-        f"async stall = {100 * async_stall / sync_stall:.1f}% of sync's; "
+        f"async stall = {100 * async_stall / sync_stall:.1f}% of sync's (its first save: "
+        f"{100 * first_stall / sync_stall:.1f}%); "
         f"training time lost = {100 * lost['async'] / lost['sync']:.1f}% of sync's"
     )
 

@@ -29,6 +29,7 @@ from gpt2repro.shards import write_json_atomic
 FINGERPRINT = "fingerprint.json"
 ENV = "TORCHINDUCTOR_CACHE_DIR"
 # Resumable fields that still change what is compiled (the others, logging and intervals, never reach a graph).
+_ours = ""  # the directory this process pointed Inductor at (a later run in the same process may move it)
 PROGRAM_FIELDS = ("batch_size", "activation_checkpointing", "fused_loss", "fp8", "strategy", "compile")
 
 
@@ -60,14 +61,15 @@ def use(run_dir: Path, cfg: C.TrainConfig, info: D.DistInfo) -> str | None:
     for another fingerprint first) and return the line rank 0 prints about it; None with compile off."""
     if cfg.compile != "true":
         return None
-    if os.environ.get(ENV):
+    global _ours
+    if os.environ.get(ENV) and os.environ[ENV] != _ours:
         return f"compile cache: {ENV}={os.environ[ENV]} is set, so the run directory keeps none"
     cache = Path(run_dir) / rundir.COMPILE_CACHE
     line = None
     if info.is_main:
         line = _prepare(cache, fingerprint(cfg, info))
     D.barrier(info)
-    os.environ[ENV] = str(cache.resolve())
+    os.environ[ENV] = _ours = str(cache.resolve())
     return line
 
 

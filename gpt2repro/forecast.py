@@ -46,6 +46,10 @@ class Forecast:
     run_dataset: str | None = None  # the run's data (references.dataset_of), for the reference's applicability
 
     @property
+    def compiled(self) -> bool:
+        return self.cfg.compile in ("true", True)
+
+    @property
     def steps(self) -> int:
         """The steps this launch runs."""
         return self.cfg.max_steps - self.first_step + 1
@@ -98,7 +102,9 @@ class Forecast:
     def describe(self) -> str:
         resumed = f" (from step {self.first_step:,})" if self.first_step > 1 else ""
         terms = [f"{self.steps:,} steps{resumed} at {self.step_s:.4f} s"]
-        terms += [f"start-up {self.startup_s:.1f} s"] if self.startup_s else []
+        if self.startup_s:
+            compiled = " (the compile included: a relaunch into the same --out loads it)" if self.compiled else ""
+            terms.append(f"start-up {self.startup_s:.1f} s{compiled}")
         terms += [f"{self.evals} evals x {self.eval_s:.2f} s"] if self.eval_s else []
         terms += [f"{self.ckpts} checkpoints x {self.ckpt_s:.2f} s"] if self.ckpt_s else []
         line = (
