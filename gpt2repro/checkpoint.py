@@ -127,10 +127,9 @@ class Checkpointer:
             self.why_sync = _no_room_to_stage(raw_model, info)
         self.asynchronous = cfg.ckpt_async and not self.why_sync
         if self.asynchronous:  # every rank together: the side group is made collectively
-            cuda = info.device_type == "cuda"  # pinned buffers and non-blocking copies from the GPU
             self._background = (
                 D.side_group(info, cfg.collective_timeout_s),
-                DefaultStager(StagingOptions(cuda, False, False, cuda)),
+                DefaultStager(staging_options(info.device_type)),
                 ThreadPoolExecutor(1, thread_name_prefix="gpt2repro-checkpoint"),
             )
 
@@ -314,6 +313,16 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         return found
+
+
+def staging_options(device_type: str) -> StagingOptions:
+    """How a background checkpoint copies the state: from a GPU into pinned host memory with non-blocking copies
+    (DCP's stager synchronizes once after them), on a CPU with plain copies; in the training thread, never
+    through shared memory (no other process reads it)."""
+    cuda = device_type == "cuda"
+    return StagingOptions(
+        use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=cuda
+    )
 
 
 def _no_room_to_stage(model: GPT, info: D.DistInfo) -> str:

@@ -139,3 +139,11 @@ def test_without_room_in_host_memory_for_the_copy_checkpoints_are_written_synchr
     )
     assert roomy.asynchronous and not roomy.why_sync
     roomy.close()
+
+
+def test_from_a_gpu_the_copy_goes_to_pinned_memory_without_blocking_and_on_a_cpu_plainly():
+    gpu, cpu = checkpoint.staging_options("cuda"), checkpoint.staging_options("cpu")
+    assert (gpu.use_pinned_memory, gpu.use_non_blocking_copy) == (True, True)
+    assert (cpu.use_pinned_memory, cpu.use_non_blocking_copy) == (False, False)
+    # Staged in the training thread (the stall is the copy), never into shared memory.
+    assert not any((gpu.use_async_staging, gpu.use_shared_memory, cpu.use_async_staging, cpu.use_shared_memory))

@@ -40,3 +40,14 @@ def test_the_cache_is_kept_emptied_or_left_to_the_user(tmp_path, monkeypatch):
     assert compile_cache.use(tmp_path, cfg, info) == (
         f"compile cache: {compile_cache.ENV}=/elsewhere is set, so the run directory keeps none"
     )
+
+
+def test_on_a_gpu_the_fingerprint_names_the_card_and_its_capability():
+    from tests.fake_cuda import fake_gpu
+
+    cfg = TrainConfig(compile="true")
+    with fake_gpu("sm90"):
+        gpu = compile_cache.fingerprint(cfg, DistInfo(device="cuda:0"))
+    assert gpu["device"] == "NVIDIA H100 80GB HBM3 (sm_90)"
+    cpu = compile_cache.fingerprint(cfg, DistInfo())
+    assert compile_cache.differences(cpu, gpu) == [f"device {cpu['device']} -> NVIDIA H100 80GB HBM3 (sm_90)"]
