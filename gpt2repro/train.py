@@ -151,6 +151,7 @@ def fit(
         D.Watchdog(cfg.collective_timeout_s, info) as watchdog,
         RunLog(run) as log,
         profiling.StepProfiler(cfg.profile_steps, cfg.profile_with_stack, run.run_dir, info, watchdog) as profiler,
+        background_saves(run, watchdog),
     ):
         stopper = Stopper(cfg, info, signals, state, run.guard)
         judge = stopper.judge if run.guard else None  # the spike guard, before each update
@@ -196,7 +197,6 @@ def fit(
                 stopped = stop
                 break
         finish_checkpoint(run, log, watchdog)  # the end of the run, or a stop: the last checkpoint is complete
-        run.checkpointer.close()
         if stopped:
             stopper.announce(stopped, state.step, run.checkpointer.saved)
     return state
@@ -213,6 +213,17 @@ def save_checkpoint(run: Run, log: RunLog, stopper: Stopper, watchdog: D.Watchdo
     with watchdog.slow(f"the checkpoint of step {run.state.step}"):
         stall = timed(run.info.device, run.checkpointer.save, run.state, stopper.bad_streak())[1]
     log.checkpoint(run.state, stall, run.checkpointer.staged_bytes if run.checkpointer.asynchronous else None)
+
+
+@contextlib.contextmanager
+def background_saves(run: Run, watchdog: D.Watchdog):
+    """However the loop ends (an error too), the checkpoint being written in the background is finished, as a
+    synchronous one would have been, before the process goes on to exit; then the staging buffers are freed."""
+    try:
+        yield
+    finally:
+        with watchdog.slow("the checkpoint being written in the background"):
+            run.checkpointer.close()
 
 
 def finish_checkpoint(run: Run, log: RunLog, watchdog: D.Watchdog) -> None:
