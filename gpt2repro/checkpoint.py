@@ -24,6 +24,7 @@ Hugging Face directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -192,6 +193,7 @@ class Checkpointer:
             return self.saved
         group, stager, executor = self._background
         started, step = time.perf_counter(), state.step  # `state` goes on changing while this is written
+        trainer = copy.deepcopy(trainer)  # and so may what its parts hold (the guard's window)
         tmp, final = begin(self.run_dir, state.step, self.info)
         training_state = self.training_state()
         self.staged_bytes = state_bytes(training_state)

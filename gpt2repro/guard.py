@@ -146,7 +146,7 @@ class SpikeGuard:
 
     def state_dict(self) -> dict:
         return {
-            "values": self.values.cpu(),
+            "values": self.values.to("cpu", copy=True),  # a copy: a checkpoint written later holds this step's
             "count": int(self.count),
             "streak": int(self.streak),
             "streak_start": int(self.streak_start),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
-from gpt2repro import checkpoint, engine, train
+from gpt2repro import checkpoint, engine, guard, train
 from gpt2repro.config import TrainConfig
 from gpt2repro.distributed import DistInfo
 from gpt2repro.model import GPT, GPTConfig
@@ -48,6 +48,10 @@ def test_the_checkpoint_holds_its_steps_state_not_what_training_did_next(tmp_pat
     changed them in place. Forced here: the write waits until training has taken two more steps and scribbled
     over every weight."""
     model, optimizer, saver = trainer(tmp_path / "run")
+    saver.guard = spike_guard = guard.SpikeGuard(8.0, 16, "cpu")  # its window goes into trainer.pt
+    for i in range(3):
+        spike_guard.check(i + 1, torch.tensor(5.0 - i), torch.tensor(1.0))
+    window = spike_guard.values.clone()
     trained = threading.Event()
     write_data = _FileSystemWriter.write_data
 
@@ -61,6 +65,7 @@ def test_the_checkpoint_holds_its_steps_state_not_what_training_did_next(tmp_pat
     assert saver.pending is not None and not saver.pending.done()
     step(model, optimizer, 1)
     step(model, optimizer, 2)
+    spike_guard.check(4, torch.tensor(2.0), torch.tensor(1.0))  # the next step's loss, into the window in place
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(7.0)
@@ -79,6 +84,9 @@ def test_the_checkpoint_holds_its_steps_state_not_what_training_did_next(tmp_pat
         assert not torch.equal(model.state_dict()[name], value), name  # training did change it meanwhile
     for a, b in zip(after["exp_avg"], before["exp_avg"], strict=True):
         assert torch.equal(a, b)
+    saved_window = checkpoint.read_trainer(written.path)["guard"]["values"]
+    torch.testing.assert_close(saved_window, window, rtol=0, atol=0, equal_nan=True)  # the window of step 1
+    assert not torch.allclose(spike_guard.values, window, equal_nan=True)  # the guard did move on meanwhile
 
 
 def test_background_and_foreground_saves_write_the_same_checkpoint(tmp_path):
