@@ -65,10 +65,17 @@ def use(run_dir: Path, cfg: C.TrainConfig, info: D.DistInfo) -> str | None:
     if os.environ.get(ENV) and os.environ[ENV] != _ours:
         return f"compile cache: {ENV}={os.environ[ENV]} is set, so the run directory keeps none"
     cache = Path(run_dir) / rundir.COMPILE_CACHE
-    line = None
+    line = error = None
     if info.is_main:
-        line = _prepare(cache, fingerprint(cfg, info))
-    D.barrier(info)
+        try:
+            line = _prepare(cache, fingerprint(cfg, info))
+        except OSError as e:
+            error = (
+                f"the compile cache {cache} cannot be used ({e.strerror or e}); remove it, or set {ENV} to a "
+                "directory of your own"
+            )
+    if D.broadcast_object(error, info):
+        raise ValueError(error)
     os.environ[ENV] = _ours = str(cache.resolve())
     return line
 

@@ -3,6 +3,8 @@ launches is tests/distributed/test_compile_cache.py."""
 
 import json
 
+import pytest
+
 from gpt2repro import compile_cache
 from gpt2repro.config import TrainConfig
 from gpt2repro.distributed import DistInfo
@@ -51,3 +53,14 @@ def test_on_a_gpu_the_fingerprint_names_the_card_and_its_capability():
     assert gpu["device"] == "NVIDIA H100 80GB HBM3 (sm_90)"
     cpu = compile_cache.fingerprint(cfg, DistInfo())
     assert compile_cache.differences(cpu, gpu) == [f"device {cpu['device']} -> NVIDIA H100 80GB HBM3 (sm_90)"]
+
+
+def test_a_compile_cache_that_cannot_be_used_is_one_error_naming_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ENV, "")
+    (tmp_path / "compile_cache").write_text("not a directory")
+    with pytest.raises(ValueError) as error:
+        compile_cache.use(tmp_path, TrainConfig(compile="true"), DistInfo())
+    assert str(error.value) == (
+        f"the compile cache {tmp_path / 'compile_cache'} cannot be used (File exists); remove it, or set "
+        "TORCHINDUCTOR_CACHE_DIR to a directory of your own"
+    )
