@@ -59,16 +59,16 @@ class TrainState:
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a
-    clean exit after the next optimizer step (all ranks agree through D.StopVote, in the loss's
-    all-reduce); a second signal exits at once.
+    """SIGTERM, SIGUSR1 (Slurm's warning before the time limit) and SIGINT (Ctrl-C) ask for a checkpoint
+    and a clean exit after the next optimizer step (all ranks agree through D.StopVote, in the loss's
+    all-reduce); a second signal exits at once, saying so.
 
     Under Slurm one request often arrives twice: Slurm signals every process of the job step,
     and torchrun forwards the SIGTERM it got to its workers. The same signal again within
     DUPLICATE_S of the first is that duplicate, not a second request.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
     DUPLICATE_S = 10.0
 
     def __init__(self):
@@ -80,6 +80,12 @@ class StopSignals:
         if self.received:
             if signum == self.received and time.monotonic() - self._received_at < self.DUPLICATE_S:
                 return
+            first, second = signal.Signals(self.received).name, signal.Signals(signum).name
+            os.write(
+                2,
+                f"{second} after {first}: exiting at once, without the checkpoint; rerun the same command "
+                "to resume from the newest complete one\n".encode(),
+            )
             os._exit(128 + signum)
         self.received, self._received_at = signum, time.monotonic()
 

@@ -55,7 +55,8 @@ def assert_close(a: dict, b: dict):
         assert a[step] == pytest.approx(b[step], rel=1e-5), step
 
 
-def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(shakespeare_data, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C in the terminal
+def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(stop, shakespeare_data, tmp_path):
     args = ["--max_steps", 20, "--ckpt_interval", 1000]
     full = tmp_path / "full"
     run(train_cmd(shakespeare_data, full, *args))
@@ -64,11 +65,11 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(shakespeare_d
     slow = env_with_sitecustomize(tmp_path / "slow", SLOW_STEPS)
     proc = subprocess.Popen(train_cmd(shakespeare_data, out, *args), env=slow, stdout=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(out) >= 3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout
     stopped_at = max(losses(out))
-    assert stopped_at < 20 and f"stopping on SIGTERM at step {stopped_at}" in stdout
+    assert stopped_at < 20 and f"stopping on {stop.name} at step {stopped_at}" in stdout
     assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").exists()
     rerun = run(train_cmd(shakespeare_data, out, *args))
     assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in rerun.stdout
@@ -78,7 +79,11 @@ def test_sigterm_checkpoints_the_current_step_and_a_rerun_finishes(shakespeare_d
 def test_a_second_signal_exits_at_once(shakespeare_data, tmp_path):
     out = tmp_path / "twice"
     proc = subprocess.Popen(
-        train_cmd(shakespeare_data, out, "--max_steps", 100000), env=env(), stdout=subprocess.PIPE, text=True
+        train_cmd(shakespeare_data, out, "--max_steps", 100000),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     wait_for(lambda: logged_steps(out) >= 1)  # inside the training loop
     # Both signals land while the process is stopped, so they are handled back to back, before
@@ -87,9 +92,13 @@ def test_a_second_signal_exits_at_once(shakespeare_data, tmp_path):
     os.kill(proc.pid, signal.SIGUSR1)
     os.kill(proc.pid, signal.SIGTERM)
     os.kill(proc.pid, signal.SIGCONT)
-    stdout, _ = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM  # the second one handled (signals are handled in number order)
     assert "stopping on" not in stdout and not (out / "checkpoints").exists()
+    assert stderr.strip().splitlines()[-1] == (
+        "SIGTERM after SIGUSR1: exiting at once, without the checkpoint; rerun the same command to resume from the "
+        "newest complete one"
+    )
 
 
 # torch.distributed.new_group raises, in every Python process started with it on PYTHONPATH: a trainer
