@@ -11,13 +11,16 @@ what each file holds.
                                 (gpt2repro/compile_cache.py)
     profile/                    torch.profiler traces and memory snapshots (gpt2repro/profiling.py)
     wandb/, wandb_id.json       with --wandb online|offline
+    .lock                       held by the launch that trains in it (its rank 0), released when it ends
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -31,6 +34,50 @@ CHECKPOINTS = "checkpoints"
 COMPILE_CACHE = "compile_cache"
 PROFILE = "profile"
 WANDB_ID = "wandb_id.json"
+LOCK = ".lock"
+
+
+class Lock:
+    """One launch at a time in a run directory: rank 0's acquire() holds RUN_DIR/.lock (an flock, which the
+    kernel releases when the process ends, however it ends) until release(), or says which launch holds it.
+    Two launches in one directory would delete each other's checkpoints in the making and interleave
+    metrics.jsonl. Where the file system has no locks, nothing is held."""
+
+    def __init__(self, run_dir: str | os.PathLike, holds: bool = True):
+        self.path, self.holds, self.file = Path(run_dir) / LOCK, holds, None
+
+    def acquire(self) -> str | None:
+        """Hold the lock; the sentence saying why it cannot be held, else None."""
+        if not self.holds:
+            return None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        except OSError as e:
+            return f"cannot write in {self.path.parent} ({e.strerror or e}); pass another --out."
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "a process"
+            self.release()
+            return (
+                f"{self.path.parent} is in use by another launch ({holder}); stop it first (under torchrun, its "
+                "workers too), or use another --out."
+            )
+        except OSError:  # a file system without locks: nothing to hold
+            self.release()
+            return None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def read_config(run_dir: str | os.PathLike) -> dict | None:

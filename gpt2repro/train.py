@@ -1,9 +1,9 @@
 """The training loop: fit() runs a whole run, one engine.train_step() per optimizer step. No argv parsing.
 
-fit() reads top to bottom: setup() builds the Run (model, optimizer, data, resumed state), and
-the loop calls the owners that each decide their own "when": RunLog (metrics.py) logging,
-Evaluator (evaluator.py) evaluation, Checkpointer (checkpoint.py) checkpoints, Stopper here
-stopping, StepProfiler (profiling.py) profiling.
+fit() holds the run directory (rundir.Lock), setup() builds the Run (model, optimizer, data, resumed
+state), and loop() reads top to bottom: it calls the owners that each decide their own "when": RunLog
+(metrics.py) logging, Evaluator (evaluator.py) evaluation, Checkpointer (checkpoint.py) checkpoints,
+Stopper here stopping, StepProfiler (profiling.py) profiling.
 """
 
 from __future__ import annotations
@@ -150,8 +150,21 @@ def fit(
 ) -> TrainState:
     """Train (or resume) a run in run_dir; every rank calls this. asked is settled for this machine
     (gpt2repro/settings.py; given: the fields typed on the command line). Returns the final state."""
-    run = setup(asked, given, data_dir, Path(run_dir), info)
-    cfg, state, first_step = run.cfg, run.state, run.state.step + 1
+    run_dir = Path(run_dir)
+    check_out_dir(run_dir)
+    lock = rundir.Lock(run_dir, holds=info.is_main)
+    error = D.broadcast_object(lock.acquire(), info)  # rank 0's answer, on every rank
+    if error:
+        raise ValueError(error)
+    try:
+        return loop(setup(asked, given, data_dir, run_dir, info))
+    finally:
+        lock.release()
+
+
+def loop(run: Run) -> TrainState:
+    """The training loop of a Run that setup() built, to max_steps or a stop; returns the final state."""
+    cfg, info, state, first_step = run.cfg, run.info, run.state, run.state.step + 1
     with (
         StopSignals() as signals,
         D.Watchdog(cfg.collective_timeout_s, info) as watchdog,
@@ -246,7 +259,6 @@ def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Pat
     the optimizer, and the state of the run's newest checkpoint (or init_from's weights, or a fresh start)."""
     machine = Machine.this(info.device, info.world_size, info.local_world_size)
     cfg = settings.settle(asked, machine, given)
-    check_out_dir(run_dir)
     check_run_dir(run_dir, cfg, machine)
     if cfg.strategy in ("fsdp", "hsdp") and not info.is_distributed:
         raise ValueError(

@@ -1,10 +1,24 @@
 """Bad input to launch/train.py: one clear line on stderr, non-zero exit, nothing overwritten."""
 
+import os
+import signal
+import socket
+import subprocess
+
 import numpy as np
 import pytest
 
 from gpt2repro import shards
-from tests.distributed.helpers import REPO, losses, run, train_cmd
+from tests.distributed.helpers import (
+    REPO,
+    SLOW_STEPS,
+    env_with_sitecustomize,
+    logged_steps,
+    losses,
+    run,
+    train_cmd,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow  # real runs in real processes: the whole suite, not the fast tier
 
@@ -176,3 +190,24 @@ def test_bad_paths_are_one_clear_line(finished_run, shakespeare_data, tmp_path):
     for cmd, *fragments in cases:
         assert_one_line_error(run(cmd, check=False), *fragments)
     assert a_file.read_bytes() == b"not a model" and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_second_launch_into_a_run_directory_in_use_is_refused(shakespeare_data, tmp_path):
+    """Two launches in one --out would delete each other's checkpoints in the making: the second is refused while
+    the first lives, and a kill -9 of the first frees the directory (the kernel drops its lock)."""
+    out = tmp_path / "run"
+    slow = env_with_sitecustomize(tmp_path / "slow", SLOW_STEPS)
+    first = subprocess.Popen(train_cmd(shakespeare_data, out, "--max_steps", 1000), env=slow, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: logged_steps(out) >= 1)
+        second = run(train_cmd(shakespeare_data, out, "--max_steps", 1000), check=False)
+        assert_one_line_error(
+            second,
+            f"{out} is in use by another launch (pid {first.pid} on {socket.gethostname()})",
+            "stop it first (under torchrun, its workers too), or use another --out",
+        )
+        assert first.poll() is None  # the first goes on
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    assert run(train_cmd(shakespeare_data, out, "--max_steps", 3)).returncode == 0
