@@ -4,9 +4,11 @@ the last complete checkpoint while a newer one is written; the next checkpoint, 
 wait for the save in flight. Each moment is forced: the save is held there (a patch loaded through
 sitecustomize) until the test kills the run or lets it go."""
 
+import fcntl
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,25 @@ module.write_json_atomic = write_json_atomic
 }
 
 
+def descendants(pid: int) -> list[int]:
+    try:
+        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    return [grandchild for child in children for grandchild in (child, *descendants(child))]
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether the run directory's lock is free again (a killed process's lock goes with it, once it is reaped)."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
 def held(tmp_path, moment: str, step: int) -> tuple[dict, object, object]:
     """(the environment that holds checkpoint `step` at `moment`, the mark file, the release file)."""
     mark, release = tmp_path / "held", tmp_path / "release"
@@ -103,8 +124,10 @@ def test_a_kill_during_a_background_save_leaves_nothing_that_looks_complete(
         train_cmd(shakespeare_data, out, *args, nproc=nproc), env=environ, start_new_session=True, text=True
     )
     wait_for(mark.exists)  # step 8's save is held at `moment`, training past it
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers too: they run in sessions of their own
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    wait_for(lambda: not (out / ".lock").exists() or lock_is_free(out / ".lock"))
     # Retention kept step 4 (keep_ckpts 1) while step 8 was being written; step 8's is only temporary.
     assert [p.name for p in checkpoint.list_steps(out)] == ["step_00000004"]
     assert checkpoint.latest_valid(out, report=None) == out / "checkpoints" / "step_00000004"
