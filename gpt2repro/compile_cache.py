@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from gpt2repro import config as C
 from gpt2repro import distributed as D
@@ -62,7 +63,7 @@ def use(run_dir: Path, cfg: C.TrainConfig, info: D.DistInfo) -> str | None:
     if cfg.compile != "true":
         return None
     global _ours
-    if os.environ.get(ENV) and os.environ[ENV] != _ours:
+    if os.environ.get(ENV) and os.environ[ENV] not in (_ours, default_cache_dir()):  # Inductor sets its default
         return f"compile cache: {ENV}={os.environ[ENV]} is set, so the run directory keeps none"
     cache = Path(run_dir) / rundir.COMPILE_CACHE
     line = error = None

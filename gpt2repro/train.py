@@ -150,14 +150,9 @@ def fit(
 ) -> TrainState:
     """Train (or resume) a run in run_dir; every rank calls this. asked is settled for this machine
     (gpt2repro/settings.py; given: the fields typed on the command line). Returns the final state."""
-    run_dir = Path(run_dir)
-    check_out_dir(run_dir)
-    lock = rundir.Lock(run_dir, holds=info.is_main)
-    error = D.broadcast_object(lock.acquire(), info)  # rank 0's answer, on every rank
-    if error:
-        raise ValueError(error)
+    lock = rundir.Lock(run_dir, holds=info.is_main)  # held by setup() once the run is known to belong there
     try:
-        return loop(setup(asked, given, data_dir, run_dir, info))
+        return loop(setup(asked, given, data_dir, Path(run_dir), info, lock))
     finally:
         lock.release()
 
@@ -254,17 +249,24 @@ def finish_checkpoint(run: Run, log: RunLog, watchdog: D.Watchdog) -> None:
     log.checkpoint_written(run.state, written, waited)
 
 
-def setup(asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Path, info: D.DistInfo) -> Run:
+def setup(
+    asked: TrainConfig, given: frozenset[str], data_dir: str, run_dir: Path, info: D.DistInfo, lock: rundir.Lock
+) -> Run:
     """Everything the loop needs: the settled config, data, the model built and wrapped for the strategy,
-    the optimizer, and the state of the run's newest checkpoint (or init_from's weights, or a fresh start)."""
+    the optimizer, and the state of the run's newest checkpoint (or init_from's weights, or a fresh start).
+    Nothing is written before the config is known good and run_dir free for it (the lock held)."""
     machine = Machine.this(info.device, info.world_size, info.local_world_size)
     cfg = settings.settle(asked, machine, given)
+    check_out_dir(run_dir)
     check_run_dir(run_dir, cfg, machine)
     if cfg.strategy in ("fsdp", "hsdp") and not info.is_distributed:
         raise ValueError(
             f"--strategy {cfg.strategy} shards the model across ranks: launch 2 or more with torchrun, or use "
             "--strategy ddp."
         )
+    error = D.broadcast_object(lock.acquire(), info)  # rank 0's answer, on every rank
+    if error:
+        raise ValueError(error)
     layout = parallel.layout(cfg.strategy, info)  # this rank's place among the data-parallel replicas
     spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, layout.dp_size, layout.dp_rank)
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)

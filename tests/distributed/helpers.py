@@ -48,6 +48,7 @@ def env(fresh_rendezvous_store: bool = False) -> dict:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true")
     e.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    e.pop("TORCHINDUCTOR_CACHE_DIR", None)  # set in this process by Inductor or by an in-process run: not the user's
     if fresh_rendezvous_store:
         e["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return e

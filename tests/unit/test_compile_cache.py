@@ -38,6 +38,10 @@ def test_the_cache_is_kept_emptied_or_left_to_the_user(tmp_path, monkeypatch):
     assert json.loads((cache / compile_cache.FINGERPRINT).read_text())["config"]["n_embd"] == 64
     (cache / compile_cache.FINGERPRINT).write_text("{not json")
     assert "(its fingerprint.json is unreadable); compiling afresh" in compile_cache.use(tmp_path, cfg, info)
+    # Inductor's own default, which Inductor writes into the environment once it has compiled (a parent process's
+    # compile, inherited): not the user's choice.
+    monkeypatch.setenv(compile_cache.ENV, compile_cache.default_cache_dir())
+    assert "(kept from an earlier launch" in compile_cache.use(tmp_path, cfg, info)
     monkeypatch.setenv(compile_cache.ENV, "/elsewhere")  # the user's own choice
     assert compile_cache.use(tmp_path, cfg, info) == (
         f"compile cache: {compile_cache.ENV}=/elsewhere is set, so the run directory keeps none"
