@@ -45,6 +45,7 @@ import torch
 from gpt2repro import config as C
 from gpt2repro import distributed as D
 from gpt2repro import evaluate, parallel, references, settings
+from gpt2repro.checkpoint import state_bytes
 from gpt2repro.data import BatchSpec, EvalWindows, ShardLoader
 from gpt2repro.devices import GiB
 from gpt2repro.engine import build_engine, train_step
@@ -160,18 +161,12 @@ def _timed_trial(cfg, data_dir: str, layout: parallel.Layout, steps: int, warmup
     peak = None
     if cuda:
         peak = int(D.all_reduce_max(torch.tensor(float(torch.cuda.max_memory_allocated()), device=info.device), info))
-    state = sum(_local_bytes(p) for p in engine.raw_model.parameters())
-    state += sum(_local_bytes(t) for s in engine.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    state = state_bytes(list(engine.raw_model.parameters())) + state_bytes(list(engine.optimizer.state.values()))
     total = int(D.all_reduce_sum(torch.tensor(state, dtype=torch.float64, device=info.device), info).item())
     if layout.dp_size > 1 and cfg.strategy == "ddp":
         total //= layout.dp_size  # every replica holds the same: a checkpoint writes it once
     staged = int(D.all_reduce_max(torch.tensor(state, dtype=torch.float64, device=info.device), info).item())
     return Trial(cfg, step_s=step_s, first_step_s=first, peak_bytes=peak, state_bytes=total, staged_bytes=staged)
-
-
-def _local_bytes(t: torch.Tensor) -> int:
-    t = t.to_local() if hasattr(t, "to_local") else t
-    return t.numel() * t.element_size()
 
 
 def tune(

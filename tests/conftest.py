@@ -6,6 +6,7 @@ tokenizer against; tests that need it skip without it.
 """
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,16 @@ def shakespeare_data(tmp_path_factory) -> Path:
     cmd = [sys.executable, str(REPO_ROOT / "data_prep" / "prepare.py"), "--out", str(out), "--files", str(SHAKESPEARE)]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 2 MiB tmpfs, to fill up (a checkpoint that meets a full disk); skips without mount rights."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -101,18 +101,6 @@ def test_background_and_foreground_saves_write_the_same_checkpoint(tmp_path):
     assert state and all(b[k] == v for k, v in state.items())  # the same bytes: the same sha256s
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_background_save_that_fills_the_disk_fails_in_one_line_and_keeps_the_previous(tiny_filesystem):
     run_dir = tiny_filesystem / "run"
     model, optimizer, saver = trainer(run_dir)

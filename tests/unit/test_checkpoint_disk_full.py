@@ -1,24 +1,10 @@
 """A save that hits a full disk (a real, tiny tmpfs) leaves the previous checkpoint intact and says so."""
 
-import subprocess
-
 import pytest
 import torch
 
 from gpt2repro import checkpoint
 from gpt2repro.distributed import DistInfo
-
-
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tiny_filesystem):
