@@ -43,6 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from gpt2repro import distributed as D
 from gpt2repro import rundir
@@ -64,6 +65,10 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used."""
+
+
+class PeerMismatch(ValueError):
+    """A replica group's peer (gpt2repro/ft.py) trains another run: nothing of its state is taken."""
 
 
 @dataclass(frozen=True)
@@ -167,18 +172,7 @@ class Checkpointer:
         if self.pending is not None:
             raise RuntimeError("a checkpoint is still being written: wait() for it before the next save")
         rng_states = D.gather_objects(rng_state(), self.info)  # collective: every rank takes part
-        trainer = {
-            "step": state.step,
-            "tokens": state.tokens,
-            "skipped_steps": state.skipped_steps,
-            "spikes": state.spikes,
-            "data_offset": state.data_offset,
-            "rollbacks": state.rollbacks,
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_states,
-        }
-        if self.guard is not None:
-            trainer["guard"] = self.guard.state_dict()
+        trainer = self.trainer_state(state) | {"rng": rng_states}
         meta = {
             "config": to_json(self.cfg),
             "model": dataclasses.asdict(self.raw_model.config),
@@ -250,6 +244,66 @@ class Checkpointer:
         model_state, optimizer_state = get_state_dict(self.raw_model, self.optimizer)
         return {"model": without_tied(model_state), "optimizer": optimizer_state}
 
+    def trainer_state(self, state) -> dict:
+        """trainer.pt's part of `state` (a train.TrainState) and of the run's parts, besides the RNG: the counters,
+        the scaler and the spike guard's window (copies: they go on changing)."""
+        trainer = {
+            "step": state.step,
+            "tokens": state.tokens,
+            "skipped_steps": state.skipped_steps,
+            "spikes": state.spikes,
+            "data_offset": state.data_offset,
+            "rollbacks": state.rollbacks,
+            "scaler": self.scaler.state_dict(),
+        }
+        if self.guard is not None:
+            trainer["guard"] = self.guard.state_dict()
+        return trainer
+
+    def load_trainer_state(self, trainer: dict, state) -> None:
+        self.scaler.load_state_dict(trainer["scaler"])
+        state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
+        # A checkpoint from before the spike guard: no spikes, no rollbacks, the data in its own order.
+        state.spikes, state.data_offset = trainer.get("spikes", 0), trainer.get("data_offset", 0)
+        state.rollbacks = trainer.get("rollbacks", 0)
+        if self.guard is not None and "guard" in trainer:
+            self.guard.load_state_dict(trainer["guard"])
+
+    def live_state(self, state) -> dict:
+        """Everything a replica group needs to go on from this rank's state (gpt2repro/ft.py's heal): model and
+        AdamW state (this rank's tensors, local shards under FSDP; views, no copies), trainer.pt's part and this
+        rank's RNG."""
+        return {
+            "run": self.run_fields(),
+            "training": local_tensors(self.training_state()),
+            "trainer": copy.deepcopy(self.trainer_state(state)),
+            "rng": rng_state(),
+        }
+
+    def run_fields(self) -> dict:
+        """The fields that make the run what it is (those no resume may change), as config.json holds them."""
+        fixed = {f.name for f in dataclasses.fields(self.cfg) if not f.metadata.get("resumable")}
+        return {name: value for name, value in to_json(self.cfg).items() if name in fixed}
+
+    def load_live_state(self, received: dict, state) -> None:
+        """A peer's live_state (the same place in another replica group: the same shards) into this rank's; a
+        PeerMismatch, before anything is loaded, if the peer trains another run."""
+        mine, theirs = self.run_fields(), received["run"]
+        if diffs := [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]:
+            raise PeerMismatch(
+                f"this replica group trains another run than the group it heals from ({'; '.join(diffs)}); launch "
+                "every group with the same settings."
+            )
+        loaded = like_template(received["training"], self.training_state())
+        set_state_dict(
+            self.raw_model,
+            self.optimizer,
+            model_state_dict=with_tied(loaded["model"]),
+            optim_state_dict=loaded["optimizer"],
+        )
+        self.load_trainer_state(received["trainer"], state)
+        set_rng_state(received["rng"])
+
     def resume(self, state) -> Path | None:
         """Restore model, optimizer, scaler, `state` and RNG from the checkpoint cfg.resume asks for
         (auto: the newest intact one); its path, or None for a fresh run.
@@ -283,13 +337,7 @@ class Checkpointer:
             optim_state_dict=loaded["optimizer"],
         )
         trainer = read_trainer(path)
-        self.scaler.load_state_dict(trainer["scaler"])
-        state.step, state.tokens, state.skipped_steps = trainer["step"], trainer["tokens"], trainer["skipped_steps"]
-        # A checkpoint from before the spike guard: no spikes, no rollbacks, the data in its own order.
-        state.spikes, state.data_offset = trainer.get("spikes", 0), trainer.get("data_offset", 0)
-        state.rollbacks = trainer.get("rollbacks", 0)
-        if self.guard is not None and "guard" in trainer:
-            self.guard.load_state_dict(trainer["guard"])
+        self.load_trainer_state(trainer, state)
         rngs = trainer["rng"]
         if len(rngs) == self.info.world_size:  # same world: every rank continues its own random stream
             set_rng_state(rngs[self.info.rank])
@@ -315,6 +363,36 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         return found
+
+
+def local_tensors(tree):
+    """A state dict with every DTensor as this rank's local tensor (a view: no copy)."""
+    if isinstance(tree, dict):
+        return {k: local_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(local_tensors(v) for v in tree)
+    return tree.to_local() if isinstance(tree, DTensor) else tree
+
+
+def like_template(received, template):
+    """received (local_tensors of a state dict laid out as template is) with template's types: a DTensor of the
+    same mesh and placements where template holds one, every tensor on template's device."""
+    if isinstance(template, dict) and isinstance(received, dict):
+        return {k: like_template(v, template[k]) if k in template else v for k, v in received.items()}
+    if isinstance(template, (list, tuple)) and isinstance(received, (list, tuple)) and len(template) == len(received):
+        return type(received)(like_template(r, t) for r, t in zip(received, template, strict=True))
+    if isinstance(template, DTensor):
+        return DTensor.from_local(
+            received.to(template.device),
+            template.device_mesh,
+            template.placements,
+            run_check=False,
+            shape=template.shape,
+            stride=template.stride(),
+        )
+    if isinstance(template, torch.Tensor) and isinstance(received, torch.Tensor):
+        return received.to(template.device)
+    return received
 
 
 def staging_options(device_type: str) -> StagingOptions:

@@ -19,6 +19,7 @@ from gpt2repro.checkpoint import CheckpointSettings
 from gpt2repro.distributed import ClusterSettings
 from gpt2repro.evaluate import EvalSettings
 from gpt2repro.forecast import TuneSettings
+from gpt2repro.ft import FaultToleranceSettings
 from gpt2repro.guard import GuardSettings
 from gpt2repro.metrics import LoggingSettings
 from gpt2repro.model import ModelSettings
@@ -41,6 +42,7 @@ COMPONENTS = (
     EvalSettings,
     GuardSettings,
     ClusterSettings,
+    FaultToleranceSettings,
     LoggingSettings,
     ProfilingSettings,
     TuneSettings,

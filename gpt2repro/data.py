@@ -80,11 +80,13 @@ class ShardLoader:
         start = int(window_ids[i]) * self.block_size
         return self.tokens[shard_ids[i]][start : start + self.block_size + 1]
 
-    def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro_step: int, share: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape (batch_size, block_size) for this rank at optimizer step `step` (1-based, as
-        logged) and micro_step: a pure function of them, the seed and the world's layout."""
+        logged) and micro_step: a pure function of them, the seed and the world's layout. share: another
+        rank's place in the layout to read for (a replica group making up for a lost one: gpt2repro/ft.py)."""
         spec = self.spec
-        first = (step - 1) * spec.global_windows + (micro_step * spec.world_size + spec.rank) * spec.batch_size
+        rank = spec.rank if share is None else share
+        first = (step - 1) * spec.global_windows + (micro_step * spec.world_size + rank) * spec.batch_size
         rows = np.stack([self._window(g) for g in range(first, first + spec.batch_size)]).astype(np.int64)
         check_token_ids(rows, self.vocab_size, "train")
         return to_device(rows, self.device, self.pin)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2repro import guard, parallel
+from gpt2repro import ft, guard, parallel
 from gpt2repro.data import ShardLoader
 from gpt2repro.model import GPT
 from gpt2repro.optim import make_optimizer
@@ -66,23 +66,38 @@ def build_engine(cfg, layout: parallel.Layout, loader, seed: int) -> Engine:
     return Engine(cfg, model, raw_model, optimizer, scaler, loader, autocast)
 
 
-def train_step(engine: Engine, step: int, judge=None, data_step: int | None = None) -> tuple[torch.Tensor, ...]:
+def train_step(
+    engine: Engine, step: int, judge=None, data_step: int | None = None, replicas=None
+) -> tuple[torch.Tensor, ...] | None:
     """Optimizer step `step` (1-based, as logged) over grad_accum_steps micro-batches of batch `data_step`
     (default: step): (this rank's loss, the grad norm) on the device, no host sync. judge(step, loss,
     grad_norm), when given, runs before the update and says whether to skip it (a 0-d bool tensor): the
-    spike guard."""
+    spike guard.
+
+    replicas (gpt2repro/ft.py's Replicas, after its quorum): this rank computes the shares of the batch its
+    replica group takes this step, and the gradients are summed across the live groups; None when a group was
+    lost during the step (nothing updated: the step is to be taken again)."""
     cfg, model = engine.cfg, engine.model
+    data_step = step if data_step is None else data_step
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     loss_sum = torch.zeros((), device=engine.loader.device)
-    for micro in range(cfg.grad_accum_steps):
-        x, y = engine.loader.batch(step if data_step is None else data_step, micro)
+    shares = [None] if replicas is None else replicas.shares()
+    micro_batches = [(share, micro) for share in shares for micro in range(cfg.grad_accum_steps)]
+    divisor = cfg.grad_accum_steps * (1 if replicas is None else cfg.ft_groups)
+    for i, (share, micro) in enumerate(micro_batches):
+        if share is not None and micro == 0 and cfg.dropout:
+            torch.manual_seed(ft.dropout_seed(cfg.seed, data_step, share))  # whichever group computes it
+        x, y = engine.loader.batch(data_step, micro) if share is None else engine.loader.batch(data_step, micro, share)
         # Gradients cross ranks once per optimizer step: on the last micro-batch.
-        with parallel.gradient_sync(model, last_micro_batch=micro == cfg.grad_accum_steps - 1):
+        with parallel.gradient_sync(model, last_micro_batch=i == len(micro_batches) - 1):
             with engine.autocast:
-                loss = model(x, y, return_logits=False)[1] / cfg.grad_accum_steps
+                loss = model(x, y, return_logits=False)[1] / divisor
             engine.scaler.scale(loss).backward()
         loss_sum += loss.detach()
+    if replicas is not None and not replicas.reduce_and_commit(parallel.local_gradients(engine.raw_model), loss_sum):
+        engine.optimizer.zero_grad(set_to_none=True)
+        return None
     engine.scaler.unscale_(engine.optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = parallel.clip_grad_norm(engine.raw_model.parameters(), max_norm)

@@ -120,6 +120,16 @@ def format_line(
     if "ckpt_write_s" in record:
         waited = f", {record['ckpt_wait_s']:.1f}s waited for" if record["ckpt_wait_s"] >= 0.05 else ""
         parts.append(f"ckpt of step {record['ckpt_step']} written in {record['ckpt_write_s']:.1f}s{waited}")
+    if "ft_groups_live" in record:
+        healed = record.get("ft_healed_from_step")
+        parts.append(
+            f"replica groups alive: {record['ft_groups_live']} (quorum {record['ft_quorum_s']:.1f}s)"
+            + (f"; this group healed from a live peer, from step {healed}" if healed is not None else "")
+        )
+    if "ft_step_failed_s" in record:
+        parts.append(
+            f"not taken ({record['ft_step_failed_s']:.1f}s): a replica group was lost during the step; taking it again"
+        )
     if "startup_s" in record:
         split = ", ".join(
             f"{p.replace('_', ' ')} {record[f'startup_{p}_s']:.1f}" for p in STARTUP_PARTS if f"startup_{p}_s" in record
@@ -142,6 +152,7 @@ class RunLog:
         self.first_step, self.tokens_per_step = run.state.step + 1, run.tokens_per_step
         self.model = references.model_name(run.cfg.n_layer, run.cfg.n_head, run.cfg.n_embd)
         self.startup_s: float | None = None  # this process's start to the end of its first step
+        self.devices = run.info.world_size * max(run.cfg.ft_groups, 1)  # the tokens/s is every replica group's
         self.flops_per_token = run.raw_model.flops_per_token(run.cfg.block_size)
         self.peak = run.cfg.peak_tflops * 1e12 or None  # settled: stated, else the GPU's from the table
         self.throughput = Throughput(run.state.step)
@@ -175,7 +186,7 @@ class RunLog:
     def step_done(self, step: int) -> None:
         """After each training step: this process's first one (compilation, warm-up) stays out of
         tokens/s, MFU and the ETA."""
-        if step == self.first_step:
+        if step == self.first_step and self.startup_s is None:  # once: a step a lost replica group failed is retaken
             synchronize(self.info.device)
             self.throughput.restart(step)
             STARTUP.mark("first_step")
@@ -200,7 +211,7 @@ class RunLog:
             "lr": lr_at(state.step, self.cfg),
             "grad_norm": grad_norm.item(),
             "tokens_per_s": tok_s,
-            "mfu": mfu(self.flops_per_token, tok_s / self.info.world_size, self.peak) if tok_s else None,
+            "mfu": mfu(self.flops_per_token, tok_s / self.devices, self.peak) if tok_s else None,
             "elapsed_s": None,
             "skipped_steps": state.skipped_steps,
             "eta_s": self.throughput.eta_s(self.cfg.max_steps - state.step),
@@ -291,6 +302,19 @@ class RunLog:
             self.file.close()
             self.file = rundir.MetricsLog(self.file.path, record["step"], rollback=record["rollbacks"])
             self._emit({**record, "rollback_s": seconds})
+
+    def quorum(self, state, record: dict) -> None:
+        """Under fault tolerance (gpt2repro/ft.py): a new quorum of replica groups, and a heal, at the step before
+        the next one."""
+        if record.get("ft_healed_from_step") is not None:
+            self.throughput.restart(state.step)
+        if self.info.is_main:
+            self._emit({"step": state.step, "tokens": state.tokens, **record})
+
+    def step_failed(self, step: int, seconds: float) -> None:
+        """A step no replica group took: a group was lost during it; it is taken again."""
+        if self.info.is_main:
+            self._emit({"step": step, "ft_step_failed_s": seconds})
 
     def checkpoint(self, state, seconds: float, staged_bytes: int | None = None) -> None:
         """A checkpoint's stall: the whole save, or (staged_bytes: written in the background) its staging copy."""

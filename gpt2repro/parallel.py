@@ -268,6 +268,12 @@ def gradient_sync(model: torch.nn.Module, last_micro_batch: bool):
     return contextlib.nullcontext()
 
 
+def local_gradients(model: torch.nn.Module) -> list[torch.Tensor]:
+    """This rank's gradient tensors, in parameter order: its local shards under FSDP (views, no copies)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Global gradient norm (over all shards under FSDP), gradients scaled down to max_norm; no host sync."""
     parameters = [p for p in parameters if p.grad is not None]

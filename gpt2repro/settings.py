@@ -13,17 +13,18 @@ config.json works as --config and resumes as the same run.
 from __future__ import annotations
 
 from gpt2repro import config as C
-from gpt2repro import memory, parallel
+from gpt2repro import ft, memory, parallel
 from gpt2repro.batch import describe_batch
 from gpt2repro.devices import Machine
 from gpt2repro.schema import to_json
 
 
 def settle(asked: C.TrainConfig, machine: Machine, given: frozenset[str] = frozenset()) -> C.TrainConfig:
-    """The settings that run: asked's batch split for this world size (C.resolve, which also validates)
+    """The settings that run: asked's batch split for this world size (C.resolve, which also validates; under
+    fault tolerance the world is every replica group's ranks: gpt2repro/ft.py)
     and every auto decided for this machine, each by the component that owns it. A ValueError lists every
     problem."""
-    cfg = C.resolve(asked, machine.world_size, given).settled(machine)
+    cfg = C.resolve(asked, machine.world_size * ft.groups(asked), given).settled(machine)
     if cfg.eval_tasks and cfg.strategy in ("fsdp", "hsdp"):
         raise ValueError(
             f"--eval_tasks needs every rank to hold the whole model, which strategy {cfg.strategy} does not; "
@@ -42,7 +43,7 @@ def dry_run(asked: C.TrainConfig, given: frozenset[str], machine: Machine) -> st
     """The batch and memory plan of asked on machine; nothing is allocated."""
     cfg = settle(asked, machine, given)
     strategy = f"strategy {asked.strategy}" + (f" -> {cfg.strategy}" if asked.strategy == "auto" else "")
-    batch = describe_batch(asked, cfg, machine.world_size, given)
+    batch = describe_batch(asked, cfg, machine.world_size * ft.groups(asked), given)
     return (
         f"dry run: {strategy} on {machine.world_size} rank(s), nothing trained\n{batch}\n"
         f"{memory.format_plan(parallel.plan_on(cfg, machine), machine.gpu_memory_bytes)}"

@@ -22,6 +22,7 @@ from gpt2repro import (
     checkpoint,
     compile_cache,
     evaluate,
+    ft,
     guard,
     parallel,
     profiling,
@@ -112,8 +113,9 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig, machine: Machine) -> None:
         for f in C.FIELDS
         if f not in C.RESUMABLE and getattr(old, f) != getattr(cfg, f)
     ]
-    old_global = recorded.get("batch_size", 0) * recorded.get("grad_accum_steps", 0) * recorded.get("world_size", 0)
-    new_global = cfg.batch_size * cfg.grad_accum_steps * machine.world_size
+    old_world = recorded.get("world_size", 0) * max(recorded.get("ft_groups", 0), 1)
+    old_global = recorded.get("batch_size", 0) * recorded.get("grad_accum_steps", 0) * old_world
+    new_global = cfg.batch_size * cfg.grad_accum_steps * machine.world_size * ft.groups(cfg)
     if old_global != new_global:
         diffs.append(f"global batch {old_global} -> {new_global} sequences")
     if diffs:
@@ -135,6 +137,7 @@ class Run:
     evaluator: Evaluator
     comparison: references.Comparison | None  # the reference curve each eval is judged by (--reference)
     guard: guard.SpikeGuard | None = None  # --spike_zscore
+    replicas: ft.Replicas | None = None  # --ft_groups
 
     @property
     def raw_model(self) -> GPT:
@@ -150,6 +153,7 @@ def fit(
 ) -> TrainState:
     """Train (or resume) a run in run_dir; every rank calls this. asked is settled for this machine
     (gpt2repro/settings.py; given: the fields typed on the command line). Returns the final state."""
+    run_dir = ft.group_dir(run_dir, asked)  # under fault tolerance, the replica group's own
     lock = rundir.Lock(run_dir, holds=info.is_main)  # held by setup() once the run is known to belong there
     try:
         return loop(setup(asked, given, data_dir, Path(run_dir), info, lock))
@@ -166,15 +170,26 @@ def loop(run: Run) -> TrainState:
         RunLog(run) as log,
         profiling.StepProfiler(cfg.profile_steps, cfg.profile_with_stack, run.run_dir, info, watchdog) as profiler,
         background_saves(run, watchdog),
+        contextlib.closing(run.replicas) if run.replicas else contextlib.nullcontext(),
     ):
         stopper = Stopper(cfg, info, signals, state, run.guard)
         judge = stopper.judge if run.guard else None  # the spike guard, before each update
         stopped = 0  # the signal the run stopped on, early
         while state.step < cfg.max_steps:
+            if run.replicas is not None:  # the replica groups alive for the next step; this one healed if behind
+                join_replicas(run, log, stopper, watchdog)
+                if state.step >= cfg.max_steps:
+                    break
             step = state.step + 1
+            started = time.perf_counter()
             with watchdog.slow(FIRST_STEP) if step == first_step else contextlib.nullcontext(), profiler.step(step):
-                loss, grad_norm = train_step(run.engine, step, judge, step + state.data_offset)
+                taken = train_step(run.engine, step, judge, step + state.data_offset, run.replicas)
                 log.step_done(step)
+            if taken is None:  # a replica group was lost during the step: nobody took it; again, without that group
+                log.step_failed(step, time.perf_counter() - started)
+                watchdog.beat()
+                continue
+            loss, grad_norm = taken
             stop = stopper.agreed()  # a stop request, read one step late while this step runs
             loss = stopper.watch(loss, grad_norm)  # the mean over ranks; counts non-finite steps
             spike, rollback_due = stopper.verdict()  # the spike guard's: one host sync per step while it is on
@@ -217,6 +232,18 @@ def loop(run: Run) -> TrainState:
 
 
 FIRST_STEP = "start-up (the first step, compilation)"
+
+
+def join_replicas(run: Run, log: RunLog, stopper: Stopper, watchdog: D.Watchdog) -> None:
+    """Under fault tolerance, before each step: the quorum of live replica groups (gpt2repro/ft.py), logged when
+    it changes; a group behind the others heals from a live peer here, taking over its step and state."""
+    previous = run.replicas.quorum
+    with watchdog.slow("the quorum of replica groups (and a heal)"):
+        quorum = run.replicas.join(run.state)
+    if quorum.healed_from_step is not None:
+        stopper.restart()  # the device counters, from the healed state
+    if previous is None or quorum.quorum_id != previous.quorum_id or quorum.healed_from_step is not None:
+        log.quorum(run.state, ft.describe(quorum))
 
 
 def save_checkpoint(run: Run, log: RunLog, stopper: Stopper, watchdog: D.Watchdog) -> None:
@@ -268,7 +295,12 @@ def setup(
     if error:
         raise ValueError(error)
     layout = parallel.layout(cfg.strategy, info)  # this rank's place among the data-parallel replicas
-    spec = BatchSpec(cfg.batch_size, cfg.grad_accum_steps, layout.dp_size, layout.dp_rank)
+    # Under fault tolerance the batch is every replica group's (gpt2repro/ft.py): this group's ranks come after
+    # the groups before it.
+    groups = ft.groups(cfg)
+    spec = BatchSpec(
+        cfg.batch_size, cfg.grad_accum_steps, layout.dp_size * groups, cfg.ft_group * layout.dp_size + layout.dp_rank
+    )
     loader = ShardLoader(data_dir, cfg.block_size, cfg.vocab_size, spec, cfg.seed, info.device)
     val_windows = EvalWindows(data_dir, "val", cfg.block_size, cfg.eval_tokens, cfg.vocab_size)
     hellaswag_examples = evaluate.read_hellaswag(cfg.hellaswag_file) if cfg.hellaswag_file else None
@@ -295,6 +327,12 @@ def setup(
         torch.manual_seed(cfg.seed + info.rank)  # dropout differs per rank
         if cfg.init_from:  # read by rank 0, broadcast: FSDP ranks keep their shards
             weights.load_into(engine.raw_model, cfg.init_from, info)
+    replicas = None
+    if cfg.ft_groups:
+        replicas = ft.Replicas(
+            cfg, layout, lambda: checkpointer.live_state(state), lambda peer: checkpointer.load_live_state(peer, state)
+        )
+        replicas.start(state.step)
     STARTUP.mark("resume")
     evaluator = Evaluator(
         cfg, val_windows, hellaswag_examples, parallel.for_eval(engine.model), engine.raw_model, layout, engine.autocast
@@ -304,10 +342,11 @@ def setup(
             print(warning, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(run_dir, run_record(asked, cfg, info.world_size, data_dir))
-        print(describe_batch(asked, cfg, info.world_size, given), flush=True)
+        print(describe_batch(asked, cfg, info.world_size * ft.groups(cfg), given), flush=True)
         plan = parallel.plan_on(cfg, machine)
         print(
-            f"model {plan.num_params:,} params | {cfg.strategy} on {info.world_size} rank(s) on {info.device} | "
+            f"model {plan.num_params:,} params | {cfg.strategy} on {info.world_size} rank(s) on {info.device}"
+            f"{ft.describe_launch(cfg)} | "
             f"{cfg.dtype}{' + fp8 matmuls' if cfg.fp8 else ''} | compile {'on' if cfg.compile == 'true' else 'off'} | "
             f"fused loss {'on' if cfg.fused_loss == 'true' else 'off'} | "
             f"{'resumed from ' + str(resumed_from) if resumed_from else 'from scratch'}"
@@ -326,7 +365,7 @@ def setup(
                 f"{gpu_bytes / GiB:.1f} GiB; see --dry_run true for the breakdown",
                 flush=True,
             )
-    return Run(cfg, info, run_dir, engine, state, checkpointer, evaluator, comparison, spike_guard)
+    return Run(cfg, info, run_dir, engine, state, checkpointer, evaluator, comparison, spike_guard, replicas)
 
 
 def run_record(asked: TrainConfig, cfg: TrainConfig, world_size: int, data_dir: str) -> dict:
@@ -458,6 +497,8 @@ def roll_back(run: Run, stopper: Stopper, target: Path, step: int) -> dict:
     run.checkpointer.save(state)
     run.checkpointer.wait()  # complete before the rollback is logged: a resume after a kill replays the new order
     stopper.restart()
+    if run.replicas is not None:  # the groups that rolled back further heal from the others at the next quorum
+        run.replicas.start(state.step)
     return {
         "step": state.step,
         "tokens": state.tokens,
