@@ -142,7 +142,9 @@ class Replicas:
         store_addr, store_port, self._store = _group_store(info)
         try:
             self.manager = Manager(
-                pg=_cross_group_pg(info.device_type, self.timeout),
+                # A collective (or the connecting of a new quorum) waits half the bound on a lost group: the retry's
+                # quorum then fits in the rest.
+                pg=_cross_group_pg(info.device_type, self.timeout / 2),
                 load_state_dict=None,
                 state_dict=None,
                 min_replica_size=cfg.ft_min_groups,
@@ -156,7 +158,7 @@ class Replicas:
                 store_port=store_port,
                 lighthouse_addr=self.address,
                 replica_id=f"group_{cfg.ft_group}",
-                hostname=socket.getfqdn() if os.environ.get("SLURM_JOB_ID") else socket.gethostname(),
+                hostname=socket.gethostname(),
                 init_sync=False,  # every group builds the same weights from the seed
             )
         except Exception as e:  # noqa: BLE001 (torchft's Rust errors are plain RuntimeErrors)
@@ -202,14 +204,14 @@ class Replicas:
                     f"from the lighthouse at {self.address} within {waited:.0f} s ({first_line(e)}); restart the "
                     "lighthouse or the lost groups, then this group (it heals or resumes)."
                 ) from None
-            if self.manager.errored() is not None:  # the heal failed: its peer died, or sent nothing
+            if self.manager.errored() is not None:  # connecting to the quorum's groups, or healing, failed: a peer died
                 error = self.manager.errored().original_exception
                 if time.perf_counter() - started < self.cfg.ft_timeout_s:
                     continue
                 raise ReplicaGroupError(
-                    f"replica group {self.cfg.ft_group} could not heal from a live peer within "
-                    f"{self.cfg.ft_timeout_s:g} s ({first_line(error)}); restart it to try again, or resume "
-                    "every group from its checkpoints."
+                    f"replica group {self.cfg.ft_group} could not join the live groups (connect, or heal from a "
+                    f"peer) within {self.cfg.ft_timeout_s:g} s ({first_line(error)}); restart it to try again, or "
+                    "resume every group from its checkpoints."
                 )
             waited = time.perf_counter() - started
             if self.manager.current_step() == 0 and live < self.cfg.ft_groups and waited < self.cfg.ft_timeout_s:
@@ -269,11 +271,15 @@ def quiet_torchft() -> None:
 
 
 def _group_store(info):
-    """The group's TCPStore that torchft's managers meet in: torchrun's; a store of its own for a lone process."""
+    """The group's TCPStore that torchft's managers meet in (torchrun's; one of its own for a lone process), by an
+    address the other groups reach too: the other groups build the process group across groups on the store of
+    one of them."""
+    here = socket.gethostname()
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None
-    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
-    return "127.0.0.1", store.port, store
+        address = os.environ["MASTER_ADDR"]
+        return (here if address in ("localhost", "127.0.0.1", "::1") else address), int(os.environ["MASTER_PORT"]), None
+    store = torch.distributed.TCPStore(here, 0, 1, True, wait_for_workers=False)
+    return here, store.port, store
 
 
 def _cross_group_pg(device_type: str, timeout: timedelta):

@@ -1,9 +1,11 @@
 """Slurm: from the job's environment to one torchrun command per node (no torch here).
 
 The first node of SLURM_JOB_NODELIST hosts the c10d rendezvous; every node runs one
-torchrun agent with G workers. Expanding the compact node list ("gpu[01-03,07]") is done
-here so that the commands can be printed and tested without Slurm; it gives what
-`scontrol show hostnames` gives (tests/unit/test_slurm_nodelist.py checks it against scontrol).
+torchrun agent with G workers. Under fault tolerance (FT=1) each node is a replica group of its
+own instead: a torchrun of its own, the groups meeting at a torchft lighthouse (gpt2repro/ft.py).
+Expanding the compact node list ("gpu[01-03,07]") is done here so that the commands can be printed
+and tested without Slurm; it gives what `scontrol show hostnames` gives (tests/unit/test_slurm_nodelist.py
+checks it against scontrol).
 """
 
 from __future__ import annotations
@@ -120,4 +122,26 @@ def torchrun_command(
         f"--max-restarts={max_restarts}",
         "launch/train.py",
         *train_args,
+    ]
+
+
+def ft_group_command(
+    group: int, groups: int, gpus_per_node: int, lighthouse: str, train_args: list[str], max_restarts: int = 3
+) -> list[str]:
+    """Under fault tolerance (FT=1 in train.sbatch): one node's torchrun as replica group `group` of `groups`, a job
+    of its own (a rendezvous on the node), meeting the others through the torchft lighthouse. Its workers that fail
+    are restarted by torchrun and heal from the other groups."""
+    return [
+        "torchrun",
+        "--standalone",
+        f"--nproc_per_node={gpus_per_node}",
+        f"--max-restarts={max_restarts}",
+        "launch/train.py",
+        *train_args,
+        "--ft_groups",
+        str(groups),
+        "--ft_group",
+        str(group),
+        "--ft_lighthouse",
+        lighthouse,
     ]

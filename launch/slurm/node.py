@@ -2,6 +2,7 @@
 
     python launch/slurm/node.py --config gpt2-124m --data DIR --out RUN_DIR       (inside a Slurm job)
     python launch/slurm/node.py --dry-run --config ...                           (prints every node's command)
+    python launch/slurm/node.py --ft-group I --ft-lighthouse HOST:PORT ...        (FT=1: node I, a replica group)
 
 Reads SLURM_JOB_NODELIST and SLURM_JOB_ID; GPUS_PER_NODE (default 8),
 RDZV_PORT (29500) and MAX_RESTARTS (3) from the environment.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gpt2repro.slurm import expand_nodelist, torchrun_command  # noqa: E402
+from gpt2repro.slurm import expand_nodelist, ft_group_command, torchrun_command  # noqa: E402
 
 
 def run_torchrun(cmd: list[str]) -> int:
@@ -37,9 +38,20 @@ def run_torchrun(cmd: list[str]) -> int:
     return 0
 
 
+def take_option(argv: list[str], name: str) -> str | None:
+    """The value of this script's own `name VALUE` in argv, removed from it (None: not there)."""
+    if name not in argv:
+        return None
+    i = argv.index(name)
+    value = argv[i + 1]
+    del argv[i : i + 2]
+    return value
+
+
 def main(argv: list[str]) -> int:
     dry_run = "--dry-run" in argv
     train_args = [a for a in argv if a != "--dry-run"]
+    ft_group, lighthouse = take_option(train_args, "--ft-group"), take_option(train_args, "--ft-lighthouse")
     try:
         nodes = expand_nodelist(os.environ["SLURM_JOB_NODELIST"])
     except KeyError:
@@ -54,11 +66,21 @@ def main(argv: list[str]) -> int:
         port=int(os.environ.get("RDZV_PORT", "29500")),
         max_restarts=int(os.environ.get("MAX_RESTARTS", "3")),
     )
+    if lighthouse is not None:  # FT=1: every node a replica group, I this one
+        gpus, restarts = options["gpus_per_node"], options["max_restarts"]
+        commands = {
+            node: ft_group_command(i, len(nodes), gpus, lighthouse, train_args, restarts)
+            for i, node in enumerate(nodes)
+        }
+    else:
+        commands = {node: torchrun_command(nodes, train_args=train_args, **options) for node in nodes}
     if dry_run:
-        for node in nodes:
-            print(f"{node}: {shlex.join(torchrun_command(nodes, train_args=train_args, **options))}")
+        for node, cmd in commands.items():
+            print(f"{node}: {shlex.join(cmd)}")
         return 0
-    return run_torchrun(torchrun_command(nodes, train_args=train_args, **options))
+    if ft_group is not None:
+        return run_torchrun(commands[nodes[int(ft_group)]])
+    return run_torchrun(commands[nodes[0]])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ ranks. As root on Linux only; elsewhere the tests skip with the reason slurm.sh 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from gpt2repro import checkpoint
+from gpt2repro.weights import open_weights
 from tests.distributed.helpers import (
     REPO,
     SLOW_STEPS,
@@ -211,6 +215,38 @@ def test_hsdp_across_the_nodes_trains_as_ddp_and_resumes_on_one_process(uninterr
     proc = run(train_cmd(shakespeare_data, one, *TRAIN[len(TINY) :], "--grad_accum_steps", 4))
     assert "resumed from" in proc.stdout and "step_00000012" in proc.stdout
     assert_same_losses(one, out)
+
+
+def test_fault_tolerant_nodes_go_on_without_a_lost_one_and_heal_it(uninterrupted, shakespeare_data, tmp_path):
+    """FT=1: each node a replica group under torchft, the lighthouse on the first. kill -9 of every process of n2's
+    group: n1's goes on alone without a restart; the job starts n2's group again, which heals from n1's; the job
+    completes with the uninterrupted run's losses and both groups' weights bitwise equal."""
+    out = tmp_path / "ft"
+    job, log = submit(shakespeare_data, out, sbatch_env={**slow_steps(tmp_path), "FT": "1"})
+    wait_for(lambda: logged_steps(out / "group_1") >= 8, timeout=180)
+    assert kill_node_step("n2"), "no process of the job on n2"
+    assert wait_for_end(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    lost = [line for line in text.splitlines() if "was lost" in line]
+    assert lost == [
+        "replica group 1 (node n2) was lost (exit 137); starting it again (1 of 3): it heals from the live groups"
+    ] or (len(lost) == 1 and lost[0].startswith("replica group 1 (node n2) was lost")), text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    survivor = [json.loads(line) for line in (out / "group_0" / "metrics.jsonl").open()]
+    assert sum("startup_s" in r for r in survivor) == 1  # n1's group never restarted
+    assert 1 in [r["ft_groups_live"] for r in survivor if "ft_groups_live" in r]  # it went on alone
+    healed = [json.loads(line) for line in (out / "group_1" / "metrics.jsonl").open()]
+    assert any(r.get("ft_healed_from_step") is not None for r in healed), healed[-5:]
+    reference = losses(uninterrupted[0])  # the same global batch: 2 groups x 2 ranks, 4 ranks
+    for group in (0, 1):
+        got = losses(out / f"group_{group}")
+        for step, loss in got.items():
+            assert loss == pytest.approx(reference[step], rel=1e-5), (group, step)
+    assert sorted(losses(out / "group_0")) == list(range(1, STEPS + 1))
+    final = [open_weights(str(checkpoint.newest_complete(out / f"group_{g}"))) for g in (0, 1)]
+    assert final[0].about.step == final[1].about.step == STEPS
+    for name, tensor in final[0].state.items():
+        assert torch.equal(tensor, final[1].state[name]), name
 
 
 def test_down_leaves_nothing_behind(cluster):
