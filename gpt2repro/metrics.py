@@ -186,7 +186,7 @@ class RunLog:
     def step_done(self, step: int) -> None:
         """After each training step: this process's first one (compilation, warm-up) stays out of
         tokens/s, MFU and the ETA."""
-        if step == self.first_step and self.startup_s is None:  # once: a step a lost replica group failed is retaken
+        if self.startup_s is None:  # once, whatever its number (a replica group's heal moves it)
             synchronize(self.info.device)
             self.throughput.restart(step)
             STARTUP.mark("first_step")

@@ -26,6 +26,7 @@ from tests.distributed.helpers import (
     TINY,
     env,
     env_with_sitecustomize,
+    hold_before_quorum,
     logged_steps,
     losses,
     run,
@@ -217,20 +218,36 @@ def test_hsdp_across_the_nodes_trains_as_ddp_and_resumes_on_one_process(uninterr
     assert_same_losses(one, out)
 
 
+def went_on_alone(run_dir: Path) -> bool:
+    """A quorum of one group in run_dir's records, and a step taken after it."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    alone = [i for i, r in enumerate(records) if r.get("ft_groups_live") == 1]
+    return bool(alone) and any("loss" in r for r in records[alone[0] :])
+
+
 def test_fault_tolerant_nodes_go_on_without_a_lost_one_and_heal_it(uninterrupted, shakespeare_data, tmp_path):
     """FT=1: each node a replica group under torchft, the lighthouse on the first. kill -9 of every process of n2's
     group: n1's goes on alone without a restart; the job starts n2's group again, which heals from n1's; the job
     completes with the uninterrupted run's losses and both groups' weights bitwise equal."""
-    out = tmp_path / "ft"
-    job, log = submit(shakespeare_data, out, sbatch_env={**slow_steps(tmp_path), "FT": "1"})
-    wait_for(lambda: logged_steps(out / "group_1") >= 8, timeout=180)
+    out, hold = tmp_path / "ft", tmp_path / "hold"
+    # Slow steps, and n1's group held before its quorum while n2's restarts: the kill and the heal land with steps
+    # still to run, however fast or loaded the machine.
+    site = env_with_sitecustomize(tmp_path / "site", SLOW_STEPS, hold_before_quorum(hold, 0))["PYTHONPATH"]
+    job, log = submit(shakespeare_data, out, sbatch_env={"PYTHONPATH": site, "FT": "1"})
+    wait_for(lambda: logged_steps(out / "group_1") >= 6, timeout=180)
     assert kill_node_step("n2"), "no process of the job on n2"
+    wait_for(lambda: went_on_alone(out / "group_0"), timeout=180)
+    hold.touch()
+    wait_for(lambda: log.read_text().count("replica group 1 of 2") == 2, timeout=180)  # n2's group built again
+    hold.unlink()
     assert wait_for_end(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     lost = [line for line in text.splitlines() if "was lost" in line]
-    assert lost == [
-        "replica group 1 (node n2) was lost (exit 137); starting it again (1 of 3): it heals from the live groups"
-    ] or (len(lost) == 1 and lost[0].startswith("replica group 1 (node n2) was lost")), text[-3000:]
+    assert len(lost) == 1 and re.fullmatch(
+        r"replica group 1 \(node n2\) was lost \(exit \d+\); starting it again \(1 of 3\): it heals from the live "
+        r"groups",
+        lost[0],
+    ), text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     survivor = [json.loads(line) for line in (out / "group_0" / "metrics.jsonl").open()]
     assert sum("startup_s" in r for r in survivor) == 1  # n1's group never restarted

@@ -101,6 +101,21 @@ module.{function} = _slowed
     return after_import(module, patch)
 
 
+def hold_before_quorum(path: Path, group: int) -> str:
+    """sitecustomize code: fault tolerance's replica group `group` waits before each step's quorum while `path`
+    exists (the lighthouse still counts it: its manager heartbeats from a thread of its own). A group restarted
+    meanwhile is then sure to find it alive, however long its restart takes."""
+    patch = f"""import os, time
+_join = module.Replicas.join
+def _held(self, state):
+    while self.cfg.ft_group == {group!r} and os.path.exists({str(path)!r}):
+        time.sleep(0.05)
+    return _join(self, state)
+module.Replicas.join = _held
+"""
+    return after_import("gpt2repro.ft", patch)
+
+
 # A training step of at least this long: whatever a test does between two steps (read a file, send a
 # signal) lands before the run ends, on a fast machine too.
 SLOW_STEP_S = 0.5

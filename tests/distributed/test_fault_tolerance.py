@@ -24,6 +24,7 @@ from tests.distributed.helpers import (
     env,
     env_with_sitecustomize,
     free_port,
+    hold_before_quorum,
     losses,
     metrics,
     run,
@@ -90,21 +91,6 @@ module.train_step = _step
     return after_import("gpt2repro.train", patch)
 
 
-def hold_patch(path: Path, group: int) -> str:
-    """sitecustomize code: replica group `group` waits before each step's quorum while `path` exists (its
-    lighthouse still counts it: its manager heartbeats from a thread of its own). A restarting group is then sure
-    to find it alive, however long the restart takes."""
-    patch = f"""import os, time
-_join = module.Replicas.join
-def _held(self, state):
-    while self.cfg.ft_group == {group!r} and os.path.exists({str(path)!r}):
-        time.sleep(0.05)
-    return _join(self, state)
-module.Replicas.join = _held
-"""
-    return after_import("gpt2repro.ft", patch)
-
-
 HEAL_KILL = after_import(
     "gpt2repro.checkpoint",
     "import os, signal\nmodule.Checkpointer.load_live_state = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)",
@@ -127,7 +113,7 @@ class Job:
 
     def launch(self, group: int, *codes: str, args=()) -> subprocess.Popen:
         self.launches += 1
-        hold = hold_patch(self.hold_file, 0)
+        hold = hold_before_quorum(self.hold_file, 0)
         environ = env_with_sitecustomize(self.tmp / f"site{self.launches}", step_patch(), hold, *codes)
         log = self.tmp / f"group{group}.launch{self.launches}.log"
         with log.open("w") as out:
