@@ -264,10 +264,13 @@ class ReplicaGroupError(ValueError):
 
 
 def quiet_torchft() -> None:
-    """torchft logs every quorum and commit at INFO, from Python and from Rust: only its warnings and errors
-    reach the console (the run's own records say what happened)."""
+    """torchft logs every quorum and commit at INFO, from Python and from Rust: the run's own records and lines
+    say what happened instead (Rust's warnings still reach the console)."""
     os.environ.setdefault("RUST_LOG", "warn")
-    logging.getLogger("torchft").setLevel(logging.ERROR)
+    # Its Python loggers too, errors included: a lost peer's failed collective is logged with a traceback there,
+    # and is this run's "not taken" record and line here.
+    for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _group_store(info):

@@ -242,7 +242,7 @@ def test_fault_tolerant_nodes_go_on_without_a_lost_one_and_heal_it(uninterrupted
     hold.unlink()
     assert wait_for_end(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
-    lost = [line for line in text.splitlines() if "was lost" in line]
+    lost = [line for line in text.splitlines() if line.startswith("replica group") and "was lost" in line]
     assert len(lost) == 1 and re.fullmatch(
         r"replica group 1 \(node n2\) was lost \(exit \d+\); starting it again \(1 of 3\): it heals from the live "
         r"groups",
