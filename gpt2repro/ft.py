@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from torch.distributed import ReduceOp
 
 from gpt2repro.checkpoint import PeerMismatch
 from gpt2repro.errors import first_line
@@ -176,7 +177,6 @@ class Replicas:
         self.step_before = 0
         self.manager.register_state_dict_fn(HEAL_KEY, heal, heal_state)
         self.quorum: Quorum | None = None
-        self.failed_since: float | None = None  # when the step being retried first failed
 
     def start(self, step: int) -> None:
         """The manager's step is the run's (a resumed group counts from its checkpoint)."""
@@ -207,6 +207,7 @@ class Replicas:
             if self.manager.errored() is not None:  # connecting to the quorum's groups, or healing, failed: a peer died
                 error = self.manager.errored().original_exception
                 if time.perf_counter() - started < self.cfg.ft_timeout_s:
+                    time.sleep(0.1)
                     continue
                 raise ReplicaGroupError(
                     f"replica group {self.cfg.ft_group} could not join the live groups (connect, or heal from a "
@@ -240,8 +241,6 @@ class Replicas:
         in one all-reduce, then ask torchft whether every live group may take the step: False when a group was
         lost during it (the gradients are then not to be used)."""
         flat = torch.cat([g.reshape(-1) for g in gradients] + [loss_sum.reshape(1)])
-        from torch.distributed import ReduceOp  # noqa: PLC0415
-
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         committed = self.manager.should_commit(timeout=self.timeout)
         if committed:
@@ -250,9 +249,6 @@ class Replicas:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
             loss_sum.copy_(flat[offset])
-            self.failed_since = None
-        elif self.failed_since is None:
-            self.failed_since = time.perf_counter()
         return committed
 
     def close(self) -> None:
