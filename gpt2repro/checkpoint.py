@@ -274,21 +274,16 @@ class Checkpointer:
         AdamW state (this rank's tensors, local shards under FSDP; views, no copies), trainer.pt's part and this
         rank's RNG."""
         return {
-            "run": self.run_fields(),
+            "run": run_fields(self.cfg),
             "training": local_tensors(self.training_state()),
             "trainer": copy.deepcopy(self.trainer_state(state)),
             "rng": rng_state(),
         }
 
-    def run_fields(self) -> dict:
-        """The fields that make the run what it is (those no resume may change), as config.json holds them."""
-        fixed = {f.name for f in dataclasses.fields(self.cfg) if not f.metadata.get("resumable")}
-        return {name: value for name, value in to_json(self.cfg).items() if name in fixed}
-
     def load_live_state(self, received: dict, state) -> None:
         """A peer's live_state (the same place in another replica group: the same shards) into this rank's; a
         PeerMismatch, before anything is loaded, if the peer trains another run."""
-        mine, theirs = self.run_fields(), received["run"]
+        mine, theirs = run_fields(self.cfg), received["run"]
         if diffs := [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]:
             raise PeerMismatch(
                 f"this replica group trains another run than the group it heals from ({'; '.join(diffs)}); launch "
@@ -363,6 +358,12 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         return found
+
+
+def run_fields(cfg) -> dict:
+    """The fields that make a run what it is (those no resume may change), as config.json holds them."""
+    fixed = {f.name for f in dataclasses.fields(cfg) if not f.metadata.get("resumable")}
+    return {name: value for name, value in to_json(cfg).items() if name in fixed}
 
 
 def local_tensors(tree):

@@ -21,10 +21,13 @@ share), so they do not depend on which group computes it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.distributed import ReduceOp
 
-from gpt2repro.checkpoint import PeerMismatch
+from gpt2repro.checkpoint import PeerMismatch, run_fields
 from gpt2repro.errors import first_line
 from gpt2repro.schema import Settings, setting
 
@@ -177,6 +180,7 @@ class Replicas:
         self.step_before = 0
         self.manager.register_state_dict_fn(HEAL_KEY, heal, heal_state)
         self.quorum: Quorum | None = None
+        self.said_waiting = False
 
     def start(self, step: int) -> None:
         """The manager's step is the run's (a resumed group counts from its checkpoint)."""
@@ -216,6 +220,13 @@ class Replicas:
                 )
             waited = time.perf_counter() - started
             if self.manager.current_step() == 0 and live < self.cfg.ft_groups and waited < self.cfg.ft_timeout_s:
+                if not self.said_waiting and self.layout.info.is_main:
+                    print(
+                        f"replica group {self.cfg.ft_group}: {live} of {self.cfg.ft_groups} groups have started; "
+                        f"waiting up to {self.cfg.ft_timeout_s:g} s for the others before the first step",
+                        flush=True,
+                    )
+                    self.said_waiting = True
                 time.sleep(0.25)  # nobody has trained yet: a run starts with all its groups, if they come in time
                 continue
             if live < self.cfg.ft_min_groups:  # the lighthouse's --min_replicas is lower than this run's
@@ -228,8 +239,31 @@ class Replicas:
                     "groups (they heal from this one), or lower --ft_min_groups."
                 )
             break
+        previous = self.quorum
         self.quorum = Quorum(live, index, self.manager._quorum_id, self.healed_from, time.perf_counter() - started)
+        if previous is None or previous.quorum_id != self.quorum.quorum_id:  # every member's quorum is new to it
+            self.check_same_run()
         return self.quorum
+
+    def check_same_run(self) -> None:
+        """Every live group trains the same run: each setting no resume may change, the group's ranks and its
+        batch, as one hash each, compared across the groups by their largest and smallest (two all-reduces, at
+        each new quorum: groups that started together never heal, so no peer's state is ever compared). A
+        PeerMismatch naming the settings that differ; a peer lost meanwhile fails the step instead."""
+        fingerprint = {**run_fields(self.cfg), "ranks per group": self.layout.dp_size}
+        fingerprint["sequences per rank and step"] = self.cfg.batch_size * self.cfg.grad_accum_steps
+        names = sorted(fingerprint)
+        hashes = [_hash(fingerprint[name]) for name in names]
+        largest, smallest = torch.tensor(hashes, dtype=torch.float64), torch.tensor(hashes, dtype=torch.float64)
+        self.manager.allreduce(largest, reduce_op=ReduceOp.MAX).wait()
+        self.manager.allreduce(smallest, reduce_op=ReduceOp.MIN).wait()
+        if self.manager.errored() is not None:
+            return
+        if differ := [name for name, a, b in zip(names, largest.tolist(), smallest.tolist(), strict=True) if a != b]:
+            raise PeerMismatch(
+                f"replica group {self.cfg.ft_group}: the live groups were launched with different settings "
+                f"({', '.join(differ)} differ); launch every group with the same settings."
+            )
 
     def shares(self) -> list[int]:
         """The shares of the batch this rank computes at this quorum's step."""
@@ -259,6 +293,12 @@ class ReplicaGroupError(ValueError):
     """This replica group cannot go on: the message says why and what to do."""
 
 
+def _hash(value) -> float:
+    """A setting's value as a float64 that holds it exactly (50 bits of its sha256)."""
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
+    return float(int.from_bytes(digest[:8], "big") >> 14)
+
+
 def quiet_torchft() -> None:
     """torchft logs every quorum and commit at INFO, from Python and from Rust: the run's own records and lines
     say what happened instead (Rust's warnings still reach the console)."""
@@ -267,6 +307,8 @@ def quiet_torchft() -> None:
     # and is this run's "not taken" record and line here.
     for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # A heal's tensors are read from the HTTP response's bytes, which torch warns are read-only; they are copied.
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 def _group_store(info):

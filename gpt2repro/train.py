@@ -239,7 +239,14 @@ def join_replicas(run: Run, log: RunLog, stopper: Stopper, watchdog: D.Watchdog)
     it changes; a group behind the others heals from a live peer here, taking over its step and state."""
     previous = run.replicas.quorum
     with watchdog.slow("the quorum of replica groups (and a heal)"):
-        quorum = run.replicas.join(run.state)
+        try:
+            quorum = run.replicas.join(run.state)
+        except ft.ReplicaGroupError:  # no lighthouse, too few groups: the steps taken so far are kept
+            newest = run.checkpointer.saved or run.checkpointer.resumed_from
+            if run.state.step and (newest is None or checkpoint.step_of(newest) != run.state.step):
+                save_checkpoint(run, log, stopper, watchdog)
+                finish_checkpoint(run, log, watchdog)
+            raise
     if quorum.healed_from_step is not None:
         stopper.restart()  # the device counters, from the healed state
     if previous is None or quorum.quorum_id != previous.quorum_id or quorum.healed_from_step is not None:

@@ -61,9 +61,11 @@ def lighthouse(port: int):
     ]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
 
-    def restart(down_s: float = 0.0):
+    def restart(down_s: float = 0.0, never: bool = False):
         procs[-1].kill()
         procs[-1].wait()
+        if never:
+            return
         time.sleep(down_s)
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
@@ -371,3 +373,38 @@ def test_a_group_with_another_config_is_refused_at_its_heal(job_factory, shakesp
     errors = [line for line in text.splitlines() if "another run" in line]
     assert len(errors) == 1 and "lr: 0.002 -> 0.001" in errors[0], text[-2000:]
     assert "Traceback" not in text
+
+
+def test_groups_started_together_with_different_settings_are_refused(job_factory):
+    """Two fresh groups (no heal ever compares their state), group 1 with another learning rate: the first quorum
+    compares every group's settings, and both stop in one line naming the one that differs."""
+    job, port = job_factory(groups=2)
+    with lighthouse(port):
+        procs = [job.launch(0), job.launch(1, args=["--lr", "1e-3"])]
+        for proc in procs:
+            proc.wait(timeout=240)
+    for proc in procs:
+        text = proc.log.read_text()
+        assert proc.returncode != 0
+        errors = [line for line in text.splitlines() if "different settings" in line]
+        assert len(errors) == 1 and "(lr differ)" in errors[0], text[-2000:]
+        assert "Traceback" not in text
+
+
+def test_a_lighthouse_lost_for_good_ends_the_groups_with_their_last_step_checkpointed(job_factory):
+    """The lighthouse killed at step 10 and never restarted: every group stops within its quorum timeout, in one
+    line, and checkpoints the last step it took first (a rerun resumes there, not from scratch)."""
+    job, port = job_factory(groups=2)
+    with lighthouse(port) as restart_lighthouse:
+        procs = [job.launch(g, args=["--ft_timeout_s", 5]) for g in (0, 1)]
+        wait_for(lambda: job.step_of(0) >= 10, timeout=240)
+        restart_lighthouse(never=True)
+        for proc in procs:
+            proc.wait(timeout=240)
+    for group, proc in enumerate(procs):
+        text = proc.log.read_text()
+        assert proc.returncode != 0
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "no quorum" in errors[0], text[-2000:]
+        newest = checkpoint.step_of(checkpoint.newest_complete(job.group_dir(group)))
+        assert newest == job.step_of(group) >= 10
