@@ -199,44 +199,34 @@ class Replicas:
                 raise
             except Exception as e:  # noqa: BLE001
                 self.manager._quorum_future = None  # torchft re-raises a failed quorum at the next one otherwise
-                waited = time.perf_counter() - started
-                if waited < self.cfg.ft_timeout_s:
-                    time.sleep(min(1.0, self.cfg.ft_timeout_s - waited))
+                if self._pause_within(started, 1.0):
                     continue
                 raise ReplicaGroupError(
                     f"replica group {self.cfg.ft_group}: no quorum of at least {self.cfg.ft_min_groups} group(s) "
-                    f"from the lighthouse at {self.address} within {waited:.0f} s ({first_line(e)}); restart the "
-                    "lighthouse or the lost groups, then this group (it heals or resumes)."
+                    f"from the lighthouse at {self.address} within {time.perf_counter() - started:.0f} s "
+                    f"({first_line(e)}); restart the lighthouse or the lost groups, then this group (it heals or "
+                    "resumes)."
                 ) from None
             if self.manager.errored() is not None:  # connecting to the quorum's groups, or healing, failed: a peer died
-                error = self.manager.errored().original_exception
-                if time.perf_counter() - started < self.cfg.ft_timeout_s:
-                    time.sleep(0.1)
+                if self._pause_within(started, 0.1):
                     continue
+                error = first_line(self.manager.errored().original_exception)
                 raise ReplicaGroupError(
                     f"replica group {self.cfg.ft_group} could not join the live groups (connect, or heal from a "
-                    f"peer) within {self.cfg.ft_timeout_s:g} s ({first_line(error)}); restart it to try again, or "
-                    "resume every group from its checkpoints."
+                    f"peer) within {self.cfg.ft_timeout_s:g} s ({error}); restart it to try again, or resume every "
+                    "group from its checkpoints."
                 )
-            waited = time.perf_counter() - started
-            if self.manager.current_step() == 0 and live < self.cfg.ft_groups and waited < self.cfg.ft_timeout_s:
-                if not self.said_waiting and self.layout.info.is_main:
-                    print(
-                        f"replica group {self.cfg.ft_group}: {live} of {self.cfg.ft_groups} groups have started; "
-                        f"waiting up to {self.cfg.ft_timeout_s:g} s for the others before the first step",
-                        flush=True,
-                    )
-                    self.said_waiting = True
-                time.sleep(0.25)  # nobody has trained yet: a run starts with all its groups, if they come in time
-                continue
+            if self.manager.current_step() == 0 and live < self.cfg.ft_groups:  # nobody has trained yet: a run
+                self._say_waiting(live)  # starts with all its groups, if they come in time
+                if self._pause_within(started, 0.25):
+                    continue
             if live < self.cfg.ft_min_groups:  # the lighthouse's --min_replicas is lower than this run's
-                if waited < self.cfg.ft_timeout_s:
-                    time.sleep(min(0.5, self.cfg.ft_timeout_s - waited))
+                if self._pause_within(started, 0.5):
                     continue
                 raise ReplicaGroupError(
                     f"replica group {self.cfg.ft_group}: only {live} of the {self.cfg.ft_groups} groups are alive, "
-                    f"fewer than --ft_min_groups {self.cfg.ft_min_groups}, for {waited:.0f} s; restart the lost "
-                    "groups (they heal from this one), or lower --ft_min_groups."
+                    f"fewer than --ft_min_groups {self.cfg.ft_min_groups}, for {time.perf_counter() - started:.0f} "
+                    "s; restart the lost groups (they heal from this one), or lower --ft_min_groups."
                 )
             break
         previous = self.quorum
@@ -244,6 +234,25 @@ class Replicas:
         if previous is None or previous.quorum_id != self.quorum.quorum_id:  # every member's quorum is new to it
             self.check_same_run()
         return self.quorum
+
+    def _pause_within(self, started: float, pause: float) -> bool:
+        """Sleep `pause` seconds (at most what is left of ft_timeout_s since `started`) and say whether to try
+        again; False once ft_timeout_s is spent."""
+        left = self.cfg.ft_timeout_s - (time.perf_counter() - started)
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        return True
+
+    def _say_waiting(self, live: int) -> None:
+        """Once, from the group's first rank: the first step waits for the groups that have not started yet."""
+        if not self.said_waiting and self.layout.info.is_main:
+            print(
+                f"replica group {self.cfg.ft_group}: {live} of {self.cfg.ft_groups} groups have started; "
+                f"waiting up to {self.cfg.ft_timeout_s:g} s for the others before the first step",
+                flush=True,
+            )
+        self.said_waiting = True
 
     def check_same_run(self) -> None:
         """Every live group trains the same run: each setting no resume may change, the group's ranks and its

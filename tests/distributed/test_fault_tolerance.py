@@ -217,19 +217,23 @@ def assert_losses_match(job: Job, expected: dict[int, float], survivors=(0,)) ->
                 assert loss == reference[step], f"group {group} step {step} after its heal"
 
 
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records as written, one per line (not merged by step)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def ft_records(job: Job, group: int) -> list[dict]:
-    lines = (job.group_dir(group) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if any(k.startswith("ft_") for k in r)]
+    return [r for r in records(job.group_dir(group)) if any(k.startswith("ft_") for k in r)]
 
 
 def assert_survivor_waits_bounded(job: Job, group: int, lost_at_least: int = 1) -> None:
     """The survivor never restarted (one start-up), saw the quorum shrink, and no failed step and no quorum kept
     it waiting longer than the quorum timeout."""
-    records = [json.loads(line) for line in (job.group_dir(group) / "metrics.jsonl").open()]
-    assert sum("startup_s" in r for r in records) == 1, "the survivor restarted"
-    lives = [r["ft_groups_live"] for r in records if "ft_groups_live" in r]
+    written = records(job.group_dir(group))
+    assert sum("startup_s" in r for r in written) == 1, "the survivor restarted"
+    lives = [r["ft_groups_live"] for r in written if "ft_groups_live" in r]
     assert min(lives) <= job.groups - lost_at_least, lives
-    for r in records:
+    for r in written:
         for key in ("ft_step_failed_s", "ft_quorum_s"):
             if key in r:
                 assert r[key] < FT_TIMEOUT_S, r
@@ -308,8 +312,7 @@ def test_the_lighthouse_restarted_mid_run(job_factory, shakespeare_data, tmp_pat
     assert_losses_match(job, expected, survivors=(0, 1))
     assert_same_weights(job)
     for group in (0, 1):
-        records = [json.loads(line) for line in (job.group_dir(group) / "metrics.jsonl").open()]
-        assert sum("startup_s" in r for r in records) == 1
+        assert sum("startup_s" in r for r in records(job.group_dir(group))) == 1
 
 
 def test_a_whole_job_restart_resumes_every_group_exactly(job_factory, shakespeare_data, tmp_path):
